@@ -1,0 +1,41 @@
+# zcells: `make run` starts a local cell, `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_WORKERS ?= auto
+RUN_DIR ?= $(CURDIR)/.zcells/run
+
+.PHONY: install run test test-postgres check lint typecheck bench clean
+
+install: $(STAMP)
+
+# Reinstall when the package metadata changes; the install is editable, so code
+# edits need no reinstall.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	ZCELLS_STATE_DIR=$(RUN_DIR) $(BIN)/zcells serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+test-postgres: $(STAMP)
+	$(BIN)/python tests/tools/pgserver.py run -- \
+		$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m postgres $(PYTEST_ARGS)
+
+check: lint typecheck
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy zcells
+
+clean:
+	rm -rf $(VENV) .zcells .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,34 @@
+"""`zcells db sync`: create or upgrade the cell's database schema."""
+
+from __future__ import annotations
+
+import typer
+
+from zcells.cli.common import open_database, print_json, state
+from zcells.db import migrate, registry
+
+app = typer.Typer(help="Manage the cell's database.", no_args_is_help=True)
+
+
+@app.command("sync")
+def sync(
+    ctx: typer.Context,
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Create or upgrade the schema to the newest revision (safe to repeat)."""
+    config = state(ctx).config
+    with open_database(ctx, require_current=False) as db:
+        result = migrate.sync(db)
+        seeded = registry.seed_default_flavors(db) if config.cells.cell_type == "api" else 0
+        where = db.describe()
+    if json_output:
+        print_json({"database": where, "before": result.before, "after": result.after,
+                    "flavors_seeded": seeded})
+        return
+    was = "empty" if result.before is None else f"revision {result.before}"
+    if result.changed:
+        print(f"{where}: upgraded from {was} to revision {result.after}")
+    else:
+        print(f"{where}: already at revision {result.after}")
+    if seeded:
+        print(f"created {seeded} default flavors")

@@ -1,0 +1,408 @@
+"""Cell configuration: a nova.conf-style INI file read into frozen dataclasses.
+
+Rules kept here:
+
+* Every option has a section, an INI key, a type, a default and a help line,
+  all in the single table `OPTIONS`; the reference in docs is generated from it.
+* A bad value fails with `ConfigError` naming the file, section, key, value and
+  what was expected. Nothing is read from a global: `load_config` returns a
+  `Config` that callers pass along.
+* Keys from nova's ``[cells]`` section that zcells has no use for (``enable``,
+  ``topic``, ...) are accepted and reported as warnings, so an operator's
+  existing section carries over; any other unknown key is a warning too, so a
+  typo is visible without stopping a cell.
+* Relative paths in a file are relative to that file's directory.
+* With no file at all (the embedded default) the cell is an API cell named
+  ``api`` on loopback, with its state under ``$ZCELLS_STATE_DIR`` or
+  ``~/.local/state/zcells``.
+"""
+
+from __future__ import annotations
+
+import configparser
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from zcells.errors import ConfigError, ValidationError
+from zcells.names import check_endpoint, check_name
+
+CONFIG_ENV: Final = "ZCELLS_CONFIG"
+STATE_DIR_ENV: Final = "ZCELLS_STATE_DIR"
+EMBEDDED: Final = "<embedded defaults>"
+
+CELL_TYPES: Final = ("api", "compute")
+COMPUTE_DRIVERS: Final = ("fake",)
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+# nova-cells [cells] keys that have no meaning here; accepted, then reported.
+NOVA_ONLY_KEYS: Final = frozenset(
+    {
+        "enable",
+        "topic",
+        "manager",
+        "driver",
+        "rpc_driver_queue_base",
+        "scheduler",
+        "scheduler_filter_classes",
+        "scheduler_weight_classes",
+        "cells_config",
+        "instance_update_interval",
+        "instance_update_sync_database_limit",
+        "bandwidth_update_interval",
+        "enable_bandwidth_reports",
+        "cell_type_compat",
+    }
+)
+
+
+Parser = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key: where it lives, how to read it, its default."""
+
+    section: str
+    key: str
+    parse: Parser
+    default: Any
+    expected: str
+    help: str
+    attr: str = ""
+
+    @property
+    def field_name(self) -> str:
+        return self.attr or self.key
+
+
+# -- value parsers: each takes the raw text and returns the typed value or raises
+#    ValueError whose text says what was expected.
+
+
+def _int(low: int, high: int | None = None) -> Parser:
+    def parse(text: str) -> int:
+        value = int(text.strip())
+        if value < low or (high is not None and value > high):
+            raise ValueError
+        return value
+
+    return parse
+
+
+def _float(low: float, high: float | None = None) -> Parser:
+    def parse(text: str) -> float:
+        value = float(text.strip())
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            raise ValueError
+        return value
+
+    return parse
+
+
+def _choice(choices: tuple[str, ...]) -> Parser:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError
+        return value
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError
+
+
+def _name(text: str) -> str:
+    try:
+        return check_name("cell name", text.strip())
+    except ValidationError:
+        raise ValueError from None
+
+
+def _endpoint(text: str) -> str:
+    try:
+        return check_endpoint("endpoint", text.strip(), bind=True)
+    except ValidationError:
+        raise ValueError from None
+
+
+def _text(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError
+    return value
+
+
+def _path(text: str) -> Path:
+    return Path(_text(text)).expanduser()
+
+
+def parse_capabilities(text: str) -> Mapping[str, tuple[str, ...]]:
+    """``hypervisor=kvm;xen, os=linux`` -> ``{"hypervisor": ("kvm", "xen"), "os": ("linux",)}``."""
+    result: dict[str, tuple[str, ...]] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        parts = tuple(v.strip() for v in values.split(";") if v.strip())
+        if not sep or not key or not parts or key in result:
+            raise ValueError
+        result[key] = parts
+    return result
+
+
+_SECONDS = "a number of seconds"
+
+OPTIONS: Final[tuple[Option, ...]] = (
+    # [cells]
+    Option("cells", "name", _name, "api", "a cell name: letters, digits, '_', '.', '-' (1-64)",
+           "This cell's own name; its full name is its parents' names and this, joined by '!'."),
+    Option("cells", "cell_type", _choice(CELL_TYPES), "api", "api or compute",
+           "api: the top cell that takes client requests; compute: a cell with hosts."),
+    Option("cells", "capabilities", parse_capabilities, {},
+           "key=value;value pairs separated by commas, e.g. hypervisor=kvm;xen, os=linux",
+           "Capabilities this cell announces to its parents for cell scheduling."),
+    Option("cells", "call_timeout", _float(0.001), 60.0, _SECONDS,
+           "How long a call to another cell waits for its response.", "call_timeout_s"),
+    Option("cells", "max_hop_count", _int(1, 64), 10, "an integer from 1 to 64",
+           "A message that has crossed this many cells is failed, not forwarded."),
+    Option("cells", "reserve_percent", _float(0.0, 100.0), 10.0, "a percentage from 0 to 100",
+           "Share of RAM and disk kept out of the capacity this cell announces."),
+    Option("cells", "mute_child_interval", _float(0.001), 300.0, _SECONDS,
+           "A neighbour not heard from for this long is shown and weighed as mute.",
+           "mute_child_interval_s"),
+    Option("cells", "heartbeat_interval", _float(0.001), 5.0, _SECONDS,
+           "How often each link sends a heartbeat.", "heartbeat_interval_s"),
+    Option("cells", "db_check_interval", _float(0.001), 60.0, _SECONDS,
+           "How often the cells and clients tables are re-read for changes.",
+           "db_check_interval_s"),
+    Option("cells", "scheduler_retries", _int(0), 10, "an integer >= 0",
+           "How many more cells a build tries after the first one fails."),
+    Option("cells", "scheduler_retry_delay", _float(0.0), 2.0, _SECONDS,
+           "Pause between build attempts in different cells.", "scheduler_retry_delay_s"),
+    Option("cells", "instance_updated_at_threshold", _float(0.0), 3600.0, _SECONDS,
+           "The periodic heal resends instances changed within this window.",
+           "instance_updated_at_threshold_s"),
+    Option("cells", "instance_update_num_instances", _int(0), 1, "an integer >= 0",
+           "How many instances the periodic heal resends per run."),
+    # [transport]
+    Option("transport", "cells_endpoint", _endpoint, "tcp://127.0.0.1:7750", "a bind endpoint",
+           "Where children connect (ROUTER, CURVE server)."),
+    Option("transport", "api_endpoint", _endpoint, "tcp://127.0.0.1:7751", "a bind endpoint",
+           "Where clients connect (ROUTER, CURVE server)."),
+    Option("transport", "keys_dir", _path, None, "a directory path",
+           "Directory of CURVE key files, mode 0700. Default: STATE_DIR/keys."),
+    Option("transport", "max_message_bytes", _int(1024, 64 << 20), 1 << 20,
+           "an integer from 1024 to 67108864", "Largest frame a peer may send."),
+    # [database]
+    Option("database", "connection", _text, None, "an SQLAlchemy URL",
+           "The cell's own database. Default: sqlite:///STATE_DIR/NAME.db."),
+    Option("database", "busy_timeout", _float(0.0), 5.0, _SECONDS,
+           "How long a write waits for a locked SQLite database.", "busy_timeout_s"),
+    # [compute]
+    Option("compute", "driver", _choice(COMPUTE_DRIVERS), "fake", "fake",
+           "How hosts are driven; 'fake' simulates hosts inside the cell process."),
+    Option("compute", "fake_hosts", _int(0, 100_000), 4, "an integer from 0 to 100000",
+           "Number of simulated hosts in this cell."),
+    Option("compute", "fake_host_ram_mb", _int(1), 65536, "an integer >= 1",
+           "RAM of each simulated host."),
+    Option("compute", "fake_host_disk_gb", _int(1), 1000, "an integer >= 1",
+           "Disk of each simulated host."),
+    Option("compute", "fake_host_vcpus", _int(1), 32, "an integer >= 1",
+           "vCPUs of each simulated host."),
+    Option("compute", "fake_build_seconds", _float(0.0), 1.0, _SECONDS,
+           "How long a simulated build takes.", "fake_build_s"),
+    # [service]
+    Option("service", "state_dir", _path, None, "a directory path",
+           "Where the cell keeps its pid file, SQLite database and keys. "
+           "Default: $ZCELLS_STATE_DIR or ~/.local/state/zcells."),
+    Option("service", "log_level", _choice(LOG_LEVELS), "info", "debug, info, warning or error",
+           "Least severe log level written."),
+)
+
+
+@dataclass(frozen=True)
+class CellsConfig:
+    name: str
+    cell_type: str
+    capabilities: Mapping[str, tuple[str, ...]]
+    call_timeout_s: float
+    max_hop_count: int
+    reserve_percent: float
+    mute_child_interval_s: float
+    heartbeat_interval_s: float
+    db_check_interval_s: float
+    scheduler_retries: int
+    scheduler_retry_delay_s: float
+    instance_updated_at_threshold_s: float
+    instance_update_num_instances: int
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    cells_endpoint: str
+    api_endpoint: str
+    keys_dir: Path
+    max_message_bytes: int
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    connection: str
+    busy_timeout_s: float
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    driver: str
+    fake_hosts: int
+    fake_host_ram_mb: int
+    fake_host_disk_gb: int
+    fake_host_vcpus: int
+    fake_build_s: float
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    state_dir: Path
+    log_level: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a cell reads from its configuration, already checked."""
+
+    source: str
+    cells: CellsConfig
+    transport: TransportConfig
+    database: DatabaseConfig
+    compute: ComputeConfig
+    service: ServiceConfig
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def embedded(self) -> bool:
+        """True when no file was read: the cell runs on built-in defaults."""
+        return self.source == EMBEDDED
+
+    @property
+    def pid_file(self) -> Path:
+        return self.service.state_dir / f"{self.cells.name}.pid"
+
+
+SECTIONS: Final[dict[str, type[Any]]] = {
+    "cells": CellsConfig,
+    "transport": TransportConfig,
+    "database": DatabaseConfig,
+    "compute": ComputeConfig,
+    "service": ServiceConfig,
+}
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    if env.get(STATE_DIR_ENV):
+        return Path(env[STATE_DIR_ENV]).expanduser()
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "zcells"
+
+
+def _read_file(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, default_section="DEFAULT")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            parser.read_file(handle, source=str(path))
+    except FileNotFoundError:
+        raise ConfigError(str(path), "file", None, None, "an existing configuration file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), "file", None, None, f"a readable UTF-8 file ({exc})") from None
+    except configparser.Error as exc:
+        message = " ".join(str(exc).split())
+        raise ConfigError(str(path), "file", None, None, f"INI syntax ({message})") from None
+    return parser
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read and check a configuration file; with no path, use ``$ZCELLS_CONFIG`` or defaults."""
+    env = os.environ if env is None else env
+    if path is None and env.get(CONFIG_ENV):
+        path = env[CONFIG_ENV]
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    warnings: list[str] = []
+    source = EMBEDDED
+    base_dir = Path.cwd()
+    if path is not None:
+        file_path = Path(path).expanduser()
+        source = str(file_path)
+        base_dir = file_path.resolve().parent
+        parser = _read_file(file_path)
+        known = {(o.section, o.key): o for o in OPTIONS}
+        for section in parser.sections():
+            if section not in SECTIONS:
+                warnings.append(f"{source}: [{section}] is not a zcells section; ignored")
+                continue
+            for key, raw in parser.items(section, raw=True):
+                if key in parser.defaults():
+                    continue
+                option = known.get((section, key))
+                if option is None:
+                    why = "a nova-cells option zcells does not use" if (
+                        section == "cells" and key in NOVA_ONLY_KEYS) else "not a zcells option"
+                    warnings.append(f"{source}: [{section}] {key}: {why}; ignored")
+                    continue
+                try:
+                    value = option.parse(raw)
+                except ValueError:
+                    raise ConfigError(source, section, key, raw, option.expected) from None
+                if isinstance(value, Path) and not value.is_absolute():
+                    value = base_dir / value
+                values[section][option.field_name] = value
+    for option in OPTIONS:
+        values[option.section].setdefault(option.field_name, option.default)
+    _derive_defaults(values, env)
+    sections = {name: cls(**values[name]) for name, cls in SECTIONS.items()}
+    return Config(source=source, warnings=tuple(warnings), **sections)
+
+
+def _derive_defaults(values: dict[str, dict[str, Any]], env: Mapping[str, str]) -> None:
+    """Fill the options whose default depends on other options."""
+    service = values["service"]
+    if service["state_dir"] is None:
+        service["state_dir"] = default_state_dir(env)
+    state_dir: Path = service["state_dir"]
+    if values["transport"]["keys_dir"] is None:
+        values["transport"]["keys_dir"] = state_dir / "keys"
+    if values["database"]["connection"] is None:
+        name = values["cells"]["name"]
+        values["database"]["connection"] = f"sqlite:///{state_dir / name}.db"
+
+
+def option_reference() -> list[dict[str, str]]:
+    """The option table as rows for documentation: section, key, default, expected, help."""
+    rows = []
+    for option in OPTIONS:
+        default = option.default
+        if isinstance(default, dict):
+            default = ", ".join(f"{k}={';'.join(v)}" for k, v in default.items())
+        rows.append(
+            {
+                "section": option.section,
+                "key": option.key,
+                "default": "(derived)" if default is None else str(default),
+                "expected": option.expected,
+                "help": option.help,
+            }
+        )
+    return rows
+

@@ -1,0 +1,89 @@
+"""Plain records that cross the boundary between the database and the rest of zcells.
+
+The database layer returns these frozen dataclasses, never ORM objects, so that
+nothing outside ``zcells.db`` depends on SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A row of the ``cells`` table: a parent or child cell this cell talks to."""
+
+    name: str
+    kind: str  # "parent" | "child"
+    endpoint: str
+    public_key: str
+    weight_offset: float = 0.0
+    weight_scale: float = 1.0
+    disabled: bool = False
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "endpoint": self.endpoint,
+            "public_key": self.public_key,
+            "weight_offset": self.weight_offset,
+            "weight_scale": self.weight_scale,
+            "disabled": self.disabled,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+        }
+
+
+@dataclass(frozen=True)
+class Client:
+    """A row of the ``clients`` table: a key allowed on the api endpoint, with a role."""
+
+    name: str
+    public_key: str
+    role: str  # "admin" | "member" | "reader"
+    project: str | None = None
+    created_at: datetime | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "public_key": self.public_key,
+            "role": self.role,
+            "project": self.project,
+            "created_at": _iso(self.created_at),
+        }
+
+
+@dataclass(frozen=True)
+class Flavor:
+    name: str
+    memory_mb: int
+    disk_gb: int
+    vcpus: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "memory_mb": self.memory_mb,
+            "disk_gb": self.disk_gb,
+            "vcpus": self.vcpus,
+        }
+
+
+# The classic flavors an API cell starts with: name, RAM (MB), disk (GB), vCPUs.
+DEFAULT_FLAVORS: tuple[Flavor, ...] = (
+    Flavor("m1.tiny", 512, 1, 1),
+    Flavor("m1.small", 2048, 20, 1),
+    Flavor("m1.medium", 4096, 40, 2),
+    Flavor("m1.large", 8192, 80, 4),
+    Flavor("m1.xlarge", 16384, 160, 8),
+)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

@@ -1,0 +1,1 @@
+"""ZeroMQ links, CURVE/ZAP and framing: the only package that imports zmq."""
