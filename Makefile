@@ -34,8 +34,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# mypy cannot follow the editable install's mapping of db/ and cli/ into zcells,
+# so it checks a tree of links laid out the way the package installs.
+TYPECHECK_TREE := build/typecheck
 typecheck: $(STAMP)
-	$(BIN)/mypy zcells
+	@rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)/zcells
+	@for f in zcells/*; do ln -s "$(CURDIR)/$$f" $(TYPECHECK_TREE)/zcells/; done
+	@ln -s "$(CURDIR)/db" $(TYPECHECK_TREE)/zcells/db
+	@ln -s "$(CURDIR)/cli" $(TYPECHECK_TREE)/zcells/cli
+	cd $(TYPECHECK_TREE) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
+		--cache-dir $(CURDIR)/.mypy_cache -p zcells
 
 clean:
 	rm -rf $(VENV) .zcells .pytest_cache .mypy_cache .ruff_cache build *.egg-info

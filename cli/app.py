@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from zcells import logs
 from zcells.cli import dbcmd, keys, registry
 from zcells.cli.common import State, state, stderr
+
+from zcells import logs, service
 from zcells.config import CONFIG_ENV
 from zcells.errors import ZcellsError
 
@@ -39,8 +39,13 @@ def root(
     ctx: typer.Context,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", envvar=CONFIG_ENV, help="Cell configuration file (INI).",
-                     show_envvar=True),
+        typer.Option(
+            "--config",
+            "-c",
+            envvar=CONFIG_ENV,
+            help="Cell configuration file (INI).",
+            show_envvar=True,
+        ),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ) -> None:
@@ -50,8 +55,6 @@ def root(
 @app.command()
 def serve(ctx: typer.Context) -> None:
     """Run this cell in the foreground until SIGTERM or Ctrl-C."""
-    from zcells import service
-
     config = state(ctx).config
     logs.configure(config.service.log_level)
     asyncio.run(service.serve(config))

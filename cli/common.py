@@ -13,10 +13,10 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
-
-from zcells.config import Config, load_config
 from zcells.db import migrate
 from zcells.db.engine import Database
+
+from zcells.config import Config, load_config
 
 stdout = Console(soft_wrap=True)
 # Piped output is for scripts and logs: never wrap it to an imagined 80 columns.
@@ -53,8 +53,7 @@ def state(ctx: typer.Context) -> State:
 def open_database(ctx: typer.Context, *, require_current: bool = True) -> Iterator[Database]:
     """The cell's database from its config; refuses a schema that `db sync` has not brought up."""
     config = state(ctx).config
-    with Database(config.database.connection,
-                  busy_timeout_s=config.database.busy_timeout_s) as db:
+    with Database(config.database.connection, busy_timeout_s=config.database.busy_timeout_s) as db:
         if require_current:
             migrate.check_current(db)
         yield db

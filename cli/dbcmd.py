@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import typer
-
 from zcells.cli.common import open_database, print_json, state
 from zcells.db import migrate, registry
 
@@ -22,8 +21,14 @@ def sync(
         seeded = registry.seed_default_flavors(db) if config.cells.cell_type == "api" else 0
         where = db.describe()
     if json_output:
-        print_json({"database": where, "before": result.before, "after": result.after,
-                    "flavors_seeded": seeded})
+        print_json(
+            {
+                "database": where,
+                "before": result.before,
+                "after": result.after,
+                "flavors_seeded": seeded,
+            }
+        )
         return
     was = "empty" if result.before is None else f"revision {result.before}"
     if result.changed:

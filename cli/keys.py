@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from zcells.cli.common import note, state
+
 from zcells.sockets.keys import generate_keypair, read_public_key
 
 app = typer.Typer(help="Create and show CURVE key pairs.", no_args_is_help=True)

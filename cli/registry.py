@@ -5,17 +5,19 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-
 from zcells.cli.common import note, open_database, print_json, print_table
 from zcells.db import registry
+
 from zcells.names import NEIGHBOUR_KINDS, ROLES
 
 KINDS_HELP = " or ".join(NEIGHBOUR_KINDS)
 
-cell_app = typer.Typer(help="Manage this cell's neighbours (parents and children).",
-                       no_args_is_help=True)
-client_app = typer.Typer(help="Manage the client keys allowed on the api endpoint.",
-                         no_args_is_help=True)
+cell_app = typer.Typer(
+    help="Manage this cell's neighbours (parents and children).", no_args_is_help=True
+)
+client_app = typer.Typer(
+    help="Manage the client keys allowed on the api endpoint.", no_args_is_help=True
+)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print as JSON.")]
 EndpointHelp = "Where the neighbour listens: tcp://HOST:PORT (for a child: informational)."
@@ -34,9 +36,16 @@ def cell_add(
 ) -> None:
     """Register a parent or child cell."""
     with open_database(ctx) as db:
-        cell = registry.add_cell(db, name, kind=kind, endpoint=endpoint, public_key=public_key,
-                                 weight_offset=weight_offset, weight_scale=weight_scale,
-                                 disabled=disabled)
+        cell = registry.add_cell(
+            db,
+            name,
+            kind=kind,
+            endpoint=endpoint,
+            public_key=public_key,
+            weight_offset=weight_offset,
+            weight_scale=weight_scale,
+            disabled=disabled,
+        )
     note(f"added {cell.kind} cell {cell.name} at {cell.endpoint}")
 
 
@@ -52,8 +61,14 @@ def cell_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
         "neighbour cells",
         ("NAME", "KIND", "ENDPOINT", "PUBLIC KEY", "WEIGHT", "STATE"),
         [
-            (c.name, c.kind, c.endpoint, c.public_key,
-             f"{c.weight_offset:+g} x{c.weight_scale:g}", "disabled" if c.disabled else "enabled")
+            (
+                c.name,
+                c.kind,
+                c.endpoint,
+                c.public_key,
+                f"{c.weight_offset:+g} x{c.weight_scale:g}",
+                "disabled" if c.disabled else "enabled",
+            )
             for c in cells
         ],
     )
@@ -67,14 +82,21 @@ def cell_update(
     public_key: Annotated[str | None, typer.Option("--public-key", help="New Z85 key.")] = None,
     weight_offset: Annotated[float | None, typer.Option(help="New weight offset.")] = None,
     weight_scale: Annotated[float | None, typer.Option(help="New weight scale.")] = None,
-    enable: Annotated[bool | None, typer.Option("--enable/--disable",
-                                                help="Enable or disable it.")] = None,
+    enable: Annotated[
+        bool | None, typer.Option("--enable/--disable", help="Enable or disable it.")
+    ] = None,
 ) -> None:
     """Change a neighbour's endpoint, key, weights or enabled state."""
     with open_database(ctx) as db:
         cell = registry.update_cell(
-            db, name, endpoint=endpoint, public_key=public_key, weight_offset=weight_offset,
-            weight_scale=weight_scale, disabled=None if enable is None else not enable)
+            db,
+            name,
+            endpoint=endpoint,
+            public_key=public_key,
+            weight_offset=weight_offset,
+            weight_scale=weight_scale,
+            disabled=None if enable is None else not enable,
+        )
     note(f"updated {cell.kind} cell {cell.name}")
 
 
@@ -94,13 +116,13 @@ def client_add(
     name: Annotated[str, typer.Argument(help="A name for the client.")],
     public_key: Annotated[str, typer.Option("--public-key", help="Its Z85 public key.")],
     role: Annotated[str, typer.Option("--role", help=" | ".join(ROLES))],
-    project: Annotated[str | None, typer.Option("--project",
-                                                help="Project (required for member).")] = None,
+    project: Annotated[
+        str | None, typer.Option("--project", help="Project (required for member).")
+    ] = None,
 ) -> None:
     """Allow a client key on the api endpoint with a role."""
     with open_database(ctx) as db:
-        client = registry.add_client(db, name, public_key=public_key, role=role,
-                                     project=project)
+        client = registry.add_client(db, name, public_key=public_key, role=role, project=project)
     scope = f" of project {client.project}" if client.project else ""
     note(f"added {client.role} client {client.name}{scope}")
 
@@ -113,8 +135,11 @@ def client_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
     if json_output:
         print_json([c.as_dict() for c in clients])
         return
-    print_table("clients", ("NAME", "ROLE", "PROJECT", "PUBLIC KEY"),
-                [(c.name, c.role, c.project or "-", c.public_key) for c in clients])
+    print_table(
+        "clients",
+        ("NAME", "ROLE", "PROJECT", "PUBLIC KEY"),
+        [(c.name, c.role, c.project or "-", c.public_key) for c in clients],
+    )
 
 
 @client_app.command("remove")
@@ -125,4 +150,3 @@ def client_remove(
     with open_database(ctx) as db:
         registry.remove_client(db, name)
     note(f"removed client {name}")
-

@@ -41,8 +41,9 @@ def check_url(url: str) -> URL:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise ValidationError("database connection", url, "an SQLAlchemy URL such as "
-                              "sqlite:////var/lib/zcells/api.db") from None
+        raise ValidationError(
+            "database connection", url, "an SQLAlchemy URL such as sqlite:////var/lib/zcells/api.db"
+        ) from None
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise ValidationError("database connection", url, "a sqlite:// or postgresql:// URL")
     return parsed

@@ -15,8 +15,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.exc import SQLAlchemyError
-
 from zcells.db.engine import Database, map_error
+
 from zcells.errors import SchemaOutOfDate
 
 SCRIPT_LOCATION = "zcells.db:migrations"

@@ -15,9 +15,9 @@ import math
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-
 from zcells.db.engine import Database
 from zcells.db.models import CellRow, ClientRow, FlavorRow
+
 from zcells.errors import AlreadyExists, NotFound, ValidationError
 from zcells.names import NEIGHBOUR_KINDS, ROLES, check_choice, check_endpoint, check_name
 from zcells.records import DEFAULT_FLAVORS, Client, Flavor, Neighbour
@@ -54,8 +54,13 @@ def _client(row: ClientRow) -> Client:
     )
 
 
-def _ensure_key_unused(session: Session, public_key: str, *, except_cell: str | None = None,
-                       except_client: str | None = None) -> None:
+def _ensure_key_unused(
+    session: Session,
+    public_key: str,
+    *,
+    except_cell: str | None = None,
+    except_client: str | None = None,
+) -> None:
     cell = session.scalar(select(CellRow.name).where(CellRow.public_key == public_key))
     if cell is not None and cell != except_cell:
         raise AlreadyExists("cell", "public key", public_key)
@@ -196,8 +201,11 @@ def remove_client(db: Database, name: str) -> None:
 
 def _check_flavor(flavor: Flavor) -> None:
     check_name("flavor name", flavor.name)
-    for field, value in (("RAM (MB)", flavor.memory_mb), ("disk (GB)", flavor.disk_gb),
-                         ("vCPUs", flavor.vcpus)):
+    for field, value in (
+        ("RAM (MB)", flavor.memory_mb),
+        ("disk (GB)", flavor.disk_gb),
+        ("vCPUs", flavor.vcpus),
+    ):
         if type(value) is not int or value < (0 if field == "disk (GB)" else 1):
             raise ValidationError(field, value, "a positive whole number")
 
@@ -207,8 +215,14 @@ def create_flavor(db: Database, flavor: Flavor) -> Flavor:
     with db.write() as session:
         if session.scalar(select(FlavorRow.id).where(FlavorRow.name == flavor.name)):
             raise AlreadyExists("flavor", "name", flavor.name)
-        session.add(FlavorRow(name=flavor.name, memory_mb=flavor.memory_mb,
-                              disk_gb=flavor.disk_gb, vcpus=flavor.vcpus))
+        session.add(
+            FlavorRow(
+                name=flavor.name,
+                memory_mb=flavor.memory_mb,
+                disk_gb=flavor.disk_gb,
+                vcpus=flavor.vcpus,
+            )
+        )
     return flavor
 
 
@@ -224,6 +238,12 @@ def seed_default_flavors(db: Database) -> int:
         if session.scalar(select(func.count()).select_from(FlavorRow)):
             return 0
         for flavor in DEFAULT_FLAVORS:
-            session.add(FlavorRow(name=flavor.name, memory_mb=flavor.memory_mb,
-                                  disk_gb=flavor.disk_gb, vcpus=flavor.vcpus))
+            session.add(
+                FlavorRow(
+                    name=flavor.name,
+                    memory_mb=flavor.memory_mb,
+                    disk_gb=flavor.disk_gb,
+                    vcpus=flavor.vcpus,
+                )
+            )
         return len(DEFAULT_FLAVORS)

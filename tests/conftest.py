@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from zcells.db.engine import Database
 
 from tests.tools import pgserver
-from zcells.db.engine import Database
 
 POSTGRES_ENV = "ZCELLS_TEST_POSTGRES_URL"
 

@@ -150,8 +150,8 @@ def _path(text: str) -> Path:
 def parse_capabilities(text: str) -> Mapping[str, tuple[str, ...]]:
     """``hypervisor=kvm;xen, os=linux`` -> ``{"hypervisor": ("kvm", "xen"), "os": ("linux",)}``."""
     result: dict[str, tuple[str, ...]] = {}
-    for item in text.split(","):
-        item = item.strip()
+    for raw in text.split(","):
+        item = raw.strip()
         if not item:
             continue
         key, sep, values = item.partition("=")
@@ -167,69 +167,235 @@ _SECONDS = "a number of seconds"
 
 OPTIONS: Final[tuple[Option, ...]] = (
     # [cells]
-    Option("cells", "name", _name, "api", "a cell name: letters, digits, '_', '.', '-' (1-64)",
-           "This cell's own name; its full name is its parents' names and this, joined by '!'."),
-    Option("cells", "cell_type", _choice(CELL_TYPES), "api", "api or compute",
-           "api: the top cell that takes client requests; compute: a cell with hosts."),
-    Option("cells", "capabilities", parse_capabilities, {},
-           "key=value;value pairs separated by commas, e.g. hypervisor=kvm;xen, os=linux",
-           "Capabilities this cell announces to its parents for cell scheduling."),
-    Option("cells", "call_timeout", _float(0.001), 60.0, _SECONDS,
-           "How long a call to another cell waits for its response.", "call_timeout_s"),
-    Option("cells", "max_hop_count", _int(1, 64), 10, "an integer from 1 to 64",
-           "A message that has crossed this many cells is failed, not forwarded."),
-    Option("cells", "reserve_percent", _float(0.0, 100.0), 10.0, "a percentage from 0 to 100",
-           "Share of RAM and disk kept out of the capacity this cell announces."),
-    Option("cells", "mute_child_interval", _float(0.001), 300.0, _SECONDS,
-           "A neighbour not heard from for this long is shown and weighed as mute.",
-           "mute_child_interval_s"),
-    Option("cells", "heartbeat_interval", _float(0.001), 5.0, _SECONDS,
-           "How often each link sends a heartbeat.", "heartbeat_interval_s"),
-    Option("cells", "db_check_interval", _float(0.001), 60.0, _SECONDS,
-           "How often the cells and clients tables are re-read for changes.",
-           "db_check_interval_s"),
-    Option("cells", "scheduler_retries", _int(0), 10, "an integer >= 0",
-           "How many more cells a build tries after the first one fails."),
-    Option("cells", "scheduler_retry_delay", _float(0.0), 2.0, _SECONDS,
-           "Pause between build attempts in different cells.", "scheduler_retry_delay_s"),
-    Option("cells", "instance_updated_at_threshold", _float(0.0), 3600.0, _SECONDS,
-           "The periodic heal resends instances changed within this window.",
-           "instance_updated_at_threshold_s"),
-    Option("cells", "instance_update_num_instances", _int(0), 1, "an integer >= 0",
-           "How many instances the periodic heal resends per run."),
+    Option(
+        "cells",
+        "name",
+        _name,
+        "api",
+        "a cell name: letters, digits, '_', '.', '-' (1-64)",
+        "This cell's own name; its full name is its parents' names and this, joined by '!'.",
+    ),
+    Option(
+        "cells",
+        "cell_type",
+        _choice(CELL_TYPES),
+        "api",
+        "api or compute",
+        "api: the top cell that takes client requests; compute: a cell with hosts.",
+    ),
+    Option(
+        "cells",
+        "capabilities",
+        parse_capabilities,
+        {},
+        "key=value;value pairs separated by commas, e.g. hypervisor=kvm;xen, os=linux",
+        "Capabilities this cell announces to its parents for cell scheduling.",
+    ),
+    Option(
+        "cells",
+        "call_timeout",
+        _float(0.001),
+        60.0,
+        _SECONDS,
+        "How long a call to another cell waits for its response.",
+        "call_timeout_s",
+    ),
+    Option(
+        "cells",
+        "max_hop_count",
+        _int(1, 64),
+        10,
+        "an integer from 1 to 64",
+        "A message that has crossed this many cells is failed, not forwarded.",
+    ),
+    Option(
+        "cells",
+        "reserve_percent",
+        _float(0.0, 100.0),
+        10.0,
+        "a percentage from 0 to 100",
+        "Share of RAM and disk kept out of the capacity this cell announces.",
+    ),
+    Option(
+        "cells",
+        "mute_child_interval",
+        _float(0.001),
+        300.0,
+        _SECONDS,
+        "A neighbour not heard from for this long is shown and weighed as mute.",
+        "mute_child_interval_s",
+    ),
+    Option(
+        "cells",
+        "heartbeat_interval",
+        _float(0.001),
+        5.0,
+        _SECONDS,
+        "How often each link sends a heartbeat.",
+        "heartbeat_interval_s",
+    ),
+    Option(
+        "cells",
+        "db_check_interval",
+        _float(0.001),
+        60.0,
+        _SECONDS,
+        "How often the cells and clients tables are re-read for changes.",
+        "db_check_interval_s",
+    ),
+    Option(
+        "cells",
+        "scheduler_retries",
+        _int(0),
+        10,
+        "an integer >= 0",
+        "How many more cells a build tries after the first one fails.",
+    ),
+    Option(
+        "cells",
+        "scheduler_retry_delay",
+        _float(0.0),
+        2.0,
+        _SECONDS,
+        "Pause between build attempts in different cells.",
+        "scheduler_retry_delay_s",
+    ),
+    Option(
+        "cells",
+        "instance_updated_at_threshold",
+        _float(0.0),
+        3600.0,
+        _SECONDS,
+        "The periodic heal resends instances changed within this window.",
+        "instance_updated_at_threshold_s",
+    ),
+    Option(
+        "cells",
+        "instance_update_num_instances",
+        _int(0),
+        1,
+        "an integer >= 0",
+        "How many instances the periodic heal resends per run.",
+    ),
     # [transport]
-    Option("transport", "cells_endpoint", _endpoint, "tcp://127.0.0.1:7750", "a bind endpoint",
-           "Where children connect (ROUTER, CURVE server)."),
-    Option("transport", "api_endpoint", _endpoint, "tcp://127.0.0.1:7751", "a bind endpoint",
-           "Where clients connect (ROUTER, CURVE server)."),
-    Option("transport", "keys_dir", _path, None, "a directory path",
-           "Directory of CURVE key files, mode 0700. Default: STATE_DIR/keys."),
-    Option("transport", "max_message_bytes", _int(1024, 64 << 20), 1 << 20,
-           "an integer from 1024 to 67108864", "Largest frame a peer may send."),
+    Option(
+        "transport",
+        "cells_endpoint",
+        _endpoint,
+        "tcp://127.0.0.1:7750",
+        "a bind endpoint",
+        "Where children connect (ROUTER, CURVE server).",
+    ),
+    Option(
+        "transport",
+        "api_endpoint",
+        _endpoint,
+        "tcp://127.0.0.1:7751",
+        "a bind endpoint",
+        "Where clients connect (ROUTER, CURVE server).",
+    ),
+    Option(
+        "transport",
+        "keys_dir",
+        _path,
+        None,
+        "a directory path",
+        "Directory of CURVE key files, mode 0700. Default: STATE_DIR/keys.",
+    ),
+    Option(
+        "transport",
+        "max_message_bytes",
+        _int(1024, 64 << 20),
+        1 << 20,
+        "an integer from 1024 to 67108864",
+        "Largest frame a peer may send.",
+    ),
     # [database]
-    Option("database", "connection", _text, None, "an SQLAlchemy URL",
-           "The cell's own database. Default: sqlite:///STATE_DIR/NAME.db."),
-    Option("database", "busy_timeout", _float(0.0), 5.0, _SECONDS,
-           "How long a write waits for a locked SQLite database.", "busy_timeout_s"),
+    Option(
+        "database",
+        "connection",
+        _text,
+        None,
+        "an SQLAlchemy URL",
+        "The cell's own database. Default: sqlite:///STATE_DIR/NAME.db.",
+    ),
+    Option(
+        "database",
+        "busy_timeout",
+        _float(0.0),
+        5.0,
+        _SECONDS,
+        "How long a write waits for a locked SQLite database.",
+        "busy_timeout_s",
+    ),
     # [compute]
-    Option("compute", "driver", _choice(COMPUTE_DRIVERS), "fake", "fake",
-           "How hosts are driven; 'fake' simulates hosts inside the cell process."),
-    Option("compute", "fake_hosts", _int(0, 100_000), 4, "an integer from 0 to 100000",
-           "Number of simulated hosts in this cell."),
-    Option("compute", "fake_host_ram_mb", _int(1), 65536, "an integer >= 1",
-           "RAM of each simulated host."),
-    Option("compute", "fake_host_disk_gb", _int(1), 1000, "an integer >= 1",
-           "Disk of each simulated host."),
-    Option("compute", "fake_host_vcpus", _int(1), 32, "an integer >= 1",
-           "vCPUs of each simulated host."),
-    Option("compute", "fake_build_seconds", _float(0.0), 1.0, _SECONDS,
-           "How long a simulated build takes.", "fake_build_s"),
+    Option(
+        "compute",
+        "driver",
+        _choice(COMPUTE_DRIVERS),
+        "fake",
+        "fake",
+        "How hosts are driven; 'fake' simulates hosts inside the cell process.",
+    ),
+    Option(
+        "compute",
+        "fake_hosts",
+        _int(0, 100_000),
+        4,
+        "an integer from 0 to 100000",
+        "Number of simulated hosts in this cell.",
+    ),
+    Option(
+        "compute",
+        "fake_host_ram_mb",
+        _int(1),
+        65536,
+        "an integer >= 1",
+        "RAM of each simulated host.",
+    ),
+    Option(
+        "compute",
+        "fake_host_disk_gb",
+        _int(1),
+        1000,
+        "an integer >= 1",
+        "Disk of each simulated host.",
+    ),
+    Option(
+        "compute",
+        "fake_host_vcpus",
+        _int(1),
+        32,
+        "an integer >= 1",
+        "vCPUs of each simulated host.",
+    ),
+    Option(
+        "compute",
+        "fake_build_seconds",
+        _float(0.0),
+        1.0,
+        _SECONDS,
+        "How long a simulated build takes.",
+        "fake_build_s",
+    ),
     # [service]
-    Option("service", "state_dir", _path, None, "a directory path",
-           "Where the cell keeps its pid file, SQLite database and keys. "
-           "Default: $ZCELLS_STATE_DIR or ~/.local/state/zcells."),
-    Option("service", "log_level", _choice(LOG_LEVELS), "info", "debug, info, warning or error",
-           "Least severe log level written."),
+    Option(
+        "service",
+        "state_dir",
+        _path,
+        None,
+        "a directory path",
+        "Where the cell keeps its pid file, SQLite database and keys. "
+        "Default: $ZCELLS_STATE_DIR or ~/.local/state/zcells.",
+    ),
+    Option(
+        "service",
+        "log_level",
+        _choice(LOG_LEVELS),
+        "info",
+        "debug, info, warning or error",
+        "Least severe log level written.",
+    ),
 )
 
 
@@ -357,8 +523,11 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
                     continue
                 option = known.get((section, key))
                 if option is None:
-                    why = "a nova-cells option zcells does not use" if (
-                        section == "cells" and key in NOVA_ONLY_KEYS) else "not a zcells option"
+                    why = (
+                        "a nova-cells option zcells does not use"
+                        if (section == "cells" and key in NOVA_ONLY_KEYS)
+                        else "not a zcells option"
+                    )
                     warnings.append(f"{source}: [{section}] {key}: {why}; ignored")
                     continue
                 try:
@@ -405,4 +574,3 @@ def option_reference() -> list[dict[str, str]]:
             }
         )
     return rows
-

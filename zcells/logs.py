@@ -32,7 +32,7 @@ class _Event:
 
 def _format(value: Any) -> str:
     text = value if isinstance(value, str) else str(value)
-    if not text or any(c in text for c in ' "\'=\\') or not text.isprintable():
+    if not text or any(c in text for c in " \"'=\\") or not text.isprintable():
         escaped = text.replace("\\", "\\\\").replace('"', '\\"')
         return '"' + "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in escaped) + '"'
     return text
@@ -51,8 +51,11 @@ def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
 def configure(level: str = "info", stream: Any = None) -> None:
     """Send zcells logs to stderr as ``time level logger event key=value ...``."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s.%(msecs)03d %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter(
+            "%(asctime)s.%(msecs)03d %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
+    )
     root = logging.getLogger(LOGGER_NAME)
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

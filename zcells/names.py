@@ -48,9 +48,7 @@ def check_cell_path(value: str) -> tuple[str, ...]:
     parts = tuple(value.split(PATH_SEPARATOR))
     for part in parts:
         if not _NAME_RE.fullmatch(part):
-            raise ValidationError(
-                "cell path", value, f"names joined by '!', each {NAME_EXPECTED}"
-            )
+            raise ValidationError("cell path", value, f"names joined by '!', each {NAME_EXPECTED}")
     return parts
 
 
@@ -74,7 +72,9 @@ def check_endpoint(field: str, value: str, *, bind: bool = False) -> str:
     if value.startswith("ipc://"):
         path = value[len("ipc://") :]
         if not path.startswith("/") or len(path) > 100 or "\x00" in path:
-            raise ValidationError(field, value, "ipc:// followed by an absolute path of <= 100 bytes")
+            raise ValidationError(
+                field, value, "ipc:// followed by an absolute path of <= 100 bytes"
+            )
         return value
     if not value.startswith("tcp://"):
         raise ValidationError(field, value, expected)

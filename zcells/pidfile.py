@@ -45,8 +45,8 @@ class PidFile:
                 pid = read_pid(self.path)
                 if pid is not None and pid != os.getpid() and _alive(pid):
                     raise AlreadyRunning(
-                        f"{self.path}: process {pid} is already running this cell; "
-                        "stop it first") from None
+                        f"{self.path}: process {pid} is already running this cell; stop it first"
+                    ) from None
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
                 continue

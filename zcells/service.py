@@ -40,8 +40,14 @@ def _load_keys(config: Config) -> KeyPair:
     keys_dir, name = config.transport.keys_dir, config.cells.name
     if config.embedded and not (keys_dir / f"{name}.key_secret").exists():
         pair = generate_keypair(keys_dir, name)
-        logs.event(log, logging.INFO, "key.generated", cell=name, path=pair.secret_path,
-                   public_key=pair.public)
+        logs.event(
+            log,
+            logging.INFO,
+            "key.generated",
+            cell=name,
+            path=pair.secret_path,
+            public_key=pair.public,
+        )
     return load_keypair(keys_dir, name)
 
 
@@ -53,8 +59,7 @@ def _open_database(config: Config) -> Database:
             if config.cells.cell_type == "api":
                 registry.seed_default_flavors(db)
             if result.changed:
-                logs.event(log, logging.INFO, "db.synced", before=result.before,
-                           after=result.after)
+                logs.event(log, logging.INFO, "db.synced", before=result.before, after=result.after)
         else:
             migrate.check_current(db)
     except BaseException:
@@ -89,10 +94,17 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(signum, _request_stop, stop, signum)
     try:
         with open_cell(config) as cell:
-            logs.event(log, logging.INFO, "cell.started", cell=config.cells.name,
-                       type=config.cells.cell_type, config=config.source,
-                       database=cell.db.describe(), public_key=cell.keys.public,
-                       pid_file=config.pid_file)
+            logs.event(
+                log,
+                logging.INFO,
+                "cell.started",
+                cell=config.cells.name,
+                type=config.cells.cell_type,
+                config=config.source,
+                database=cell.db.describe(),
+                public_key=cell.keys.public,
+                pid_file=config.pid_file,
+            )
             for warning in config.warnings:
                 logs.event(log, logging.WARNING, "config.warning", detail=warning)
             await stop.wait()

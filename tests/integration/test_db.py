@@ -10,10 +10,10 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-
 from zcells.db import migrate, registry
 from zcells.db.engine import Database
 from zcells.db.models import Base
+
 from zcells.errors import (
     AlreadyExists,
     DatabaseBusy,
@@ -44,14 +44,24 @@ def test_sync_creates_every_table_and_is_idempotent(database: Database) -> None:
     assert not second.changed
     migrate.check_current(database)
     tables = set(sa.inspect(database.engine).get_table_names())
-    assert {"cells", "clients", "instances", "instance_faults", "flavors", "hosts", "outbox",
-            "child_progress", "request_log"} <= tables
+    assert {
+        "cells",
+        "clients",
+        "instances",
+        "instance_faults",
+        "flavors",
+        "hosts",
+        "outbox",
+        "child_progress",
+        "request_log",
+    } <= tables
 
 
 def test_migrations_match_the_models(synced: Database) -> None:
     with synced.engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
-                                Base.metadata)
+        diff = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+        )
     assert diff == []
 
 
@@ -59,8 +69,9 @@ def test_upgrade_from_first_revision_keeps_data(database: Database, keys: list[s
     migrate.upgrade(database, "0001")
     assert migrate.current_revision(database) == "0001"
     assert "instances" not in sa.inspect(database.engine).get_table_names()
-    registry.add_cell(database, "eu", kind="child", endpoint="tcp://127.0.0.1:7750",
-                      public_key=keys[0])
+    registry.add_cell(
+        database, "eu", kind="child", endpoint="tcp://127.0.0.1:7750", public_key=keys[0]
+    )
     result = migrate.sync(database)
     assert result.before == "0001" and result.after == migrate.head_revision()
     assert [c.name for c in registry.list_cells(database)] == ["eu"]
@@ -83,19 +94,37 @@ def test_sqlite_creates_missing_state_directory(tmp_path: Path) -> None:
 
 
 def test_neighbour_registry_round_trip(synced: Database, keys: list[str]) -> None:
-    parent = registry.add_cell(synced, "api", kind="parent", endpoint="tcp://127.0.0.1:7750",
-                               public_key=keys[0])
-    child = registry.add_cell(synced, "eu-1", kind="child", endpoint="tcp://[::1]:7760",
-                              public_key=keys[1], weight_offset=-2.5, weight_scale=0.5,
-                              disabled=True)
+    parent = registry.add_cell(
+        synced, "api", kind="parent", endpoint="tcp://127.0.0.1:7750", public_key=keys[0]
+    )
+    child = registry.add_cell(
+        synced,
+        "eu-1",
+        kind="child",
+        endpoint="tcp://[::1]:7760",
+        public_key=keys[1],
+        weight_offset=-2.5,
+        weight_scale=0.5,
+        disabled=True,
+    )
     assert parent.created_at is not None and parent.created_at.tzinfo is not None
     listed = registry.list_cells(synced)
     assert [(c.name, c.kind) for c in listed] == [("api", "parent"), ("eu-1", "child")]
     assert listed[1].weight_offset == -2.5 and listed[1].disabled
-    updated = registry.update_cell(synced, "eu-1", endpoint="tcp://127.0.0.1:7761",
-                                   public_key=keys[2], disabled=False, weight_scale=2.0)
+    updated = registry.update_cell(
+        synced,
+        "eu-1",
+        endpoint="tcp://127.0.0.1:7761",
+        public_key=keys[2],
+        disabled=False,
+        weight_scale=2.0,
+    )
     assert (updated.endpoint, updated.public_key, updated.disabled, updated.weight_scale) == (
-        "tcp://127.0.0.1:7761", keys[2], False, 2.0)
+        "tcp://127.0.0.1:7761",
+        keys[2],
+        False,
+        2.0,
+    )
     assert updated.weight_offset == -2.5
     assert registry.get_cell(synced, "eu-1") == updated
     registry.remove_cell(synced, "eu-1")
@@ -120,8 +149,12 @@ def test_neighbour_registry_round_trip(synced: Database, keys: list[str]) -> Non
 def test_invalid_neighbours_are_rejected_and_nothing_written(
     synced: Database, keys: list[str], field: str, kwargs: dict[str, object]
 ) -> None:
-    args: dict[str, object] = {"name": "eu", "kind": "child",
-                               "endpoint": "tcp://127.0.0.1:1", "public_key": keys[0]}
+    args: dict[str, object] = {
+        "name": "eu",
+        "kind": "child",
+        "endpoint": "tcp://127.0.0.1:1",
+        "public_key": keys[0],
+    }
     args.update(kwargs)
     name = args.pop("name")
     with pytest.raises(ValidationError) as info:
@@ -131,21 +164,23 @@ def test_invalid_neighbours_are_rejected_and_nothing_written(
 
 
 def test_duplicate_names_and_keys_are_rejected(synced: Database, keys: list[str]) -> None:
-    registry.add_cell(synced, "eu", kind="child", endpoint="tcp://127.0.0.1:1",
-                      public_key=keys[0])
+    registry.add_cell(synced, "eu", kind="child", endpoint="tcp://127.0.0.1:1", public_key=keys[0])
     with pytest.raises(AlreadyExists, match="name 'eu'"):
-        registry.add_cell(synced, "eu", kind="child", endpoint="tcp://127.0.0.1:1",
-                          public_key=keys[1])
+        registry.add_cell(
+            synced, "eu", kind="child", endpoint="tcp://127.0.0.1:1", public_key=keys[1]
+        )
     with pytest.raises(AlreadyExists, match="public key"):
-        registry.add_cell(synced, "us", kind="child", endpoint="tcp://127.0.0.1:1",
-                          public_key=keys[0])
+        registry.add_cell(
+            synced, "us", kind="child", endpoint="tcp://127.0.0.1:1", public_key=keys[0]
+        )
     # a key is one identity across cells and clients
     with pytest.raises(AlreadyExists, match="cell with public key"):
         registry.add_client(synced, "ops", public_key=keys[0], role="admin")
     registry.add_client(synced, "ops", public_key=keys[1], role="admin")
     with pytest.raises(AlreadyExists, match="client with public key"):
-        registry.add_cell(synced, "us", kind="child", endpoint="tcp://127.0.0.1:1",
-                          public_key=keys[1])
+        registry.add_cell(
+            synced, "us", kind="child", endpoint="tcp://127.0.0.1:1", public_key=keys[1]
+        )
     with pytest.raises(AlreadyExists):
         registry.update_cell(synced, "eu", public_key=keys[1])
     assert [c.name for c in registry.list_cells(synced)] == ["eu"]
@@ -166,7 +201,10 @@ def test_client_registry(synced: Database, keys: list[str]) -> None:
     registry.add_client(synced, "alice", public_key=keys[1], role="member", project="p1")
     registry.add_client(synced, "audit", public_key=keys[2], role="reader")
     assert [(c.name, c.role, c.project) for c in registry.list_clients(synced)] == [
-        ("alice", "member", "p1"), ("audit", "reader", None), ("ops", "admin", None)]
+        ("alice", "member", "p1"),
+        ("audit", "reader", None),
+        ("ops", "admin", None),
+    ]
     with pytest.raises(ValidationError, match="project"):
         registry.add_client(synced, "bob", public_key=keys[3], role="member")
     with pytest.raises(ValidationError, match="role"):
@@ -202,8 +240,9 @@ def test_failed_transaction_is_rolled_back(synced: Database, keys: list[str]) ->
     from zcells.db.models import CellRow
 
     with pytest.raises(RuntimeError), synced.write() as session:
-        session.add(CellRow(name="ghost", kind="child", endpoint="tcp://127.0.0.1:1",
-                            public_key=keys[0]))
+        session.add(
+            CellRow(name="ghost", kind="child", endpoint="tcp://127.0.0.1:1", public_key=keys[0])
+        )
         session.flush()
         raise RuntimeError("boom")
     assert registry.list_cells(synced) == []
@@ -217,14 +256,14 @@ def test_sqlite_locked_past_busy_timeout_is_database_busy(tmp_path: Path, keys: 
         holder.execute("BEGIN IMMEDIATE")
         try:
             with pytest.raises(DatabaseBusy, match="locked"):
-                registry.add_cell(db, "eu", kind="child", endpoint="tcp://127.0.0.1:1",
-                                  public_key=keys[0])
+                registry.add_cell(
+                    db, "eu", kind="child", endpoint="tcp://127.0.0.1:1", public_key=keys[0]
+                )
         finally:
             holder.execute("ROLLBACK")
             holder.close()
         # once the lock is gone the same write goes through
-        registry.add_cell(db, "eu", kind="child", endpoint="tcp://127.0.0.1:1",
-                          public_key=keys[0])
+        registry.add_cell(db, "eu", kind="child", endpoint="tcp://127.0.0.1:1", public_key=keys[0])
         assert len(registry.list_cells(db)) == 1
 
 
@@ -261,12 +300,17 @@ def test_sqlite_disk_full_is_database_full(tmp_path: Path, keys: list[str]) -> N
             with db.write() as session:
                 session.execute(sa.text(f"PRAGMA max_page_count = {pages + 2}"))
                 for i in range(50):
-                    session.add(registry.FlavorRow(name=f"f{i}"[:64], memory_mb=1, disk_gb=1,
-                                                   vcpus=1))
-                    session.execute(sa.text("INSERT INTO request_log (request_id, method, "
-                                            "result, created_at) VALUES (:i, 'm', :r, "
-                                            "'2026-01-01 00:00:00')"),
-                                    {"i": str(i), "r": big.encode()})
+                    session.add(
+                        registry.FlavorRow(name=f"f{i}"[:64], memory_mb=1, disk_gb=1, vcpus=1)
+                    )
+                    session.execute(
+                        sa.text(
+                            "INSERT INTO request_log (request_id, method, "
+                            "result, created_at) VALUES (:i, 'm', :r, "
+                            "'2026-01-01 00:00:00')"
+                        ),
+                        {"i": str(i), "r": big.encode()},
+                    )
 
         with pytest.raises(DatabaseFull, match="full"):
             fill()

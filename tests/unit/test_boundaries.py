@@ -46,7 +46,8 @@ def test_imports_respect_boundaries(path: Path) -> None:
         allowed = RULES.get(root)
         if allowed is not None:
             assert any(rel.startswith(prefix + "/") for prefix in allowed), (
-                f"{rel} imports {root}, allowed only under {sorted(allowed)}")
+                f"{rel} imports {root}, allowed only under {sorted(allowed)}"
+            )
 
 
 def test_checker_catches_a_violation(tmp_path: Path) -> None:

@@ -36,7 +36,9 @@ def test_embedded_defaults_use_state_dir_env(tmp_path: Path) -> None:
 
 
 def test_design_example_file_loads(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [cells]
 name = eu
 cell_type = compute
@@ -59,7 +61,8 @@ connection = sqlite:////var/lib/zcells/eu.db
 [compute]
 driver = fake
 fake_hosts = 4
-""")
+""",
+    )
     config = load_config(path, env={})
     assert config.cells.name == "eu"
     assert config.cells.cell_type == "compute"
@@ -124,8 +127,11 @@ def test_missing_file_and_bad_syntax_are_config_errors(tmp_path: Path) -> None:
 
 
 def test_nova_keys_and_unknown_keys_warn_but_load(tmp_path: Path) -> None:
-    path = write(tmp_path, "[cells]\nenable = True\ntopic = cells\nnmae = typo\n"
-                           "[DEFAULT]\nverbose = true\n[weird]\nx = 1\n")
+    path = write(
+        tmp_path,
+        "[cells]\nenable = True\ntopic = cells\nnmae = typo\n"
+        "[DEFAULT]\nverbose = true\n[weird]\nx = 1\n",
+    )
     config = load_config(path, env={})
     text = "\n".join(config.warnings)
     assert "[cells] enable: a nova-cells option" in text
@@ -143,7 +149,9 @@ def test_config_is_frozen(tmp_path: Path) -> None:
 def test_capabilities_parser() -> None:
     assert parse_capabilities("") == {}
     assert parse_capabilities(" os = linux ,hypervisor=kvm; xen") == {
-        "os": ("linux",), "hypervisor": ("kvm", "xen")}
+        "os": ("linux",),
+        "hypervisor": ("kvm", "xen"),
+    }
     for bad in ("os", "=linux", "os=", "os=;"):
         with pytest.raises(ValueError):
             parse_capabilities(bad)

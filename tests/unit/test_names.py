@@ -29,8 +29,13 @@ def test_cell_paths_round_trip() -> None:
 
 @pytest.mark.parametrize(
     "endpoint",
-    ["tcp://127.0.0.1:7750", "tcp://[::1]:7750", "tcp://cells.example.org:1",
-     "tcp://h:65535", "ipc:///run/zcells/api.sock"],
+    [
+        "tcp://127.0.0.1:7750",
+        "tcp://[::1]:7750",
+        "tcp://cells.example.org:1",
+        "tcp://h:65535",
+        "ipc:///run/zcells/api.sock",
+    ],
 )
 def test_good_endpoints(endpoint: str) -> None:
     assert check_endpoint("endpoint", endpoint) == endpoint
@@ -38,9 +43,21 @@ def test_good_endpoints(endpoint: str) -> None:
 
 @pytest.mark.parametrize(
     "endpoint",
-    ["", "127.0.0.1:7750", "tcp://127.0.0.1", "tcp://127.0.0.1:0", "tcp://127.0.0.1:65536",
-     "tcp://127.0.0.1:x", "udp://127.0.0.1:1", "tcp://[::zz]:1", "tcp://*:7750",
-     "tcp://bad_host:1", "tcp://-x:1", "ipc://relative", "tcp://999.1.1.1:5"],
+    [
+        "",
+        "127.0.0.1:7750",
+        "tcp://127.0.0.1",
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:65536",
+        "tcp://127.0.0.1:x",
+        "udp://127.0.0.1:1",
+        "tcp://[::zz]:1",
+        "tcp://*:7750",
+        "tcp://bad_host:1",
+        "tcp://-x:1",
+        "ipc://relative",
+        "tcp://999.1.1.1:5",
+    ],
 )
 def test_bad_endpoints(endpoint: str) -> None:
     with pytest.raises(ValidationError) as info:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-
 from zcells.db.models import UTCDateTime
 
 revision = "0002"
@@ -54,8 +53,7 @@ def upgrade() -> None:
         sa.Column("deleted_at", UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("uuid", name=op.f("pk_instances")),
     )
-    op.create_index("ix_instances_project_id_created_at", "instances",
-                    ["project_id", "created_at"])
+    op.create_index("ix_instances_project_id_created_at", "instances", ["project_id", "created_at"])
     op.create_index("ix_instances_cell_name", "instances", ["cell_name"])
     op.create_index("ix_instances_updated_at", "instances", ["updated_at"])
     op.create_table(
@@ -66,12 +64,15 @@ def upgrade() -> None:
         sa.Column("message", sa.Text(), nullable=False),
         sa.Column("cell_name", sa.String(1024), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
-        sa.ForeignKeyConstraint(["instance_uuid"], ["instances.uuid"], ondelete="CASCADE",
-                                name=op.f("fk_instance_faults_instance_uuid_instances")),
+        sa.ForeignKeyConstraint(
+            ["instance_uuid"],
+            ["instances.uuid"],
+            ondelete="CASCADE",
+            name=op.f("fk_instance_faults_instance_uuid_instances"),
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_instance_faults")),
     )
-    op.create_index(op.f("ix_instance_faults_instance_uuid"), "instance_faults",
-                    ["instance_uuid"])
+    op.create_index(op.f("ix_instance_faults_instance_uuid"), "instance_faults", ["instance_uuid"])
     op.create_table(
         "hosts",
         sa.Column("name", sa.String(255), nullable=False),
@@ -87,8 +88,12 @@ def upgrade() -> None:
     )
     op.create_table(
         "outbox",
-        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-                  autoincrement=True, nullable=False),
+        sa.Column(
+            "seq",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
         sa.Column("kind", sa.String(32), nullable=False),
         sa.Column("payload", sa.LargeBinary(), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
