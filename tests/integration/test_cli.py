@@ -402,40 +402,59 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def start_serve(env: dict[str, str], *argv: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*ZCELLS, *argv, "serve"],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+class Served:
+    """A `zcells serve` process whose log goes to a file the test can poll."""
+
+    def __init__(self, log: Path, env: dict[str, str], *argv: str) -> None:
+        self.log = log
+        self._log_handle = log.open("w")
+        self.proc = subprocess.Popen(
+            [*ZCELLS, *argv, "serve"],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=self._log_handle,
+        )
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_started(self) -> None:
+        wait_for(
+            lambda: "cell.started" in self.text() or self.proc.poll() is not None,
+            30,
+            "cell.started in the log",
+        )
+        assert self.proc.poll() is None, self.text()
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        try:
+            self.proc.send_signal(signum)
+            return self.proc.wait(timeout=10)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._log_handle.close()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_serve_embedded_default_starts_and_stops_cleanly(tmp_path: Path, signum: int) -> None:
     state_dir = tmp_path / "state"
-    proc = start_serve({"ZCELLS_STATE_DIR": str(state_dir)})
+    served = Served(tmp_path / "serve.log", {"ZCELLS_STATE_DIR": str(state_dir)})
     pid_file = state_dir / "api.pid"
     try:
-        wait_for(
-            lambda: pid_file.exists() and pid_file.read_text().strip() == str(proc.pid),
-            30,
-            "the pid file",
-        )
+        served.wait_started()
+        assert pid_file.read_text().strip() == str(served.proc.pid)
         # the embedded default made its own key pair and schema
         assert (state_dir / "keys" / "api.key_secret").stat().st_mode & 0o777 == 0o600
         assert (state_dir / "api.db").exists()
         # a second daemon for the same cell is refused while the first runs
         second = run_process("serve", env={"ZCELLS_STATE_DIR": str(state_dir)})
         assert second.code == 1 and "already running" in second.err
-        proc.send_signal(signum)
-        _, err = proc.communicate(timeout=10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
+        code = served.stop(signum)
+    err = served.text()
+    assert code == 0, err
     assert "cell.started cell=api type=api" in err
     assert "cell.stopped cell=api" in err
     assert "Traceback" not in err
@@ -448,20 +467,13 @@ def test_serve_replaces_a_stale_pid_file(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (state_dir / "api.pid").write_text(f"{dead.pid}\n")
-    proc = start_serve({"ZCELLS_STATE_DIR": str(state_dir)})
+    served = Served(tmp_path / "serve.log", {"ZCELLS_STATE_DIR": str(state_dir)})
     try:
-        wait_for(
-            lambda: (state_dir / "api.pid").read_text().strip() == str(proc.pid),
-            30,
-            "the pid file to be taken over",
-        )
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=10)
+        served.wait_started()
+        assert (state_dir / "api.pid").read_text().strip() == str(served.proc.pid)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0
+        code = served.stop()
+    assert code == 0
 
 
 def test_serve_refuses_loose_secret_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
