@@ -1,0 +1,108 @@
+"""Shared fakes: an in-memory tree of real nodes, built from a nested literal.
+
+``MemoryTree({"api": {"c1": {"g1": {}}, "c2": {}}})`` starts one `Node` per
+cell over `MemoryTransport`s (the real codec, routing and handlers, no
+sockets) and an admin client of the top cell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from zcells.client import CellClient
+from zcells.handlers import build_methods
+from zcells.handlers.diag import DiagHandlers
+from zcells.node import Node, NodeSettings
+from zcells.records import Client, Neighbour
+from zcells.transport import Identity, MemoryClient, MemoryNetwork, MemoryTransport
+
+Tree = Mapping[str, "Tree"]
+
+
+def _walk(tree: Tree, parent: str | None = None) -> list[tuple[str, str | None, list[str]]]:
+    cells = []
+    for name, children in tree.items():
+        cells.append((name, parent, list(children)))
+        cells.extend(_walk(children, name))
+    return cells
+
+
+class MemoryTree:
+    def __init__(self, tree: Tree, **settings: Any) -> None:
+        self.network = MemoryNetwork()
+        self.shape = _walk(tree)
+        self.top = self.shape[0][0]
+        self.nodes: dict[str, Node] = {}
+        self.transports: dict[str, MemoryTransport] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.settings = settings
+
+    def identity(self, name: str) -> Identity:
+        return Identity(name=name, public_key=f"key-{name}", secret_key=f"secret-{name}",
+                        cells_endpoint=f"mem://{name}/cells", api_endpoint=f"mem://{name}/api")
+
+    def registry(self, name: str) -> tuple[list[Neighbour], list[Client]]:
+        neighbours = []
+        for cell, parent, children in self.shape:
+            if cell == name and parent is not None:
+                neighbours.append(Neighbour(parent, "parent", f"mem://{parent}/cells",
+                                            f"key-{parent}"))
+            if cell == name:
+                neighbours.extend(Neighbour(c, "child", f"mem://{c}/cells", f"key-{c}")
+                                  for c in children)
+        return neighbours, [Client("ops", "key-ops", "admin")]
+
+    async def start(self) -> None:
+        for name, parent, _ in self.shape:
+            transport = MemoryTransport(self.network, self.identity(name))
+            await transport.start()
+            settings = NodeSettings(name=name, cell_type="api" if parent is None else "compute",
+                                    **self.settings)
+            node = Node(settings, transport, build_methods(DiagHandlers(settings.cell_type,
+                                                                        lambda: {})))
+            self.nodes[name] = node
+            self.transports[name] = transport
+        for name in self.nodes:
+            self._start_node(name)
+
+    def _start_node(self, name: str) -> None:
+        self.nodes[name].apply_registry(*self.registry(name))
+        self._tasks[name] = asyncio.create_task(self.nodes[name].run(), name=name)
+
+    async def stop_cell(self, name: str) -> None:
+        await self.transports[name].close()
+        await asyncio.wait_for(self._tasks.pop(name), 5)
+
+    async def stop(self) -> None:
+        for name in list(self._tasks):
+            await self.stop_cell(name)
+
+    def client(self, cell: str | None = None, name: str = "ops",
+               key: str = "key-ops") -> CellClient:
+        cell = cell or self.top
+        return CellClient(MemoryClient(self.network, f"mem://{cell}/api", f"key-{cell}", name,
+                                       key), timeout_s=2.0)
+
+    async def placed(self, timeout_s: float = 5.0) -> None:
+        """Wait until every cell knows its full path."""
+        await wait_for(lambda: all(n.view.paths for n in self.nodes.values()), timeout_s,
+                       "every cell placed")
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def run(coro: Awaitable[Any], timeout_s: float = 30.0) -> Any:
+    async def bounded() -> Any:
+        async with asyncio.timeout(timeout_s):
+            return await coro
+
+    return asyncio.run(bounded())

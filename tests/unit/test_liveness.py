@@ -1,0 +1,51 @@
+"""Neighbour liveness on a fake clock: exact times, no sleeping."""
+
+from __future__ import annotations
+
+import pytest
+
+from zcells.liveness import (
+    TRANSITIONS,
+    ImpossibleTransition,
+    LinkEvent,
+    Liveness,
+    Tracker,
+    next_state,
+)
+
+
+def tracker() -> Tracker:
+    return Tracker(late_after_s=15.0, mute_after_s=300.0, since=1000.0)
+
+
+def test_unknown_until_heard_then_alive_late_mute_alive() -> None:
+    t = tracker()
+    assert t.check(1010.0) is Liveness.UNKNOWN
+    assert t.check(1299.9) is Liveness.UNKNOWN
+    assert t.heard(1100.0) is Liveness.ALIVE
+    assert t.check(1114.9) is Liveness.ALIVE
+    assert t.check(1115.0) is Liveness.LATE
+    assert t.check(1399.9) is Liveness.LATE
+    assert t.check(1400.0) is Liveness.MUTE
+    assert t.silent_for(1400.0) == 300.0
+    assert t.check(1500.0) is Liveness.MUTE
+    assert t.heard(1500.0) is Liveness.ALIVE
+
+
+def test_never_heard_goes_mute_after_the_interval() -> None:
+    t = tracker()
+    assert t.check(1300.0) is Liveness.MUTE
+    assert t.silent_for(1300.0) is None
+
+
+def test_every_state_recovers_when_heard() -> None:
+    for state in Liveness:
+        assert next_state(state, LinkEvent.HEARD) is Liveness.ALIVE
+
+
+@pytest.mark.parametrize(("state", "event"), [(Liveness.UNKNOWN, LinkEvent.SILENT_LATE),
+                                              (Liveness.MUTE, LinkEvent.SILENT_LATE)])
+def test_impossible_transitions_are_typed_errors(state: Liveness, event: LinkEvent) -> None:
+    assert event not in TRANSITIONS[state]
+    with pytest.raises(ImpossibleTransition):
+        next_state(state, event)

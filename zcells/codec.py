@@ -1,0 +1,339 @@
+"""The wire codec: messages to two msgpack frames and back.
+
+Rules kept here (docs/protocol.md states them for implementers):
+
+* A message is exactly two frames, header then body, each one msgpack map.
+* Decoding never trusts a length: every msgpack limit is set well under the
+  frame size, ext types (Timestamp included) are refused, map keys must be
+  strings, text must be UTF-8.
+* The header of each kind has an exact set of keys with exact types (a bool
+  is not an int); a missing, extra or mistyped key is a `SchemaError` naming
+  the key. Bodies are maps of plain values at most `MAX_BODY_DEPTH` deep with
+  finite floats.
+* Every failure is a `ProtocolError` subclass; when the header got far enough
+  to name the message, the error carries `reply_to` so the receiver can answer
+  with a typed error instead of dropping silently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import msgpack
+
+from zcells.errors import (
+    DecodeError,
+    FrameError,
+    ProtocolError,
+    SchemaError,
+    VersionMismatch,
+    WireError,
+    error_from_wire,
+)
+from zcells.messages import (
+    PROTOCOL_VERSION,
+    Broadcast,
+    CellResult,
+    Direction,
+    Heartbeat,
+    Hello,
+    Kind,
+    Message,
+    Outcome,
+    RequestContext,
+    Response,
+    Targeted,
+)
+
+FRAMES_PER_MESSAGE: Final = 2
+DEFAULT_MAX_FRAME_BYTES: Final = 1 << 20
+MAX_BODY_DEPTH: Final = 8
+_HEADER_LIMITS: Final = {
+    "max_str_len": 4096,
+    "max_bin_len": 64,
+    "max_array_len": 128,
+    "max_map_len": 32,
+    "max_ext_len": 0,
+}
+_BODY_LIMITS: Final = {
+    "max_str_len": 1 << 20,
+    "max_bin_len": 1 << 20,
+    "max_array_len": 1 << 17,
+    "max_map_len": 1 << 16,
+    "max_ext_len": 0,
+}
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack ext type {code} is not allowed")
+
+
+def _unpack(frame: bytes, limits: Mapping[str, int], what: str) -> Any:
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True,
+                               ext_hook=_no_ext, **limits)
+    except (ValueError, TypeError) as exc:  # every msgpack decode error is a ValueError
+        raise DecodeError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
+    except RecursionError:
+        raise DecodeError(f"{what} nests too deeply") from None
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+# -- body values ------------------------------------------------------------------------
+
+
+def check_body_value(value: Any, depth: int = 0, where: str = "body") -> None:
+    """Accept plain msgpack values: maps with str keys, lists, str, bytes, int, finite float."""
+    if depth > MAX_BODY_DEPTH:
+        raise SchemaError(f"{where}: nested deeper than {MAX_BODY_DEPTH} levels")
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise SchemaError(f"{where}: map keys must be strings")
+            check_body_value(item, depth + 1, where)
+    elif kind is list:
+        for item in value:
+            check_body_value(item, depth + 1, where)
+    elif kind is float:
+        if not math.isfinite(value):
+            raise SchemaError(f"{where}: floats must be finite")
+    elif kind not in (str, int, bool, bytes) and value is not None:
+        raise SchemaError(f"{where}: {kind.__name__} values are not allowed")
+
+
+# -- header fields: name -> (check, description). Exact types: a bool is not an int.
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _is_str(v: Any) -> bool:
+    return type(v) is str
+
+
+def _is_opt_str(v: Any) -> bool:
+    return v is None or type(v) is str
+
+
+def _is_bool(v: Any) -> bool:
+    return type(v) is bool
+
+
+def _is_bin(v: Any) -> bool:
+    return type(v) is bytes
+
+
+def _is_float(v: Any) -> bool:
+    return type(v) is float
+
+
+def _is_str_list(v: Any) -> bool:
+    return type(v) is list and all(type(x) is str for x in v)
+
+
+def _is_ctx(v: Any) -> bool:
+    return v is None or type(v) is dict
+
+
+Check = Callable[[Any], bool]
+_COMMON: Final[dict[str, tuple[Check, str]]] = {
+    "v": (_is_int, "an integer"),
+    "kind": (_is_str, "a string"),
+    "id": (_is_bin, "16 bytes"),
+    "ts": (_is_float, "a float"),
+}
+_REQUEST: Final[dict[str, tuple[Check, str]]] = {
+    **_COMMON,
+    "method": (_is_str, "a string"),
+    "dir": (_is_str, "up or down"),
+    "path": (_is_str_list, "a list of strings"),
+    "hops": (_is_int, "an integer"),
+    "max_hops": (_is_int, "an integer"),
+    "want": (_is_bool, "a boolean"),
+    "ttl_ms": (_is_int, "an integer"),
+    "ctx": (_is_ctx, "a map or nil"),
+}
+HEADER_KEYS: Final[dict[Kind, dict[str, tuple[Check, str]]]] = {
+    Kind.TARGETED: {**_REQUEST, "target": (_is_str, "a string")},
+    Kind.BROADCAST: {**_REQUEST, "local": (_is_bool, "a boolean")},
+    Kind.RESPONSE: {**_COMMON, "reply_to": (_is_bin, "16 bytes"),
+                    "path": (_is_str_list, "a list of strings"),
+                    "held_ms": (_is_float, "a float")},
+    Kind.HELLO: {**_COMMON, "cell_type": (_is_str, "a string"),
+                 "path": (_is_opt_str, "a string or nil"),
+                 "your_path": (_is_opt_str, "a string or nil")},
+    Kind.HEARTBEAT: {**_COMMON, "path": (_is_opt_str, "a string or nil"),
+                     "your_path": (_is_opt_str, "a string or nil")},
+}
+_CTX_KEYS: Final = {"request_id": _is_str, "client": _is_opt_str, "project": _is_opt_str,
+                    "roles": _is_str_list}
+
+
+def _check_header(header: Any) -> tuple[Kind, dict[str, Any]]:
+    if type(header) is not dict:
+        raise SchemaError("header: expected a map")
+    version = header.get("v")
+    if type(version) is not int:
+        raise SchemaError("header: field 'v': expected an integer")
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(f"protocol version {version} is not supported "
+                              f"(this cell speaks {PROTOCOL_VERSION})")
+    try:
+        kind = Kind(header.get("kind"))
+    except ValueError:
+        raise SchemaError("header: field 'kind': expected one of "
+                          + ", ".join(k.value for k in Kind)) from None
+    spec = HEADER_KEYS[kind]
+    for key in header:
+        if key not in spec:
+            raise SchemaError(f"header: unexpected field {str(key)[:40]!r}")
+    for key, (check, expected) in spec.items():
+        if key not in header:
+            raise SchemaError(f"header: missing field {key!r}")
+        if not check(header[key]):
+            raise SchemaError(f"header: field {key!r}: expected {expected}")
+    return kind, header
+
+
+def _context(raw: dict[str, Any] | None) -> RequestContext | None:
+    if raw is None:
+        return None
+    if set(raw) != set(_CTX_KEYS) or not all(_CTX_KEYS[k](v) for k, v in raw.items()):
+        raise SchemaError("header: field 'ctx': expected request_id, client, project, roles")
+    return RequestContext(request_id=raw["request_id"], client=raw["client"],
+                          project=raw["project"], roles=tuple(raw["roles"]))
+
+
+def _result(raw: Any) -> CellResult:
+    if type(raw) is not dict or type(raw.get("cell")) is not str:
+        raise SchemaError("body: each result must be a map with a cell")
+    try:
+        outcome = Outcome(raw.get("outcome"))
+    except ValueError:
+        raise SchemaError("body: result outcome must be ok, error or timed_out") from None
+    error: WireError | None = None
+    if outcome is Outcome.ERROR:
+        err = raw.get("error")
+        if type(err) is not dict:
+            raise SchemaError("body: an error result needs an error map")
+        error = error_from_wire(err.get("code"), err.get("message"), err.get("cell"))
+    rtt = raw.get("rtt_ms")
+    if rtt is not None and type(rtt) is not float:
+        raise SchemaError("body: result rtt_ms must be a float")
+    return CellResult(cell=raw["cell"], outcome=outcome, value=raw.get("value"), error=error,
+                      rtt_ms=rtt)
+
+
+def _result_to_wire(result: CellResult) -> dict[str, Any]:
+    raw: dict[str, Any] = {"cell": result.cell, "outcome": result.outcome.value}
+    if result.error is not None:
+        raw["error"] = result.error.to_wire()
+    elif result.outcome is Outcome.OK:
+        raw["value"] = result.value
+    if result.rtt_ms is not None:
+        raw["rtt_ms"] = result.rtt_ms
+    return raw
+
+
+# -- encode -----------------------------------------------------------------------------
+
+
+def encode(message: Message) -> list[bytes]:
+    """The two frames of `message`."""
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": message.kind.value,
+                              "id": message.id, "ts": message.sent_at}
+    body: Any = {}
+    if isinstance(message, Targeted | Broadcast):
+        ctx = message.context
+        header.update(
+            method=message.method, dir=message.direction.value, path=list(message.path),
+            hops=message.hops, max_hops=message.max_hops, want=message.want_response,
+            ttl_ms=message.timeout_ms,
+            ctx=None if ctx is None else {"request_id": ctx.request_id, "client": ctx.client,
+                                          "project": ctx.project, "roles": list(ctx.roles)},
+        )
+        if isinstance(message, Targeted):
+            header["target"] = message.target
+        else:
+            header["local"] = message.run_locally
+        body = dict(message.body)
+    elif isinstance(message, Response):
+        header.update(reply_to=message.reply_to, path=list(message.path),
+                      held_ms=message.held_ms)
+        body = {"results": [_result_to_wire(r) for r in message.results]}
+    elif isinstance(message, Hello):
+        header.update(cell_type=message.cell_type, path=message.path,
+                      your_path=message.your_path)
+    else:
+        header.update(path=message.path, your_path=message.your_path)
+    return [_pack(header), _pack(body)]
+
+
+# -- decode -----------------------------------------------------------------------------
+
+
+def decode(frames: list[bytes], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
+    """The message in `frames`, or a `ProtocolError` saying what is wrong with it."""
+    if len(frames) != FRAMES_PER_MESSAGE:
+        raise FrameError(f"expected {FRAMES_PER_MESSAGE} frames, got {len(frames)}")
+    for frame in frames:
+        if len(frame) > max_frame_bytes:
+            raise FrameError(f"a frame of {len(frame)} bytes exceeds {max_frame_bytes}")
+    raw = _unpack(frames[0], _HEADER_LIMITS, "header")
+    try:
+        kind, header = _check_header(raw)
+        return _build(kind, header, frames[1])
+    except ProtocolError as exc:
+        exc.reply_to = _request_id(raw)
+        raise
+
+
+def _request_id(raw: Any) -> bytes | None:
+    """The id of a request header, however broken the rest of it is; None for other kinds."""
+    if type(raw) is not dict or raw.get("kind") not in (Kind.TARGETED, Kind.BROADCAST):
+        return None
+    value = raw.get("id")
+    return value if type(value) is bytes and len(value) == 16 else None
+
+
+def _build(kind: Kind, h: dict[str, Any], body_frame: bytes) -> Message:
+    body = _unpack(body_frame, _BODY_LIMITS, "body")
+    if type(body) is not dict:
+        raise SchemaError("body: expected a map")
+    check_body_value(body)
+    if kind is Kind.TARGETED or kind is Kind.BROADCAST:
+        try:
+            direction = Direction(h["dir"])
+        except ValueError:
+            raise SchemaError("header: field 'dir': expected up or down") from None
+        common: dict[str, Any] = dict(
+            id=h["id"], method=h["method"], body=body, direction=direction,
+            path=tuple(h["path"]), hops=h["hops"], max_hops=h["max_hops"],
+            want_response=h["want"], timeout_ms=h["ttl_ms"], sent_at=h["ts"],
+            context=_context(h["ctx"]),
+        )
+        if kind is Kind.TARGETED:
+            return Targeted(**common, target=h["target"])
+        return Broadcast(**common, run_locally=h["local"])
+    if kind is Kind.RESPONSE:
+        results = body.get("results")
+        if set(body) != {"results"} or type(results) is not list:
+            raise SchemaError("body: a response body is {results: [...]}")
+        return Response(id=h["id"], reply_to=h["reply_to"], path=tuple(h["path"]),
+                        results=tuple(_result(r) for r in results), sent_at=h["ts"],
+                        held_ms=h["held_ms"])
+    if body:
+        raise SchemaError(f"body: a {kind.value} body must be empty")
+    if kind is Kind.HELLO:
+        return Hello(id=h["id"], sent_at=h["ts"], cell_type=h["cell_type"], path=h["path"],
+                     your_path=h["your_path"])
+    return Heartbeat(id=h["id"], sent_at=h["ts"], path=h["path"], your_path=h["your_path"])
+
+

@@ -1,0 +1,28 @@
+"""Diagnostics: ping, which proves a route to a cell and back works."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from zcells.messages import Kind
+from zcells.methods import Call, Method
+
+
+class DiagHandlers:
+    """Methods that read nothing but the cell's own identity."""
+
+    def __init__(self, cell_type: str, statistics: Callable[[], dict[str, Any]]) -> None:
+        self.cell_type = cell_type
+        self._statistics = statistics
+
+    async def ping(self, call: Call) -> dict[str, Any]:
+        """Answer with this cell's full path and type."""
+        return {"cell": call.cell, "cell_type": self.cell_type}
+
+    def methods(self) -> list[Method]:
+        both = frozenset({Kind.TARGETED, Kind.BROADCAST})
+        return [
+            Method("ping", self.ping, kinds=both,
+                   allowed=frozenset({"admin", "parent", "child"})),
+        ]

@@ -1,0 +1,284 @@
+"""The messages cells and clients exchange: one frozen dataclass per kind.
+
+Rules kept here:
+
+* A message is built only valid: `__post_init__` checks every field, so the
+  codec, the routing core and handlers never see a half-formed message.
+* Message ids are 16 random bytes; a response names the request it answers
+  in `reply_to`.
+* A routing path is the tuple of full cell names the message has visited, the
+  origin first. The sender of a cell-to-cell message is always the last entry.
+* Time on the wire is relative (`timeout_ms`, the budget left), because cells'
+  clocks differ; `sent_at` (wall clock) only guards against replays of old
+  messages.
+* The protocol version is a constant; a peer speaking another is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final
+
+from zcells.errors import CallTimeout, SchemaError, WireError
+from zcells.names import check_cell_path, check_name
+
+PROTOCOL_VERSION: Final = 1
+MESSAGE_ID_BYTES: Final = 16
+MAX_METHOD_LENGTH: Final = 64
+MAX_HOPS_LIMIT: Final = 64
+MAX_TIMEOUT_MS: Final = 24 * 3600 * 1000
+
+
+class Kind(StrEnum):
+    TARGETED = "targeted"
+    BROADCAST = "broadcast"
+    RESPONSE = "response"
+    HELLO = "hello"
+    HEARTBEAT = "heartbeat"
+
+
+class Direction(StrEnum):
+    UP = "up"
+    DOWN = "down"
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    ERROR = "error"
+    TIMED_OUT = "timed_out"
+
+
+def new_message_id() -> bytes:
+    return os.urandom(MESSAGE_ID_BYTES)
+
+
+def _require(condition: bool, field_name: str, expected: str) -> None:
+    if not condition:
+        raise SchemaError(f"field {field_name!r}: expected {expected}")
+
+
+def _check_id(value: object, field_name: str = "id") -> None:
+    _require(type(value) is bytes and len(value) == MESSAGE_ID_BYTES, field_name,  # type: ignore[arg-type]
+             f"{MESSAGE_ID_BYTES} bytes")
+
+
+def _check_method(value: object) -> None:
+    _require(type(value) is str and 0 < len(value) <= MAX_METHOD_LENGTH  # type: ignore[arg-type]
+             and value.isascii() and value.replace("_", "a").isalnum(),  # type: ignore[union-attr]
+             "method", "a method name of letters, digits and '_'")
+
+
+def _check_path(path: object) -> None:
+    _require(type(path) is tuple and len(path) <= MAX_HOPS_LIMIT + 1, "path",  # type: ignore[arg-type]
+             "a tuple of at most 65 cell paths")
+    for entry in path:  # type: ignore[attr-defined]
+        _check_cell(entry, "path")
+
+
+def _check_cell(value: object, field_name: str) -> None:
+    try:
+        check_cell_path(value)  # type: ignore[arg-type]
+    except Exception:
+        raise SchemaError(f"field {field_name!r}: expected a cell path like api!eu") from None
+
+
+def _check_int(value: object, field_name: str, low: int, high: int) -> None:
+    _require(type(value) is int and low <= value <= high, field_name,  # type: ignore[operator]
+             f"an integer from {low} to {high}")
+
+
+def _check_time(value: object) -> None:
+    _require(type(value) is float and math.isfinite(value) and value >= 0, "sent_at",  # type: ignore[arg-type]
+             "a non-negative finite float (seconds since the epoch)")
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Who a request is for: set by the cell that took it from a client, never by a child."""
+
+    request_id: str
+    client: str | None = None
+    project: str | None = None
+    roles: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(type(self.request_id) is str and 0 < len(self.request_id) <= 64,
+                 "context.request_id", "a string of 1-64 characters")
+        for name in ("client", "project"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    check_name(name, value)
+                except Exception:
+                    raise SchemaError(f"field 'context.{name}': expected a name") from None
+        _require(type(self.roles) is tuple and len(self.roles) <= 8
+                 and all(r in ("admin", "member", "reader") for r in self.roles),
+                 "context.roles", "a list of roles: admin, member, reader")
+
+
+@dataclass(frozen=True)
+class _Request:
+    id: bytes
+    method: str
+    body: Mapping[str, Any]
+    direction: Direction
+    path: tuple[str, ...]
+    hops: int
+    max_hops: int
+    want_response: bool
+    timeout_ms: int
+    sent_at: float
+    context: RequestContext | None
+
+    def _check_request(self) -> None:
+        _check_id(self.id)
+        _check_method(self.method)
+        _require(isinstance(self.body, Mapping), "body", "a map")
+        _require(isinstance(self.direction, Direction), "direction", "up or down")
+        _check_path(self.path)
+        _check_int(self.hops, "hops", 0, MAX_HOPS_LIMIT)
+        _check_int(self.max_hops, "max_hops", 1, MAX_HOPS_LIMIT)
+        _require(type(self.want_response) is bool, "want_response", "true or false")
+        _check_int(self.timeout_ms, "timeout_ms", 0, MAX_TIMEOUT_MS)
+        _check_time(self.sent_at)
+        _require(self.context is None or isinstance(self.context, RequestContext), "context",
+                 "a request context")
+
+
+@dataclass(frozen=True)
+class Targeted(_Request):
+    """A request for one cell, named by its full path."""
+
+    target: str = ""
+    kind: Kind = field(default=Kind.TARGETED, init=False)
+
+    def __post_init__(self) -> None:
+        self._check_request()
+        _check_cell(self.target, "target")
+
+
+@dataclass(frozen=True)
+class Broadcast(_Request):
+    """A request for every cell of a subtree (down) or every ancestor (up)."""
+
+    run_locally: bool = True
+    kind: Kind = field(default=Kind.BROADCAST, init=False)
+
+    def __post_init__(self) -> None:
+        self._check_request()
+        _require(type(self.run_locally) is bool, "run_locally", "true or false")
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """One cell's answer: a value, a typed error, or nothing before the deadline."""
+
+    cell: str
+    outcome: Outcome
+    value: Any = None
+    error: WireError | None = None
+    # Round trip from the cell that asked, excluding time spent waiting for siblings.
+    rtt_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_cell(self.cell, "results.cell")
+        _require(self.rtt_ms is None or (type(self.rtt_ms) is float
+                                         and math.isfinite(self.rtt_ms)),
+                 "results.rtt_ms", "a finite float or nil")
+        _require(isinstance(self.outcome, Outcome), "results.outcome", "ok, error or timed_out")
+        _require((self.error is not None) == (self.outcome is Outcome.ERROR), "results.error",
+                 "an error exactly when the outcome is error")
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+    def unwrap(self) -> Any:
+        """The value, or raise the cell's error (`CallTimeout` when it timed out)."""
+        if self.error is not None:
+            raise self.error
+        if self.outcome is Outcome.TIMED_OUT:
+            raise CallTimeout("no response before the deadline", self.cell)
+        return self.value
+
+
+@dataclass(frozen=True)
+class Response:
+    """The answer to a request: one result per cell that was asked.
+
+    `path` is the request's routing path, which the response retraces from
+    its end back to its origin. `held_ms` is how long the responding hop held
+    the request, so the hop that asked can tell link time from work time.
+    """
+
+    id: bytes
+    reply_to: bytes
+    path: tuple[str, ...]
+    results: tuple[CellResult, ...]
+    sent_at: float
+    held_ms: float = 0.0
+    kind: Kind = field(default=Kind.RESPONSE, init=False)
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        _check_id(self.reply_to, "reply_to")
+        _check_path(self.path)
+        _require(type(self.results) is tuple and all(isinstance(r, CellResult)
+                                                     for r in self.results),
+                 "results", "a list of cell results")
+        _check_time(self.sent_at)
+        _require(type(self.held_ms) is float and math.isfinite(self.held_ms)
+                 and self.held_ms >= 0, "held_ms", "a non-negative float")
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First message on a link, both ways: versions spoken and where the sender sits.
+
+    A parent's hello tells the child its full path (`your_path`); a child's
+    says what kind of cell it is.
+    """
+
+    id: bytes
+    sent_at: float
+    cell_type: str
+    path: str | None = None
+    your_path: str | None = None
+    kind: Kind = field(default=Kind.HELLO, init=False)
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        _check_time(self.sent_at)
+        _require(self.cell_type in ("api", "compute", "client"), "cell_type",
+                 "api, compute or client")
+        if self.path is not None:
+            _check_cell(self.path, "path")
+        if self.your_path is not None:
+            _check_cell(self.your_path, "your_path")
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A link is alive; a parent's heartbeat repeats the child's full path."""
+
+    id: bytes
+    sent_at: float
+    path: str | None = None
+    your_path: str | None = None
+    kind: Kind = field(default=Kind.HEARTBEAT, init=False)
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        _check_time(self.sent_at)
+        if self.path is not None:
+            _check_cell(self.path, "path")
+        if self.your_path is not None:
+            _check_cell(self.your_path, "your_path")
+
+
+Request = Targeted | Broadcast
+Message = Targeted | Broadcast | Response | Hello | Heartbeat

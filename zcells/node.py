@@ -1,0 +1,589 @@
+"""A running cell's message loop: transport events in, routing decisions out.
+
+Rules kept here:
+
+* The routing core decides; this module only carries the decisions out, so
+  every rule about where a message goes lives in `zcells.routing`.
+* Every request gets exactly one answer when one is wanted: a result, a typed
+  error, or a timeout. A failure while handling one message is answered or
+  logged and counted; it never stops the loop.
+* A client's request is re-issued by this cell in the client's name: the
+  context (client, project, role) comes from this cell's own registry, never
+  from the wire, and the response goes back to that client only.
+* Work is bounded: requests in flight per peer (`Busy` past the limit), the
+  duplicate-request memory, and each request's deadline.
+* Time comes from the injected clocks; the heartbeat and expiry logic never
+  reads the clock itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from zcells import logs, routing
+from zcells.errors import (
+    Busy,
+    CallTimeout,
+    Forbidden,
+    InternalError,
+    InvalidRequest,
+    StaleMessage,
+    TransportClosed,
+    WireError,
+)
+from zcells.liveness import Liveness, Tracker
+from zcells.messages import (
+    Broadcast,
+    CellResult,
+    Direction,
+    Heartbeat,
+    Hello,
+    Outcome,
+    Request,
+    RequestContext,
+    Response,
+    Targeted,
+    new_message_id,
+)
+from zcells.methods import Call, MethodTable
+from zcells.peer import Peer, Role
+from zcells.records import Client, Neighbour
+from zcells.transport import LinkChange, ParentLink, Received, Topology, Transport
+
+log = logs.get_logger("node")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    name: str
+    cell_type: str
+    call_timeout_s: float = 60.0
+    max_hop_count: int = 10
+    heartbeat_interval_s: float = 5.0
+    mute_after_s: float = 300.0
+    max_in_flight_per_peer: int = 256
+    max_clock_skew_s: float = 300.0
+    remember_requests: int = 10_000
+
+
+@dataclass
+class _Relay:
+    """A request this cell issued (for a client or itself) and is waiting on."""
+
+    via: Peer
+    started: float
+    future: asyncio.Future[Response] | None = None
+    client: Peer | None = None
+    client_request: bytes = b""
+    handle: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class _Gather:
+    """A broadcast this hop fanned out, collecting its subtree's answers."""
+
+    sender: Peer
+    request: Broadcast
+    aggregation: routing.Aggregation
+    started: float
+    sent_at: dict[Peer, float] = field(default_factory=dict)
+    handle: asyncio.TimerHandle | None = None
+
+
+class Node:
+    """One cell's message loop over a transport."""
+
+    def __init__(self, settings: NodeSettings, transport: Transport, methods: MethodTable, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.transport = transport
+        self.methods = methods
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.view = routing.View(settings.name, max_hop_count=settings.max_hop_count)
+        self._clients: dict[str, Client] = {}
+        self._neighbours: dict[str, Neighbour] = {}
+        self._liveness: dict[Peer, Tracker] = {}
+        self._relays: dict[bytes, _Relay] = {}
+        self._gathers: dict[bytes, _Gather] = {}
+        self._in_flight: Counter[Peer] = Counter()
+        self._recent: OrderedDict[tuple[Peer, bytes], Response | None] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.counters: Counter[str] = Counter()
+        self.started_at = clock()
+
+    # -- the registry -----------------------------------------------------------------------
+
+    def apply_registry(self, neighbours: list[Neighbour], clients: list[Client]) -> None:
+        """Take a fresh read of the cells and clients tables: keyring, parents, view."""
+        self._neighbours = {n.name: n for n in neighbours}
+        self._clients = {c.name: c for c in clients}
+        parents = {n.name: n for n in neighbours if n.kind == "parent"}
+        children = {n.name: n for n in neighbours if n.kind == "child"}
+        self.transport.apply(Topology(
+            parents={n: ParentLink(p.endpoint, p.public_key) for n, p in parents.items()},
+            children={n: c.public_key for n, c in children.items()},
+            clients={c.name: c.public_key for c in clients},
+        ))
+        known = {n: self.view.parents.get(n) for n in parents}
+        self.view = replace(self.view, parents=known, children=frozenset(children))
+        now = self.clock()
+        wanted = {Peer(Role.PARENT, n) for n in parents} | {Peer(Role.CHILD, n) for n in children}
+        for peer in wanted - self._liveness.keys():
+            self._liveness[peer] = Tracker(late_after_s=3 * self.settings.heartbeat_interval_s,
+                                           mute_after_s=self.settings.mute_after_s, since=now)
+        for peer in self._liveness.keys() - wanted:
+            del self._liveness[peer]
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until cancelled or the transport closes."""
+        heartbeats = asyncio.create_task(self._heartbeat_loop(), name="heartbeats")
+        try:
+            while True:
+                try:
+                    event = await self.transport.recv()
+                except TransportClosed:
+                    return
+                try:
+                    self._on_event(event)
+                except Exception:  # a bug while handling one event must not stop the cell
+                    self.counters["internal_errors"] += 1
+                    log.exception("event.failed")
+        finally:
+            heartbeats.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(heartbeats, *self._tasks, return_exceptions=True)
+            for pending in (*self._relays.values(), *self._gathers.values()):
+                if pending.handle is not None:
+                    pending.handle.cancel()
+
+    def _spawn(self, coro: Any, peer: Peer | None = None) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._tasks.add(task)
+        if peer is not None:
+            self._in_flight[peer] += 1
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if peer is not None:
+                self._in_flight[peer] -= 1
+                if self._in_flight[peer] <= 0:
+                    del self._in_flight[peer]
+
+        task.add_done_callback(done)
+
+    def _on_event(self, event: Received | LinkChange) -> None:
+        if isinstance(event, LinkChange):
+            self._on_link(event)
+            return
+        peer = event.peer
+        tracker = self._liveness.get(peer)
+        if tracker is not None:
+            before = tracker.state
+            if tracker.heard(self.clock()) is not before:
+                logs.event(log, logging.INFO, "neighbour.alive", peer=peer, was=before)
+        if event.error is not None:
+            self._on_bad_message(peer, event.error)
+            return
+        message = event.message
+        if isinstance(message, Targeted | Broadcast):
+            self._on_request(peer, message)
+        elif isinstance(message, Response):
+            self._on_response(peer, message)
+        elif isinstance(message, Hello):
+            self._on_hello(peer, message)
+        elif isinstance(message, Heartbeat):
+            self._learn_paths(peer, message.path, message.your_path)
+
+    def _on_bad_message(self, peer: Peer, error: WireError) -> None:
+        self.counters[f"refused_{error.code}"] += 1
+        logs.event(log, logging.WARNING, "message.refused", peer=peer, code=error.code,
+                   error=error.message)
+        reply_to = getattr(error, "reply_to", None)
+        if reply_to is not None:
+            error.cell = error.cell or self._here()
+            self._answer(peer, reply_to, (), (CellResult(self._here(), Outcome.ERROR,
+                                                         error=error),), 0.0)
+
+    # -- links, hellos, heartbeats ----------------------------------------------------------
+
+    def _on_link(self, change: LinkChange) -> None:
+        logs.event(log, logging.INFO if change.up else logging.WARNING,
+                   "link.up" if change.up else "link.down", peer=change.peer,
+                   reason=change.reason)
+        if change.up and change.peer.role is Role.PARENT:
+            self._send_soon(change.peer, self._hello(change.peer))
+
+    def _hello(self, peer: Peer) -> Hello:
+        here = self._known_path()
+        your = f"{here}!{peer.name}" if here and peer.role is Role.CHILD else None
+        return Hello(id=new_message_id(), sent_at=self.wall_clock(),
+                     cell_type=self.settings.cell_type, path=here, your_path=your)
+
+    def _on_hello(self, peer: Peer, hello: Hello) -> None:
+        if peer.role is Role.PARENT:
+            self._learn_paths(peer, hello.path, hello.your_path)
+            return
+        self._send_soon(peer, self._hello(peer))  # tell a child or client where it sits
+
+    def _learn_paths(self, peer: Peer, path: str | None, your_path: str | None) -> None:
+        """A parent says where it sits; that fixes where this cell sits under it."""
+        if peer.role is not Role.PARENT or path is None or peer.name not in self.view.parents:
+            return
+        if your_path != f"{path}!{self.settings.name}" or routing.last_name(path) != peer.name:
+            logs.event(log, logging.WARNING, "hello.inconsistent", peer=peer, path=path,
+                       your_path=your_path)
+            return
+        if self.view.parents.get(peer.name) != path:
+            self.view = replace(self.view, parents={**self.view.parents, peer.name: path})
+            logs.event(log, logging.INFO, "cell.placed", cell=self.settings.name,
+                       path=your_path, parent=peer)
+            for child in sorted(self.view.children):  # tell children where they sit now
+                self._send_soon(Peer(Role.CHILD, child), self._hello(Peer(Role.CHILD, child)))
+
+    def _known_path(self) -> str | None:
+        paths = self.view.paths
+        return paths[0] if paths else None
+
+    def _here(self) -> str:
+        return self._known_path() or self.settings.name
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            self.beat()
+
+    def beat(self) -> None:
+        """Send heartbeats to every neighbour and move liveness on by the silence so far."""
+        now = self.clock()
+        here = self._known_path()
+        for peer, tracker in self._liveness.items():
+            your = f"{here}!{peer.name}" if here and peer.role is Role.CHILD else None
+            self._send_soon(peer, Heartbeat(id=new_message_id(), sent_at=self.wall_clock(),
+                                            path=here, your_path=your), quiet=True)
+            before = tracker.state
+            after = tracker.check(now)
+            if after is not before:
+                logs.event(log, logging.WARNING, f"neighbour.{after.value}", peer=peer,
+                           silent_s=round(tracker.silent_for(now) or now - tracker.since, 1))
+
+    def liveness(self) -> dict[Peer, Liveness]:
+        now = self.clock()
+        return {peer: tracker.check(now) for peer, tracker in self._liveness.items()}
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _send_soon(self, peer: Peer, message: Any, quiet: bool = False,
+                   on_error: Callable[[WireError], None] | None = None) -> None:
+        """Send at once; a failure goes to `on_error` or the log, never up the stack."""
+        try:
+            self.transport.send(peer, message)
+        except WireError as exc:
+            self.counters[f"send_{exc.code}"] += 1
+            if on_error is not None:
+                on_error(exc)
+            elif not quiet:
+                logs.event(log, logging.WARNING, "send.failed", peer=peer, code=exc.code,
+                           error=exc.message)
+
+    def _answer(self, peer: Peer, reply_to: bytes, path: tuple[str, ...],
+                results: tuple[CellResult, ...], held_ms: float) -> None:
+        response = Response(id=new_message_id(), reply_to=reply_to, path=path, results=results,
+                            sent_at=self.wall_clock(), held_ms=max(0.0, held_ms))
+        key = (peer, reply_to)
+        if key in self._recent:
+            self._recent[key] = response
+        self._send_soon(peer, response)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _caller(self, peer: Peer) -> str:
+        if peer.role is Role.CLIENT:
+            client = self._clients.get(peer.name)
+            if client is None:
+                raise Forbidden(f"client {peer.name} is not registered", self._here())
+            return client.role
+        return peer.role.value
+
+    def _remember(self, peer: Peer, message: Request) -> bool:
+        """False when this request was seen already (its answer, if any, is sent again)."""
+        key = (peer, message.id)
+        if key in self._recent:
+            self.counters["duplicates"] += 1
+            answer = self._recent[key]
+            if answer is not None:
+                self._send_soon(peer, answer)
+            return False
+        self._recent[key] = None
+        while len(self._recent) > self.settings.remember_requests:
+            self._recent.popitem(last=False)
+        return True
+
+    def _on_request(self, peer: Peer, message: Request) -> None:
+        started = self.clock()
+        if not self._remember(peer, message):
+            return
+        try:
+            skew = abs(self.wall_clock() - message.sent_at)
+            if skew > self.settings.max_clock_skew_s:
+                raise StaleMessage(f"sent {skew:.0f}s away from this cell's clock",
+                                   self._here())
+            caller = self._caller(peer)
+            if self._in_flight[peer] >= self.settings.max_in_flight_per_peer:
+                raise Busy(f"{peer} has {self._in_flight[peer]} requests in flight",
+                           self._here())
+            if peer.role is Role.CLIENT:
+                message = self._as_client_request(peer, caller, message)
+            elif peer.role is Role.CHILD:
+                message = replace(message, context=None)  # children never speak for users
+            stamped = routing.accept(self.view, peer, message)
+            method = self.methods.resolve(message.kind, message.method, caller)
+            args = self.methods.arguments(method, message.body)
+        except WireError as exc:
+            self._refuse(peer, message, exc)
+            return
+        deadline = started + self._budget_s(message)
+        if isinstance(stamped, Targeted):
+            try:
+                decision = routing.route_targeted(self.view, stamped, peer)
+            except WireError as exc:
+                self._refuse(peer, message, exc)
+                return
+            if isinstance(decision, routing.Deliver):
+                self._spawn(self._deliver(peer, message, stamped, caller, args, deadline),
+                            peer)
+            else:
+                self._forward(peer, message, decision, started, deadline)
+        else:
+            fanout = routing.route_broadcast(self.view, stamped)
+            self._fan_out(peer, message, fanout, caller, args, started, deadline)
+
+    def _as_client_request(self, peer: Peer, role: str, message: Request) -> Request:
+        client = self._clients[peer.name]
+        context = RequestContext(request_id=str(uuid.UUID(bytes=message.id)), client=peer.name,
+                                 project=client.project, roles=(role,))
+        return replace(message, context=context, max_hops=self.settings.max_hop_count)
+
+    def _budget_s(self, message: Request) -> float:
+        return min(message.timeout_ms / 1000.0, self.settings.call_timeout_s)
+
+    def _refuse(self, peer: Peer, message: Request, error: WireError) -> None:
+        self.counters[f"refused_{error.code}"] += 1
+        error.cell = error.cell or self._here()
+        logs.event(log, logging.INFO, "request.refused", id=message.id.hex(),
+                   method=message.method[:64], path="!".join(message.path)[:200], peer=peer,
+                   code=error.code, error=error.message)
+        if message.want_response:
+            result = CellResult(error.cell, Outcome.ERROR, error=error)
+            self._answer(peer, message.id, message.path, (result,), 0.0)
+
+    async def _run_handler(self, stamped: Request, peer: Peer, caller: str,
+                           args: dict[str, Any], deadline: float) -> CellResult:
+        here = stamped.path[-1]
+        method = self.methods.resolve(stamped.kind, stamped.method, caller)
+        call = Call(method=stamped.method, args=args, sender=peer, caller=caller,
+                    context=stamped.context, cell=here, deadline=deadline)
+        started = self.clock()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - started)):
+                value = await method.handler(call)
+        except TimeoutError:
+            error: WireError = CallTimeout(f"{stamped.method} did not finish in time", here)
+            return CellResult(here, Outcome.ERROR, error=error)
+        except WireError as exc:
+            exc.cell = exc.cell or here
+            return CellResult(here, Outcome.ERROR, error=exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            log.exception("handler.failed id=%s method=%s incident=%s", stamped.id.hex(),
+                          stamped.method, incident)
+            self.counters["handler_errors"] += 1
+            return CellResult(here, Outcome.ERROR, error=InternalError(
+                f"{stamped.method} failed; see the cell log for incident {incident}", here))
+        rtt = (self.clock() - started) * 1000.0
+        return CellResult(here, Outcome.OK, value=value, rtt_ms=rtt)
+
+    async def _deliver(self, peer: Peer, message: Request, stamped: Request, caller: str,
+                       args: dict[str, Any], deadline: float) -> None:
+        started = self.clock()
+        result = await self._run_handler(stamped, peer, caller, args, deadline)
+        if message.want_response:
+            self._answer(peer, message.id, stamped.path, (result,),
+                         (self.clock() - started) * 1000.0)
+
+    def _outgoing(self, message: Request, deadline: float) -> Request:
+        remaining_ms = max(0, int((deadline - self.clock()) * 1000))
+        return replace(message, sent_at=self.wall_clock(),
+                       timeout_ms=routing.forward_budget_ms(remaining_ms))
+
+    def _forward(self, peer: Peer, message: Request, decision: routing.Forward, started: float,
+                 deadline: float) -> None:
+        outgoing = self._outgoing(decision.message, deadline)  # type: ignore[arg-type]
+        if peer.role is Role.CLIENT and message.want_response:
+            # This cell originated the request for the client: it waits for the answer.
+            relay = _Relay(via=decision.to, started=started, client=peer,
+                           client_request=message.id)
+            self._watch(outgoing.id, relay, deadline)
+
+        def failed(error: WireError) -> None:
+            self._relays.pop(outgoing.id, None)
+            self._refuse(peer, message, error)
+
+        self._send_soon(decision.to, outgoing, on_error=failed)
+
+    def _watch(self, message_id: bytes, relay: _Relay, deadline: float) -> None:
+        self._relays[message_id] = relay
+        delay = max(0.0, deadline - self.clock())
+        relay.handle = asyncio.get_running_loop().call_later(delay, self._expire_relay,
+                                                             message_id)
+
+    def _expire_relay(self, message_id: bytes) -> None:
+        relay = self._relays.pop(message_id, None)
+        if relay is None:
+            return
+        self.counters["timeouts"] += 1
+        error = CallTimeout("no response before the deadline", relay.via.name)
+        if relay.future is not None and not relay.future.done():
+            relay.future.set_exception(error)
+        if relay.client is not None:
+            result = CellResult(self._here(), Outcome.ERROR, error=error)
+            self._answer(relay.client, relay.client_request, (), (result,),
+                         (self.clock() - relay.started) * 1000.0)
+
+    # -- broadcasts -------------------------------------------------------------------------
+
+    def _fan_out(self, peer: Peer, message: Request, fanout: routing.Fanout, caller: str,
+                 args: dict[str, Any], started: float, deadline: float) -> None:
+        stamped = fanout.message
+        gather = _Gather(sender=peer, request=message,  # type: ignore[arg-type]
+                         aggregation=routing.Aggregation(stamped.path[-1], fanout.to,
+                                                         fanout.local),
+                         started=started)
+        self._gathers[stamped.id] = gather
+        gather.handle = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - self.clock()), self._finish_gather, stamped.id)
+        outgoing = self._outgoing(stamped, deadline)
+        for neighbour in fanout.to:
+            gather.sent_at[neighbour] = self.clock()
+
+            def failed(error: WireError, neighbour: Peer = neighbour) -> None:
+                gather.aggregation.fail(neighbour, error)
+
+            self._send_soon(neighbour, outgoing, on_error=failed)
+        if fanout.local:
+            self._spawn(self._run_local_part(stamped, peer, caller, args, deadline), peer)
+        elif gather.aggregation.done:
+            self._finish_gather(stamped.id)
+
+    async def _run_local_part(self, stamped: Request, peer: Peer, caller: str,
+                              args: dict[str, Any], deadline: float) -> None:
+        result = await self._run_handler(stamped, peer, caller, args, deadline)
+        gather = self._gathers.get(stamped.id)
+        if gather is not None:
+            gather.aggregation.add_local(result)
+            if gather.aggregation.done:
+                self._finish_gather(stamped.id)
+
+    def _finish_gather(self, message_id: bytes) -> None:
+        gather = self._gathers.pop(message_id, None)
+        if gather is None:
+            return
+        if gather.handle is not None:
+            gather.handle.cancel()
+        results = gather.aggregation.finish()
+        if gather.request.want_response:
+            self._answer(gather.sender, gather.request.id, gather.request.path, results,
+                         (self.clock() - gather.started) * 1000.0)
+
+    # -- responses --------------------------------------------------------------------------
+
+    def _on_response(self, peer: Peer, response: Response) -> None:
+        gather = self._gathers.get(response.reply_to)
+        if gather is not None and gather.aggregation.expects(peer):
+            link_ms = (self.clock() - gather.sent_at[peer]) * 1000.0 - response.held_ms
+            try:
+                gather.aggregation.add(peer, response.results, max(0.0, link_ms))
+            except WireError as exc:
+                self._on_bad_message(peer, exc)
+                gather.aggregation.fail(peer, exc)
+            if gather.aggregation.done:
+                self._finish_gather(response.reply_to)
+            return
+        relay = self._relays.get(response.reply_to)
+        if relay is not None and relay.via == peer:
+            del self._relays[response.reply_to]
+            if relay.handle is not None:
+                relay.handle.cancel()
+            self._complete(relay, response)
+            return
+        if not response.path:
+            self.counters["late_responses"] += 1
+            return
+        try:
+            decision = routing.route_response(self.view, response, peer)
+        except WireError as exc:
+            self._on_bad_message(peer, exc)
+            return
+        if isinstance(decision, routing.Complete):
+            self.counters["late_responses"] += 1  # its caller gave up already
+            return
+        self._send_soon(decision.to, replace(response, sent_at=self.wall_clock()))
+
+    def _complete(self, relay: _Relay, response: Response) -> None:
+        if relay.future is not None and not relay.future.done():
+            relay.future.set_result(response)
+        if relay.client is not None:
+            self._answer(relay.client, relay.client_request, response.path, response.results,
+                         (self.clock() - relay.started) * 1000.0)
+
+    # -- calls this cell makes itself ---------------------------------------------------------
+
+    async def call(self, method: str, body: Mapping[str, Any], target: str,
+                   timeout_s: float | None = None) -> CellResult:
+        """A targeted call from this cell; the result of the target cell."""
+        timeout_s = self.settings.call_timeout_s if timeout_s is None else timeout_s
+        here = self.view.home_path(target)
+        message = Targeted(id=new_message_id(), method=method, body=dict(body),
+                           direction=Direction.DOWN, path=(here,), hops=1,
+                           max_hops=self.settings.max_hop_count, want_response=True,
+                           timeout_ms=int(timeout_s * 1000), sent_at=self.wall_clock(),
+                           context=None, target=target)
+        decision = routing.route_targeted(self.view, message, None)
+        if not isinstance(decision, routing.Forward):
+            raise InvalidRequest("a cell does not call itself", here)
+        started = self.clock()
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        outgoing = self._outgoing(decision.message, started + timeout_s)  # type: ignore[arg-type]
+        self._watch(outgoing.id, _Relay(via=decision.to, started=started, future=future),
+                    started + timeout_s)
+        try:
+            self.transport.send(decision.to, outgoing)
+        except WireError:
+            self._relays.pop(outgoing.id).handle.cancel()  # type: ignore[union-attr]
+            raise
+        response = await future
+        return response.results[0]
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "cell": self.settings.name,
+            "path": self._known_path(),
+            "relays": len(self._relays),
+            "gathers": len(self._gathers),
+            "in_flight": sum(self._in_flight.values()),
+            "neighbours": {str(p): s.value for p, s in self.liveness().items()},
+            **self.counters,
+        }
