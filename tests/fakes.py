@@ -15,9 +15,17 @@ from typing import Any
 from zcells.client import CellClient
 from zcells.handlers import build_methods
 from zcells.handlers.diag import DiagHandlers
+from zcells.methods import Method, MethodTable
 from zcells.node import Node, NodeSettings
 from zcells.records import Client, Neighbour
-from zcells.transport import Identity, MemoryClient, MemoryNetwork, MemoryTransport
+from zcells.transport import (
+    Identity,
+    MemoryClient,
+    MemoryNetwork,
+    MemoryTransport,
+    ParentLink,
+    Topology,
+)
 
 Tree = Mapping[str, "Tree"]
 
@@ -31,7 +39,11 @@ def _walk(tree: Tree, parent: str | None = None) -> list[tuple[str, str | None, 
 
 
 class MemoryTree:
-    def __init__(self, tree: Tree, **settings: Any) -> None:
+    def __init__(self, tree: Tree, *, extra_methods: Callable[[], list[Method]] | None = None,
+                 rogues: Mapping[str, str] | None = None, **settings: Any) -> None:
+        """`rogues` maps a name to the cell it hangs under as a child: a raw transport, no node."""
+        self.extra_methods = extra_methods or (lambda: [])
+        self.rogues = dict(rogues or {})
         self.network = MemoryNetwork()
         self.shape = _walk(tree)
         self.top = self.shape[0][0]
@@ -53,7 +65,11 @@ class MemoryTree:
             if cell == name:
                 neighbours.extend(Neighbour(c, "child", f"mem://{c}/cells", f"key-{c}")
                                   for c in children)
-        return neighbours, [Client("ops", "key-ops", "admin")]
+        neighbours.extend(Neighbour(r, "child", f"mem://{r}/cells", f"key-{r}")
+                          for r, under in self.rogues.items() if under == name)
+        clients = [Client("ops", "key-ops", "admin"), Client("ann", "key-ann", "member", "p1"),
+                   Client("rita", "key-rita", "reader")]
+        return neighbours, clients
 
     async def start(self) -> None:
         for name, parent, _ in self.shape:
@@ -61,12 +77,21 @@ class MemoryTree:
             await transport.start()
             settings = NodeSettings(name=name, cell_type="api" if parent is None else "compute",
                                     **self.settings)
-            node = Node(settings, transport, build_methods(DiagHandlers(settings.cell_type,
-                                                                        lambda: {})))
+            table = build_methods(DiagHandlers(settings.cell_type, lambda: {}))
+            extra = self.extra_methods()
+            if extra:
+                table = MethodTable([*table.entries(), *extra])
+            node = Node(settings, transport, table)
             self.nodes[name] = node
             self.transports[name] = transport
         for name in self.nodes:
             self._start_node(name)
+        for rogue, under in self.rogues.items():
+            transport = MemoryTransport(self.network, self.identity(rogue))
+            await transport.start()
+            transport.apply(Topology(parents={under: ParentLink(f"mem://{under}/cells",
+                                                                 f"key-{under}")}))
+            self.transports[rogue] = transport
 
     def _start_node(self, name: str) -> None:
         self.nodes[name].apply_registry(*self.registry(name))
@@ -79,12 +104,14 @@ class MemoryTree:
     async def stop(self) -> None:
         for name in list(self._tasks):
             await self.stop_cell(name)
+        for rogue in self.rogues:
+            await self.transports[rogue].close()
 
     def client(self, cell: str | None = None, name: str = "ops",
-               key: str = "key-ops") -> CellClient:
+               key: str | None = None) -> CellClient:
         cell = cell or self.top
         return CellClient(MemoryClient(self.network, f"mem://{cell}/api", f"key-{cell}", name,
-                                       key), timeout_s=2.0)
+                                       key or f"key-{name}"), timeout_s=2.0)
 
     async def placed(self, timeout_s: float = 5.0) -> None:
         """Wait until every cell knows its full path."""

@@ -84,6 +84,10 @@ class MethodTable:
     def names(self) -> list[str]:
         return sorted(self._table)
 
+    def entries(self) -> list[Method]:
+        """Every method, to build a larger table from this one."""
+        return [self._table[name] for name in sorted(self._table)]
+
     def handlers(self) -> set[Handler]:
         return {m.handler for m in self._table.values()}
 
