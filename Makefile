@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= auto
 RUN_DIR ?= $(CURDIR)/.zcells/run
 
-.PHONY: install run test test-postgres check lint typecheck bench clean
+.PHONY: install run test test-postgres check lint typecheck bench bench-transport clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ typecheck: $(STAMP)
 	@ln -s "$(CURDIR)/cli" $(TYPECHECK_TREE)/zcells/cli
 	cd $(TYPECHECK_TREE) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
 		--cache-dir $(CURDIR)/.mypy_cache -p zcells
+
+bench: bench-transport
+
+bench-transport: $(STAMP)
+	$(BIN)/python bench/transport.py
 
 clean:
 	rm -rf $(VENV) .zcells .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 from zcells.cli.common import note, open_database, print_json, print_table
+from zcells.cli.ping import ping
 from zcells.db import registry
 
 from zcells.names import NEIGHBOUR_KINDS, ROLES
@@ -15,6 +16,7 @@ KINDS_HELP = " or ".join(NEIGHBOUR_KINDS)
 cell_app = typer.Typer(
     help="Manage this cell's neighbours (parents and children).", no_args_is_help=True
 )
+cell_app.command("ping")(ping)
 client_app = typer.Typer(
     help="Manage the client keys allowed on the api endpoint.", no_args_is_help=True
 )

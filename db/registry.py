@@ -160,6 +160,15 @@ def remove_cell(db: Database, name: str) -> None:
         session.delete(row)
 
 
+def snapshot(db: Database) -> tuple[list[Neighbour], list[Client]]:
+    """Neighbours and clients read in one transaction, for the daemon's keyring."""
+    with db.read() as session:
+        cells = session.scalars(select(CellRow).order_by(CellRow.kind.desc(), CellRow.name))
+        neighbours = [_neighbour(row) for row in cells]
+        clients = [_client(r) for r in session.scalars(select(ClientRow).order_by(ClientRow.name))]
+    return neighbours, clients
+
+
 # -- clients ---------------------------------------------------------------------------
 
 

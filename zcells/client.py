@@ -142,6 +142,16 @@ class CellClient:
             raise ProtocolError(f"expected one result, got {len(response.results)}")
         return response.results[0]
 
+    async def cast(self, method: str, body: Mapping[str, Any] | None = None, *,
+                   target: str | None = None) -> None:
+        """A targeted request that wants no answer: sent, not waited for."""
+        target = target or self.cell_path
+        if target is None:
+            raise CallTimeout("the cell has not said where it sits in the tree")
+        fields = self._fields(method, body or {}, self.timeout_s, Direction.DOWN)
+        fields["want_response"] = False
+        await self.transport.send(Targeted(**fields, target=target))
+
     async def broadcast(self, method: str, body: Mapping[str, Any] | None = None, *,
                         timeout_s: float | None = None, direction: Direction = Direction.DOWN,
                         run_locally: bool = True) -> tuple[tuple[CellResult, ...], float]:

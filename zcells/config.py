@@ -236,6 +236,15 @@ OPTIONS: Final[tuple[Option, ...]] = (
     ),
     Option(
         "cells",
+        "max_clock_skew",
+        _float(1.0),
+        300.0,
+        _SECONDS,
+        "A request stamped further than this from this cell's clock is refused as stale.",
+        "max_clock_skew_s",
+    ),
+    Option(
+        "cells",
         "db_check_interval",
         _float(0.001),
         60.0,
@@ -309,6 +318,23 @@ OPTIONS: Final[tuple[Option, ...]] = (
         1 << 20,
         "an integer from 1024 to 67108864",
         "Largest frame a peer may send.",
+    ),
+    Option(
+        "transport",
+        "max_in_flight",
+        _int(1, 100_000),
+        256,
+        "an integer from 1 to 100000",
+        "Requests one peer may have in progress here before it gets E_BUSY.",
+    ),
+    Option(
+        "transport",
+        "handshake_timeout",
+        _float(0.1, 600.0),
+        5.0,
+        _SECONDS,
+        "A connection that has not finished its CURVE handshake by then is closed.",
+        "handshake_timeout_s",
     ),
     # [database]
     Option(
@@ -409,6 +435,7 @@ class CellsConfig:
     reserve_percent: float
     mute_child_interval_s: float
     heartbeat_interval_s: float
+    max_clock_skew_s: float
     db_check_interval_s: float
     scheduler_retries: int
     scheduler_retry_delay_s: float
@@ -422,6 +449,8 @@ class TransportConfig:
     api_endpoint: str
     keys_dir: Path
     max_message_bytes: int
+    max_in_flight: int
+    handshake_timeout_s: float
 
 
 @dataclass(frozen=True)

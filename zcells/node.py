@@ -413,6 +413,7 @@ class Node:
             self.counters["handler_errors"] += 1
             return CellResult(here, Outcome.ERROR, error=InternalError(
                 f"{stamped.method} failed; see the cell log for incident {incident}", here))
+        self.counters["handled"] += 1
         rtt = (self.clock() - started) * 1000.0
         return CellResult(here, Outcome.OK, value=value, rtt_ms=rtt)
 
@@ -585,5 +586,6 @@ class Node:
             "gathers": len(self._gathers),
             "in_flight": sum(self._in_flight.values()),
             "neighbours": {str(p): s.value for p, s in self.liveness().items()},
+            "transport": self.transport.statistics(),
             **self.counters,
         }

@@ -1,5 +1,9 @@
 """The life of one cell process: start, serve until told to stop, stop cleanly.
 
+The daemon is one asyncio loop. The threads it has are forced by libraries:
+pyzmq's ZAP authenticator (so handshakes are answered even when the loop is
+busy) and the worker threads that run blocking database calls.
+
 Start-up refuses to run, with the message an operator needs, when the
 libraries are too old, the cell's key pair is missing or unsafe, the schema is
 not current, or another process holds the cell's pid file. With no
@@ -21,8 +25,15 @@ from zcells import logs
 from zcells.config import Config
 from zcells.db import migrate, registry
 from zcells.db.engine import Database
+from zcells.errors import DatabaseError
+from zcells.handlers import build_methods
+from zcells.handlers.diag import DiagHandlers
+from zcells.node import Node, NodeSettings
 from zcells.pidfile import PidFile
+from zcells.records import Client, Neighbour
 from zcells.sockets.keys import KeyPair, check_environment, generate_keypair, load_keypair
+from zcells.sockets.transport import ZmqTransport
+from zcells.transport import Identity
 
 log = logs.get_logger("service")
 
@@ -85,34 +96,126 @@ def open_cell(config: Config) -> Iterator[Cell]:
         pid_file.release()
 
 
+def node_settings(config: Config) -> NodeSettings:
+    cells = config.cells
+    return NodeSettings(
+        name=cells.name,
+        cell_type=cells.cell_type,
+        call_timeout_s=cells.call_timeout_s,
+        max_hop_count=cells.max_hop_count,
+        heartbeat_interval_s=cells.heartbeat_interval_s,
+        mute_after_s=cells.mute_child_interval_s,
+        max_in_flight_per_peer=config.transport.max_in_flight,
+        max_clock_skew_s=cells.max_clock_skew_s,
+    )
+
+
+def make_transport(config: Config, keys: KeyPair) -> ZmqTransport:
+    transport = config.transport
+    heartbeat_ms = int(config.cells.heartbeat_interval_s * 1000)
+    identity = Identity(name=config.cells.name, public_key=keys.public, secret_key=keys.secret,
+                        cells_endpoint=transport.cells_endpoint,
+                        api_endpoint=transport.api_endpoint)
+    return ZmqTransport(identity, max_frame_bytes=transport.max_message_bytes,
+                        heartbeat_ivl_ms=heartbeat_ms, heartbeat_timeout_ms=3 * heartbeat_ms,
+                        handshake_ivl_ms=int(transport.handshake_timeout_s * 1000))
+
+
+class RegistryWatch:
+    """Re-reads the cells and clients tables and hands changes to the node.
+
+    Runs every `db_check_interval` and at once when `poke()` is called (SIGHUP).
+    A database that cannot be read keeps the last good registry in force.
+    """
+
+    def __init__(self, db: Database, node: Node, interval_s: float) -> None:
+        self.db = db
+        self.node = node
+        self.interval_s = interval_s
+        self._poked = asyncio.Event()
+        self._last: tuple[list[Neighbour], list[Client]] | None = None
+
+    def poke(self) -> None:
+        self._poked.set()
+
+    async def load(self) -> bool:
+        """Apply the registry if it changed; True when it did."""
+        try:
+            current = await asyncio.to_thread(registry.snapshot, self.db)
+        except DatabaseError as exc:
+            logs.event(log, logging.WARNING, "registry.unreadable", error=exc)
+            return False
+        if current == self._last:
+            return False
+        self._last = current
+        neighbours, clients = current
+        self.node.apply_registry(neighbours, clients)
+        logs.event(log, logging.INFO, "registry.loaded",
+                   parents=",".join(n.name for n in neighbours if n.kind == "parent") or "-",
+                   children=",".join(n.name for n in neighbours if n.kind == "child") or "-",
+                   clients=len(clients))
+        return True
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.interval_s):
+                    await self._poked.wait()
+            except TimeoutError:
+                pass
+            self._poked.clear()
+            await self.load()
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
-    """Run one cell until `stop` is set or SIGTERM/SIGINT arrives."""
+    """Run one cell until `stop` is set or SIGTERM/SIGINT arrives; SIGHUP re-reads the registry."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for signum in signals:
+    for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _request_stop, stop, signum)
     try:
         with open_cell(config) as cell:
-            logs.event(
-                log,
-                logging.INFO,
-                "cell.started",
-                cell=config.cells.name,
-                type=config.cells.cell_type,
-                config=config.source,
-                database=cell.db.describe(),
-                public_key=cell.keys.public,
-                pid_file=config.pid_file,
-            )
-            for warning in config.warnings:
-                logs.event(log, logging.WARNING, "config.warning", detail=warning)
-            await stop.wait()
-            logs.event(log, logging.INFO, "cell.stopping", cell=config.cells.name)
+            await _serve_cell(cell, stop)
         logs.event(log, logging.INFO, "cell.stopped", cell=config.cells.name)
     finally:
-        for signum in signals:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+
+
+async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
+    config = cell.config
+    transport = make_transport(config, cell.keys)
+    await transport.start()
+    try:
+        node: Node | None = None
+        diag = DiagHandlers(config.cells.cell_type,
+                            lambda: node.statistics() if node is not None else {})
+        node = Node(node_settings(config), transport, build_methods(diag))
+        watch = RegistryWatch(cell.db, node, config.cells.db_check_interval_s)
+        await watch.load()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _on_sighup, watch)
+        logs.event(log, logging.INFO, "cell.started", cell=config.cells.name,
+                   type=config.cells.cell_type, config=config.source,
+                   cells_endpoint=config.transport.cells_endpoint,
+                   api_endpoint=config.transport.api_endpoint,
+                   database=cell.db.describe(), public_key=cell.keys.public,
+                   pid_file=config.pid_file)
+        for warning in config.warnings:
+            logs.event(log, logging.WARNING, "config.warning", detail=warning)
+        async with asyncio.TaskGroup() as tasks:
+            running = [tasks.create_task(node.run(), name="node"),
+                       tasks.create_task(watch.run(), name="registry")]
+            await stop.wait()
+            logs.event(log, logging.INFO, "cell.stopping", cell=config.cells.name)
+            for task in running:
+                task.cancel()
+    finally:
+        await transport.close()
+
+
+def _on_sighup(watch: RegistryWatch) -> None:
+    logs.event(log, logging.INFO, "signal.received", signal="SIGHUP")
+    watch.poke()
 
 
 def _request_stop(stop: asyncio.Event, signum: int) -> None:

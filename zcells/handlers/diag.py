@@ -1,4 +1,4 @@
-"""Diagnostics: ping, which proves a route to a cell and back works."""
+"""Diagnostics: ping proves a route to a cell and back; stats reads its counters."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zcells.messages import Kind
-from zcells.methods import Call, Method
+from zcells.methods import Call, Method, Param
 
 
 class DiagHandlers:
@@ -17,12 +17,21 @@ class DiagHandlers:
         self._statistics = statistics
 
     async def ping(self, call: Call) -> dict[str, Any]:
-        """Answer with this cell's full path and type."""
-        return {"cell": call.cell, "cell_type": self.cell_type}
+        """Answer with this cell's full path and type, echoing any payload (like ping -s)."""
+        answer = {"cell": call.cell, "cell_type": self.cell_type}
+        if call.args["payload"] is not None:
+            answer["payload"] = call.args["payload"]
+        return answer
+
+    async def stats(self, call: Call) -> dict[str, Any]:
+        """This cell's counters: messages, refusals, neighbours' liveness, links."""
+        return {"cell": call.cell, "cell_type": self.cell_type, **self._statistics()}
 
     def methods(self) -> list[Method]:
         both = frozenset({Kind.TARGETED, Kind.BROADCAST})
         return [
             Method("ping", self.ping, kinds=both,
-                   allowed=frozenset({"admin", "parent", "child"})),
+                   allowed=frozenset({"admin", "parent", "child"}),
+                   params={"payload": Param(dict, required=False)}),
+            Method("stats", self.stats, kinds=both, allowed=frozenset({"admin", "parent"})),
         ]

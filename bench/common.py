@@ -1,0 +1,44 @@
+"""What every benchmark shares: percentiles, printing a figure with its baseline, the JSON line."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Any
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary_us(samples_s: list[float]) -> dict[str, float]:
+    us = [s * 1e6 for s in samples_s]
+    return {"p50_us": round(percentile(us, 50), 1), "p99_us": round(percentile(us, 99), 1),
+            "mean_us": round(statistics.fmean(us), 1)}
+
+
+class Report:
+    """Collects figures, prints each as it comes, and ends with one JSON line."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.figures: dict[str, Any] = {}
+
+    def figure(self, key: str, value: float, unit: str, baseline: float | None = None,
+               higher_is_better: bool = False) -> None:
+        self.figures[key] = value
+        line = f"{key:<40} {value:>12,.1f} {unit}"
+        if baseline:
+            ratio = value / baseline
+            self.figures[f"{key}_ratio"] = round(ratio, 3)
+            line += f"   ({ratio:.2f}x baseline)"
+        print(line, flush=True)
+
+    def check(self, label: str, ok: bool) -> None:
+        self.figures.setdefault("targets", {})[label] = ok
+        print(f"target {label}: {'met' if ok else 'NOT met'}", flush=True)
+
+    def finish(self) -> None:
+        print(json.dumps({"benchmark": self.name, **self.figures}, sort_keys=True), flush=True)

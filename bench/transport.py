@@ -1,0 +1,169 @@
+"""Transport benchmark: zcells ping and forwarding against raw pyzmq, measured in one run.
+
+Baseline: a raw pyzmq ROUTER echo server in its own process and a DEALER
+client, CURVE on, ~300-byte msgpack bodies packed and unpacked at both ends.
+Then the same machine runs a real tree api -> c1 -> g1 of `zcells serve`
+processes and measures:
+
+* ping round trip to the connected cell (1 hop) and to g1 (3 hops), p50/p99;
+* one-way casts from a client through api to c1 (one forwarding cell), as
+  messages per second handled at c1.
+
+Targets: 1-hop ping p50 within 2.5x of the raw round trip; forwarding
+throughput at least 40% of raw one-way throughput. The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgpack
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import Report, summary_us  # noqa: E402
+from zcells.devtree import CellTree, free_ports  # noqa: E402
+
+BODY = {"instance": "0f8e2a3c-6a55-4c1e-9d1e-3b9a8d2f5e11", "name": "web-01",
+        "flavor": "m1.small", "image": "cirros-0.6.2", "vm_state": "active",
+        "task_state": None, "power_state": "running", "host": "h12",
+        "cell": "api!eu!eu-1", "meta": {"role": "frontend", "tier": "1", "owner": "ops"},
+        "version": 42, "updated_at": 1764000000.123, "fill": "x" * 40}
+ROUND_TRIPS = int(os.environ.get("BENCH_ROUND_TRIPS", "3000"))
+CASTS = int(os.environ.get("BENCH_CASTS", "20000"))
+
+
+def _raw_server(endpoint: str, secret: bytes, ready: multiprocessing.synchronize.Event,
+                casts: int) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.curve_server = True
+    sock.curve_secretkey = secret
+    sock.rcvhwm = sock.sndhwm = 100_000
+    sock.bind(endpoint)
+    ready.set()
+    counted = 0
+    while True:
+        rid, body = sock.recv_multipart()
+        message = msgpack.unpackb(body)
+        if message.get("cast"):
+            counted += 1
+            if counted == casts:
+                sock.send_multipart([rid, msgpack.packb({"done": counted})])
+                counted = 0
+            continue
+        if message.get("stop"):
+            break
+        sock.send_multipart([rid, msgpack.packb(message)])
+    sock.close(0)
+    ctx.term()
+
+
+def raw_baseline(report: Report) -> tuple[float, float]:
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    ready = multiprocessing.Event()
+    server = multiprocessing.Process(target=_raw_server,
+                                     args=(endpoint, server_secret, ready, CASTS))
+    server.start()
+    ready.wait(10)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (
+        server_public, client_public, client_secret)
+    sock.sndhwm = 100_000
+    sock.connect(endpoint)
+    payload = msgpack.packb(BODY)
+    print(f"message body: {len(payload)} bytes of msgpack", flush=True)
+    for _ in range(200):  # warm up: handshake, caches
+        sock.send(msgpack.packb(BODY))
+        msgpack.unpackb(sock.recv())
+    samples = []
+    for _ in range(ROUND_TRIPS):
+        started = time.perf_counter()
+        sock.send(msgpack.packb(BODY))
+        msgpack.unpackb(sock.recv())
+        samples.append(time.perf_counter() - started)
+    rtt = summary_us(samples)
+    report.figure("raw_rtt_p50_us", rtt["p50_us"], "us")
+    report.figure("raw_rtt_p99_us", rtt["p99_us"], "us")
+    cast = dict(BODY, cast=True)
+    started = time.perf_counter()
+    for _ in range(CASTS):
+        sock.send(msgpack.packb(cast))
+    msgpack.unpackb(sock.recv())
+    raw_rate = CASTS / (time.perf_counter() - started)
+    report.figure("raw_oneway_msgs_per_s", raw_rate, "msg/s")
+    sock.send(msgpack.packb({"stop": True}))
+    sock.close(0)
+    ctx.term()
+    server.join(10)
+    return rtt["p50_us"], raw_rate
+
+
+async def zcells_figures(report: Report, tree: CellTree, raw_p50: float,
+                         raw_rate: float) -> None:
+    async with tree.client(timeout_s=10) as client:
+        deadline = time.monotonic() + 30
+        while not all(r.ok for r in await client.ping_all(timeout_s=2)):
+            if time.monotonic() > deadline:
+                raise SystemExit("the tree did not come up")
+            await asyncio.sleep(0.1)
+        for label, target in (("1hop", "api"), ("3hop", "api!c1!g1")):
+            for _ in range(200):
+                await client.call("ping", {"payload": BODY}, target=target)
+            samples = []
+            for _ in range(ROUND_TRIPS):
+                started = time.perf_counter()
+                result = await client.call("ping", {"payload": BODY}, target=target)
+                samples.append(time.perf_counter() - started)
+                assert result.ok
+            rtt = summary_us(samples)
+            report.figure(f"zcells_ping_{label}_p50_us", rtt["p50_us"], "us", raw_p50)
+            report.figure(f"zcells_ping_{label}_p99_us", rtt["p99_us"], "us")
+            if label == "1hop":
+                report.check("1hop ping p50 <= 2.5x raw rtt", rtt["p50_us"] <= 2.5 * raw_p50)
+
+        async def handled() -> int:
+            stats = (await client.call("stats", {}, target="api!c1")).unwrap()
+            return int(stats.get("handled", 0))
+
+        before = await handled()
+        started = time.perf_counter()
+        for _ in range(CASTS):
+            await client.cast("ping", {"payload": BODY}, target="api!c1")
+        deadline = time.monotonic() + 120
+        while (await handled()) - before < CASTS:  # stats calls count as handled too
+            if time.monotonic() > deadline:
+                raise SystemExit("casts did not all arrive")
+            await asyncio.sleep(0.01)
+        rate = CASTS / (time.perf_counter() - started)
+        report.figure("zcells_forward_msgs_per_s", rate, "msg/s", raw_rate)
+        report.check("forwarding >= 40% of raw throughput", rate >= 0.4 * raw_rate)
+
+
+def main() -> None:
+    report = Report("transport")
+    print(f"round trips: {ROUND_TRIPS}, casts: {CASTS}, cpus: {os.cpu_count()}", flush=True)
+    raw_p50, raw_rate = raw_baseline(report)
+    with tempfile.TemporaryDirectory(prefix="zcells-bench-") as tmp:
+        tree = CellTree({"api": {"c1": {"g1": {}}}}, Path(tmp), log_level="warning",
+                        heartbeat_interval=5, call_timeout=30)
+        try:
+            tree.start()
+            asyncio.run(zcells_figures(report, tree, raw_p50, raw_rate))
+        finally:
+            tree.stop()
+    report.finish()
+
+
+if __name__ == "__main__":
+    main()

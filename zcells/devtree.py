@@ -1,0 +1,169 @@
+"""A throwaway tree of real cell processes on loopback, for tests, benchmarks and demos.
+
+`CellTree({"api": {"c1": {"g1": {}}, "c2": {}}}, directory)` writes keys,
+configs and databases for every cell (through the same code the CLI uses),
+registers each link on both sides and an admin client at every cell, then
+starts one `zcells serve` process per cell on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zcells.client import CellClient
+from zcells.db import migrate, registry
+from zcells.db.engine import Database
+from zcells.sockets.keys import KeyPair, generate_keypair
+from zcells.sockets.transport import ZmqClient
+
+Tree = Mapping[str, "Tree"]
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on right now (bound and released by the kernel)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str,
+               interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@dataclass
+class CellProc:
+    name: str
+    path: str
+    parent: str | None
+    directory: Path
+    config: Path
+    keys: KeyPair
+    cells_port: int
+    api_port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "serve.log"
+
+    @property
+    def api_endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.api_port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+class CellTree:
+    def __init__(self, tree: Tree, root: Path, *, log_level: str = "debug",
+                 **cells_options: Any) -> None:
+        self.root = root
+        self.log_level = log_level
+        self.options = {"heartbeat_interval": 0.5, "mute_child_interval": 3,
+                        "call_timeout": 10, "db_check_interval": 1, **cells_options}
+        self.cells: dict[str, CellProc] = {}
+        self.client_keys = generate_keypair(root / "client-keys", "ops")
+        self._add(tree, None, None)
+        for cell in self.cells.values():
+            self._write(cell)
+
+    def _add(self, tree: Tree, parent: str | None, parent_path: str | None) -> None:
+        for name, children in tree.items():
+            path = name if parent_path is None else f"{parent_path}!{name}"
+            directory = self.root / name
+            cells_port, api_port = free_ports(2)
+            keys = generate_keypair(directory / "keys", name)
+            self.cells[name] = CellProc(name, path, parent, directory, directory / "cell.conf",
+                                        keys, cells_port, api_port)
+            self._add(children, name, path)
+
+    def _write(self, cell: CellProc) -> None:
+        options = "\n".join(f"{k} = {v}" for k, v in self.options.items())
+        cell.config.write_text(
+            f"[cells]\nname = {cell.name}\n"
+            f"cell_type = {'api' if cell.parent is None else 'compute'}\n{options}\n"
+            f"[transport]\ncells_endpoint = tcp://127.0.0.1:{cell.cells_port}\n"
+            f"api_endpoint = {cell.api_endpoint}\nkeys_dir = keys\n"
+            f"[service]\nstate_dir = state\nlog_level = {self.log_level}\n")
+        with Database(f"sqlite:///{cell.directory / 'state' / cell.name}.db") as db:
+            migrate.sync(db)
+            if cell.parent is not None:
+                parent = self.cells[cell.parent]
+                registry.add_cell(db, parent.name, kind="parent",
+                                  endpoint=f"tcp://127.0.0.1:{parent.cells_port}",
+                                  public_key=parent.keys.public)
+            for child in self.cells.values():
+                if child.parent == cell.name:
+                    registry.add_cell(db, child.name, kind="child",
+                                      endpoint=f"tcp://127.0.0.1:{child.cells_port}",
+                                      public_key=child.keys.public)
+            registry.add_client(db, "ops", public_key=self.client_keys.public, role="admin")
+
+    def start(self, name: str | None = None) -> None:
+        for cell in ([self.cells[name]] if name else self.cells.values()):
+            with cell.log.open("a") as log:
+                cell.proc = subprocess.Popen(
+                    [sys.executable, "-m", "zcells.cli.app", "--config", str(cell.config),
+                     "serve"], stdout=subprocess.DEVNULL, stderr=log,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for cell in ([self.cells[name]] if name else self.cells.values()):
+            wait_until(lambda c=cell: "cell.started" in c.log_text()  # type: ignore[misc]
+                       or c.proc.poll() is not None, 30, f"{cell.name} to start")
+            assert cell.proc is not None and cell.proc.poll() is None, cell.log_text()
+
+    def signal(self, name: str, signum: int) -> None:
+        proc = self.cells[name].proc
+        assert proc is not None
+        os.kill(proc.pid, signum)
+        if signum in (signal.SIGKILL, signal.SIGTERM):
+            proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        for cell in self.cells.values():
+            if cell.proc is not None and cell.proc.poll() is None:
+                os.kill(cell.proc.pid, signal.SIGCONT)
+                cell.proc.terminate()
+        for cell in self.cells.values():
+            if cell.proc is not None:
+                try:
+                    cell.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    cell.proc.kill()
+                    cell.proc.wait()
+
+    def client(self, name: str | None = None, timeout_s: float = 5.0) -> CellClient:
+        cell = self.cells[name] if name else next(iter(self.cells.values()))
+        transport = ZmqClient(cell.api_endpoint, cell.keys.public,
+                              (self.client_keys.public, self.client_keys.secret))
+        return CellClient(transport, timeout_s=timeout_s)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {c.name}\n{c.log_text()[-4000:]}" for c in self.cells.values())
+
+
+@contextlib.contextmanager
+def running_tree(tree: Tree, root: Path, *, log_level: str = "debug",
+                 **options: Any) -> Iterator[CellTree]:
+    cells = CellTree(tree, root, log_level=log_level, **options)
+    try:
+        cells.start()
+        yield cells
+    finally:
+        cells.stop()
