@@ -67,7 +67,8 @@ class MemoryTree:
                                   for c in children)
         neighbours.extend(Neighbour(r, "child", f"mem://{r}/cells", f"key-{r}")
                           for r, under in self.rogues.items() if under == name)
-        clients = [Client("ops", "key-ops", "admin"), Client("ann", "key-ann", "member", "p1"),
+        clients = [Client("ops", "key-ops", "admin"), Client("ops2", "key-ops2", "admin"),
+                   Client("ann", "key-ann", "member", "p1"),
                    Client("rita", "key-rita", "reader")]
         return neighbours, clients
 

@@ -211,9 +211,14 @@ def _context(raw: dict[str, Any] | None) -> RequestContext | None:
                           project=raw["project"], roles=tuple(raw["roles"]))
 
 
+_RESULT_KEYS: Final = frozenset({"cell", "outcome", "value", "error", "rtt_ms"})
+
+
 def _result(raw: Any) -> CellResult:
     if type(raw) is not dict or type(raw.get("cell")) is not str:
         raise SchemaError("body: each result must be a map with a cell")
+    if not raw.keys() <= _RESULT_KEYS:
+        raise SchemaError("body: a result has only cell, outcome, value, error, rtt_ms")
     try:
         outcome = Outcome(raw.get("outcome"))
     except ValueError:

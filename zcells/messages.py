@@ -92,7 +92,7 @@ def _check_int(value: object, field_name: str, low: int, high: int) -> None:
 
 
 def _check_time(value: object) -> None:
-    _require(type(value) is float and math.isfinite(value) and value >= 0, "sent_at",  # type: ignore[arg-type]
+    _require(type(value) is float and math.isfinite(value) and value >= 0, "ts",  # type: ignore[arg-type]
              "a non-negative finite float (seconds since the epoch)")
 
 
@@ -107,17 +107,17 @@ class RequestContext:
 
     def __post_init__(self) -> None:
         _require(type(self.request_id) is str and 0 < len(self.request_id) <= 64,
-                 "context.request_id", "a string of 1-64 characters")
+                 "ctx.request_id", "a string of 1-64 characters")
         for name in ("client", "project"):
             value = getattr(self, name)
             if value is not None:
                 try:
                     check_name(name, value)
                 except Exception:
-                    raise SchemaError(f"field 'context.{name}': expected a name") from None
+                    raise SchemaError(f"field 'ctx.{name}': expected a name") from None
         _require(type(self.roles) is tuple and len(self.roles) <= 8
                  and all(r in ("admin", "member", "reader") for r in self.roles),
-                 "context.roles", "a list of roles: admin, member, reader")
+                 "ctx.roles", "a list of roles: admin, member, reader")
 
 
 @dataclass(frozen=True)
@@ -138,14 +138,14 @@ class _Request:
         _check_id(self.id)
         _check_method(self.method)
         _require(isinstance(self.body, Mapping), "body", "a map")
-        _require(isinstance(self.direction, Direction), "direction", "up or down")
+        _require(isinstance(self.direction, Direction), "dir", "up or down")
         _check_path(self.path)
         _check_int(self.hops, "hops", 0, MAX_HOPS_LIMIT)
         _check_int(self.max_hops, "max_hops", 1, MAX_HOPS_LIMIT)
-        _require(type(self.want_response) is bool, "want_response", "true or false")
-        _check_int(self.timeout_ms, "timeout_ms", 0, MAX_TIMEOUT_MS)
+        _require(type(self.want_response) is bool, "want", "true or false")
+        _check_int(self.timeout_ms, "ttl_ms", 0, MAX_TIMEOUT_MS)
         _check_time(self.sent_at)
-        _require(self.context is None or isinstance(self.context, RequestContext), "context",
+        _require(self.context is None or isinstance(self.context, RequestContext), "ctx",
                  "a request context")
 
 
@@ -170,7 +170,7 @@ class Broadcast(_Request):
 
     def __post_init__(self) -> None:
         self._check_request()
-        _require(type(self.run_locally) is bool, "run_locally", "true or false")
+        _require(type(self.run_locally) is bool, "local", "true or false")
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,13 @@ from zcells import logs, routing
 from zcells.errors import (
     Busy,
     CallTimeout,
+    CellUnreachable,
     Forbidden,
     InternalError,
     InvalidRequest,
     StaleMessage,
     TransportClosed,
+    TransportError,
     WireError,
 )
 from zcells.liveness import Liveness, Tracker
@@ -75,13 +77,19 @@ class NodeSettings:
 
 @dataclass
 class _Relay:
-    """A request this cell issued (for a client or itself) and is waiting on."""
+    """A request this cell sent on to a neighbour and whose answer it passes back.
+
+    Kept under (neighbour, id of the message sent to it): only that neighbour's
+    response to that message is accepted, which is how a response retraces
+    the request's path hop by hop.
+    """
 
     via: Peer
+    target: str
     started: float
+    requester: Peer | None  # whom to answer; None for this cell's own call
+    request_id: bytes  # the id the requester used
     future: asyncio.Future[Response] | None = None
-    client: Peer | None = None
-    client_request: bytes = b""
     handle: asyncio.TimerHandle | None = None
 
 
@@ -112,7 +120,7 @@ class Node:
         self._clients: dict[str, Client] = {}
         self._neighbours: dict[str, Neighbour] = {}
         self._liveness: dict[Peer, Tracker] = {}
-        self._relays: dict[bytes, _Relay] = {}
+        self._relays: dict[tuple[Peer, bytes], _Relay] = {}
         self._gathers: dict[bytes, _Gather] = {}
         self._in_flight: Counter[Peer] = Counter()
         self._recent: OrderedDict[tuple[Peer, bytes], Response | None] = OrderedDict()
@@ -171,17 +179,24 @@ class Node:
     def _spawn(self, coro: Any, peer: Peer | None = None) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
         self._tasks.add(task)
-        if peer is not None:
-            self._in_flight[peer] += 1
+        self._hold(peer)
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
-            if peer is not None:
-                self._in_flight[peer] -= 1
-                if self._in_flight[peer] <= 0:
-                    del self._in_flight[peer]
+            self._release(peer)
 
         task.add_done_callback(done)
+
+    def _hold(self, peer: Peer | None) -> None:
+        """Count one more piece of work (handler, relay or broadcast) for `peer`."""
+        if peer is not None:
+            self._in_flight[peer] += 1
+
+    def _release(self, peer: Peer | None) -> None:
+        if peer is not None:
+            self._in_flight[peer] -= 1
+            if self._in_flight[peer] <= 0:
+                del self._in_flight[peer]
 
     def _on_event(self, event: Received | LinkChange) -> None:
         if isinstance(event, LinkChange):
@@ -286,10 +301,17 @@ class Node:
 
     def _send_soon(self, peer: Peer, message: Any, quiet: bool = False,
                    on_error: Callable[[WireError], None] | None = None) -> None:
-        """Send at once; a failure goes to `on_error` or the log, never up the stack."""
+        """Send at once; a failure goes to `on_error` or the log, never up the stack.
+
+        A failure is reported as this cell's: a broken or closed link to a
+        neighbour is `CellUnreachable` to whoever asked.
+        """
         try:
             self.transport.send(peer, message)
         except WireError as exc:
+            if isinstance(exc, TransportError):
+                exc = CellUnreachable(f"cannot reach {peer}: {exc.message}", self._here())
+            exc.cell = self._here()
             self.counters[f"send_{exc.code}"] += 1
             if on_error is not None:
                 on_error(exc)
@@ -379,14 +401,21 @@ class Node:
         return min(message.timeout_ms / 1000.0, self.settings.call_timeout_s)
 
     def _refuse(self, peer: Peer, message: Request, error: WireError) -> None:
+        here = self._here_for(peer, message)
         self.counters[f"refused_{error.code}"] += 1
-        error.cell = error.cell or self._here()
+        error.cell = error.cell or here
         logs.event(log, logging.INFO, "request.refused", id=message.id.hex(),
                    method=message.method[:64], path="!".join(message.path)[:200], peer=peer,
                    code=error.code, error=error.message)
         if message.want_response:
-            result = CellResult(error.cell, Outcome.ERROR, error=error)
+            result = CellResult(here, Outcome.ERROR, error=error)
             self._answer(peer, message.id, message.path, (result,), 0.0)
+
+    def _here_for(self, peer: Peer, message: Request) -> str:
+        """This cell's full path as the sender of `message` sees it."""
+        if peer.role is Role.PARENT and message.path:
+            return f"{message.path[-1]}!{self.settings.name}"
+        return self._here()
 
     async def _run_handler(self, stamped: Request, peer: Peer, caller: str,
                            args: dict[str, Any], deadline: float) -> CellResult:
@@ -425,43 +454,54 @@ class Node:
             self._answer(peer, message.id, stamped.path, (result,),
                          (self.clock() - started) * 1000.0)
 
-    def _outgoing(self, message: Request, deadline: float) -> Request:
-        remaining_ms = max(0, int((deadline - self.clock()) * 1000))
-        return replace(message, sent_at=self.wall_clock(),
-                       timeout_ms=routing.forward_budget_ms(remaining_ms))
-
     def _forward(self, peer: Peer, message: Request, decision: routing.Forward, started: float,
                  deadline: float) -> None:
-        outgoing = self._outgoing(decision.message, deadline)  # type: ignore[arg-type]
-        if peer.role is Role.CLIENT and message.want_response:
-            # This cell originated the request for the client: it waits for the answer.
-            relay = _Relay(via=decision.to, started=started, client=peer,
-                           client_request=message.id)
+        stamped = decision.message
+        assert isinstance(stamped, Targeted)
+        outgoing = self._outgoing(stamped, deadline)
+        if message.want_response:
+            relay = _Relay(via=decision.to, target=stamped.target, started=started,
+                           requester=peer, request_id=message.id)
             self._watch(outgoing.id, relay, deadline)
 
         def failed(error: WireError) -> None:
-            self._relays.pop(outgoing.id, None)
-            self._refuse(peer, message, error)
+            if self._drop_relay(decision.to, outgoing.id) is not None or not message.want_response:
+                self._refuse(peer, message, error)
 
         self._send_soon(decision.to, outgoing, on_error=failed)
 
+    def _outgoing(self, message: Request, deadline: float) -> Request:
+        """The copy of a request for the next hop: its own id, the time left for it."""
+        remaining_ms = max(0, int((deadline - self.clock()) * 1000))
+        return replace(message, id=new_message_id(), sent_at=self.wall_clock(),
+                       timeout_ms=routing.forward_budget_ms(remaining_ms))
+
     def _watch(self, message_id: bytes, relay: _Relay, deadline: float) -> None:
-        self._relays[message_id] = relay
+        self._relays[(relay.via, message_id)] = relay
+        self._hold(relay.requester)
         delay = max(0.0, deadline - self.clock())
         relay.handle = asyncio.get_running_loop().call_later(delay, self._expire_relay,
-                                                             message_id)
+                                                             relay.via, message_id)
 
-    def _expire_relay(self, message_id: bytes) -> None:
-        relay = self._relays.pop(message_id, None)
+    def _drop_relay(self, via: Peer, message_id: bytes) -> _Relay | None:
+        relay = self._relays.pop((via, message_id), None)
+        if relay is not None:
+            if relay.handle is not None:
+                relay.handle.cancel()
+            self._release(relay.requester)
+        return relay
+
+    def _expire_relay(self, via: Peer, message_id: bytes) -> None:
+        relay = self._drop_relay(via, message_id)
         if relay is None:
             return
         self.counters["timeouts"] += 1
-        error = CallTimeout("no response before the deadline", relay.via.name)
         if relay.future is not None and not relay.future.done():
-            relay.future.set_exception(error)
-        if relay.client is not None:
-            result = CellResult(self._here(), Outcome.ERROR, error=error)
-            self._answer(relay.client, relay.client_request, (), (result,),
+            relay.future.set_exception(CallTimeout("no response before the deadline",
+                                                   relay.target))
+        if relay.requester is not None:
+            result = CellResult(relay.target, Outcome.TIMED_OUT)
+            self._answer(relay.requester, relay.request_id, (), (result,),
                          (self.clock() - relay.started) * 1000.0)
 
     # -- broadcasts -------------------------------------------------------------------------
@@ -469,14 +509,16 @@ class Node:
     def _fan_out(self, peer: Peer, message: Request, fanout: routing.Fanout, caller: str,
                  args: dict[str, Any], started: float, deadline: float) -> None:
         stamped = fanout.message
-        gather = _Gather(sender=peer, request=message,  # type: ignore[arg-type]
+        assert isinstance(message, Broadcast)
+        # Every cell below the origin runs the broadcast; `run_locally` is the origin's choice.
+        outgoing = replace(self._outgoing(stamped, deadline), run_locally=True)
+        gather = _Gather(sender=peer, request=message, started=started,
                          aggregation=routing.Aggregation(stamped.path[-1], fanout.to,
-                                                         fanout.local),
-                         started=started)
-        self._gathers[stamped.id] = gather
+                                                         fanout.local))
+        self._gathers[outgoing.id] = gather
+        self._hold(peer)
         gather.handle = asyncio.get_running_loop().call_later(
-            max(0.0, deadline - self.clock()), self._finish_gather, stamped.id)
-        outgoing = self._outgoing(stamped, deadline)
+            max(0.0, deadline - self.clock()), self._finish_gather, outgoing.id)
         for neighbour in fanout.to:
             gather.sent_at[neighbour] = self.clock()
 
@@ -485,18 +527,19 @@ class Node:
 
             self._send_soon(neighbour, outgoing, on_error=failed)
         if fanout.local:
-            self._spawn(self._run_local_part(stamped, peer, caller, args, deadline), peer)
+            self._spawn(self._run_local_part(stamped, outgoing.id, peer, caller, args,
+                                             deadline), peer)
         elif gather.aggregation.done:
-            self._finish_gather(stamped.id)
+            self._finish_gather(outgoing.id)
 
-    async def _run_local_part(self, stamped: Request, peer: Peer, caller: str,
-                              args: dict[str, Any], deadline: float) -> None:
+    async def _run_local_part(self, stamped: Request, gather_id: bytes, peer: Peer,
+                              caller: str, args: dict[str, Any], deadline: float) -> None:
         result = await self._run_handler(stamped, peer, caller, args, deadline)
-        gather = self._gathers.get(stamped.id)
+        gather = self._gathers.get(gather_id)
         if gather is not None:
             gather.aggregation.add_local(result)
             if gather.aggregation.done:
-                self._finish_gather(stamped.id)
+                self._finish_gather(gather_id)
 
     def _finish_gather(self, message_id: bytes) -> None:
         gather = self._gathers.pop(message_id, None)
@@ -504,6 +547,7 @@ class Node:
             return
         if gather.handle is not None:
             gather.handle.cancel()
+        self._release(gather.sender)
         results = gather.aggregation.finish()
         if gather.request.want_response:
             self._answer(gather.sender, gather.request.id, gather.request.path, results,
@@ -523,31 +567,18 @@ class Node:
             if gather.aggregation.done:
                 self._finish_gather(response.reply_to)
             return
-        relay = self._relays.get(response.reply_to)
-        if relay is not None and relay.via == peer:
-            del self._relays[response.reply_to]
-            if relay.handle is not None:
-                relay.handle.cancel()
-            self._complete(relay, response)
+        relay = self._drop_relay(peer, response.reply_to)
+        if relay is None:
+            # Late (its requester was answered with a timeout already), or not an
+            # answer to anything this cell sent to that peer: never passed on.
+            self.counters["unmatched_responses"] += 1
+            logs.event(log, logging.DEBUG, "response.unmatched", peer=peer,
+                       reply_to=response.reply_to.hex())
             return
-        if not response.path:
-            self.counters["late_responses"] += 1
-            return
-        try:
-            decision = routing.route_response(self.view, response, peer)
-        except WireError as exc:
-            self._on_bad_message(peer, exc)
-            return
-        if isinstance(decision, routing.Complete):
-            self.counters["late_responses"] += 1  # its caller gave up already
-            return
-        self._send_soon(decision.to, replace(response, sent_at=self.wall_clock()))
-
-    def _complete(self, relay: _Relay, response: Response) -> None:
         if relay.future is not None and not relay.future.done():
             relay.future.set_result(response)
-        if relay.client is not None:
-            self._answer(relay.client, relay.client_request, response.path, response.results,
+        if relay.requester is not None:
+            self._answer(relay.requester, relay.request_id, response.path, response.results,
                          (self.clock() - relay.started) * 1000.0)
 
     # -- calls this cell makes itself ---------------------------------------------------------
@@ -567,13 +598,14 @@ class Node:
             raise InvalidRequest("a cell does not call itself", here)
         started = self.clock()
         future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-        outgoing = self._outgoing(decision.message, started + timeout_s)  # type: ignore[arg-type]
-        self._watch(outgoing.id, _Relay(via=decision.to, started=started, future=future),
+        outgoing = self._outgoing(decision.message, started + timeout_s)
+        self._watch(outgoing.id, _Relay(via=decision.to, target=target, started=started,
+                                        requester=None, request_id=message.id, future=future),
                     started + timeout_s)
         try:
             self.transport.send(decision.to, outgoing)
         except WireError:
-            self._relays.pop(outgoing.id).handle.cancel()  # type: ignore[union-attr]
+            self._drop_relay(decision.to, outgoing.id)
             raise
         response = await future
         return response.results[0]

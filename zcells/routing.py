@@ -19,8 +19,9 @@ Rules (docs/protocol.md explains them with examples):
 5. Broadcast: run here (if asked) and fan out to every child (down) or
    every parent (up); each hop answers with one response holding one
    result per cell of its subtree, timed-out children included.
-6. A response retraces the request's path backwards: from the cell after
-   this one in the path to the cell before it.
+6. A response retraces the request's path backwards. Each hop that sent a
+   request on remembers to which neighbour and for whom (`zcells.node`), and
+   accepts an answer only from that neighbour for that message.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from zcells.messages import (
     Direction,
     Outcome,
     Request,
-    Response,
     Targeted,
 )
 from zcells.names import PATH_SEPARATOR
@@ -75,6 +75,12 @@ class View:
     children: frozenset[str] = frozenset()
     parents: Mapping[str, str | None] = field(default_factory=dict)
     max_hop_count: int = 10
+
+    @property
+    def label(self) -> str:
+        """How errors name this cell: its full path once known, else its name."""
+        paths = self.paths
+        return paths[0] if paths else self.name
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -120,7 +126,7 @@ class Forward:
     """Send the message on to a neighbour."""
 
     to: Peer
-    message: Targeted | Response
+    message: Targeted
 
 
 @dataclass(frozen=True)
@@ -132,13 +138,6 @@ class Fanout:
     message: Broadcast
 
 
-@dataclass(frozen=True)
-class Complete:
-    """A response reached the cell that originated the request."""
-
-    response: Response
-
-
 # -- requests -----------------------------------------------------------------------------
 
 
@@ -148,7 +147,7 @@ def _sender_path(view: View, sender: Peer, here: str) -> str:
         return f"{here}{PATH_SEPARATOR}{sender.name}"
     parent_path = view.parents.get(sender.name)
     if parent_path is None:
-        raise SenderMismatch(f"parent {sender.name} has not said hello yet", view.name)
+        raise SenderMismatch(f"parent {sender.name} has not said hello yet", view.label)
     return parent_path
 
 
@@ -161,35 +160,35 @@ def accept(view: View, sender: Peer, message: Request) -> Request:
     if sender.role is Role.CLIENT:
         if message.path or message.hops:
             raise SenderMismatch("a client request must start with an empty routing path",
-                                 view.name)
+                                 view.label)
         target = message.target if isinstance(message, Targeted) else None
         here = view.home_path(target)
     else:
         if message.hops != len(message.path) or not message.path:
             raise RoutingInconsistency(
                 f"hop count {message.hops} disagrees with a path of {len(message.path)}",
-                view.name)
+                view.label)
         arrived_from = message.path[-1]
         if sender.role is Role.PARENT:
             if message.direction is not Direction.DOWN:
-                raise RoutingInconsistency("a message from a parent must travel down", view.name)
+                raise RoutingInconsistency("a message from a parent must travel down", view.label)
             expected = _sender_path(view, sender, "")
             here = f"{arrived_from}{PATH_SEPARATOR}{view.name}"
         else:
             if message.direction is not Direction.UP:
-                raise RoutingInconsistency("a message from a child must travel up", view.name)
+                raise RoutingInconsistency("a message from a child must travel up", view.label)
             here = parent_of(arrived_from) or ""
             if here not in view.paths:
                 raise SenderMismatch(f"child {sender.name} claims path {arrived_from}",
-                                     view.name)
+                                     view.label)
             expected = _sender_path(view, sender, here)
         if arrived_from != expected:
             raise SenderMismatch(
                 f"{sender} put {arrived_from} last in the routing path, expected {expected}",
-                view.name)
+                view.label)
         if here in message.path:
             raise RoutingInconsistency(f"routing loop: {here} is already in the path",
-                                       view.name)
+                                       view.label)
     limit = min(view.max_hop_count, message.max_hops)
     hops = message.hops + 1
     if hops > limit:
@@ -243,27 +242,6 @@ def forward_budget_ms(timeout_ms: int) -> int:
     """
     margin = min(1000, max(20, timeout_ms // 10))
     return max(0, timeout_ms - margin)
-
-
-# -- responses ----------------------------------------------------------------------------
-
-
-def route_response(view: View, response: Response, sender: Peer) -> Complete | Forward:
-    """Retrace a targeted request's path one step back towards its origin."""
-    path = response.path
-    mine = [i for i, p in enumerate(path) if p in view.paths]
-    if len(mine) != 1 or mine[0] == len(path) - 1:
-        raise RoutingInconsistency("response path does not pass through this cell", view.name)
-    i = mine[0]
-    came_from = path[i + 1]
-    if last_name(came_from) != sender.name or (
-            (sender.role is Role.CHILD) != (parent_of(came_from) == path[i])):
-        raise SenderMismatch(f"{sender} returned a response from {came_from}", view.name)
-    if i == 0:
-        return Complete(response)
-    back = path[i - 1]
-    role = Role.PARENT if parent_of(path[i]) == back else Role.CHILD
-    return Forward(Peer(role, last_name(back)), response)
 
 
 # -- broadcast aggregation -----------------------------------------------------------------

@@ -34,6 +34,7 @@ from zcells.errors import (
     KeyRevoked,
     ProtocolError,
     TransportClosed,
+    WireError,
 )
 from zcells.messages import Message
 from zcells.peer import Peer, Role
@@ -45,7 +46,7 @@ class Received:
 
     peer: Peer
     message: Message | None = None
-    error: ProtocolError | None = None
+    error: WireError | None = None  # a ProtocolError, or KeyRevoked
 
 
 @dataclass(frozen=True)

@@ -161,8 +161,8 @@ def test_missing_field_is_named() -> None:
         ({"target": "api!!x"}, "target"),
         ({"path": ["a!b!", "x"]}, "path"),
         ({"dir": "sideways"}, "dir"),
-        ({"ts": float("nan")}, "sent_at"),
-        ({"ts": float("inf")}, "sent_at"),
+        ({"ts": float("nan")}, "ts"),
+        ({"ts": float("inf")}, "ts"),
     ],
 )
 def test_values_out_of_range_are_schema_errors(changes: dict[str, object], message: str

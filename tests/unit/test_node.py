@@ -159,9 +159,9 @@ class Rogue:
         async with asyncio.timeout(5):
             while True:
                 event = await self.transport.recv()
-                if isinstance(event, Received) and isinstance(event.message, Response):
-                    if event.message.reply_to == message.id:
-                        return event.message
+                answer = event.message if isinstance(event, Received) else None
+                if isinstance(answer, Response) and answer.reply_to == message.id:
+                    return answer
 
 
 @pytest.mark.parametrize(
@@ -290,6 +290,94 @@ def test_heartbeats_drive_liveness_on_an_injected_clock() -> None:
         assert api.liveness()[child].value == "mute"
         tree.nodes["c1"].beat()  # c1's heartbeat reaches api
         await wait_for(lambda: api.liveness()[child].value == "alive", 5, "c1 alive again")
+        await tree.stop()
+
+    run(main())
+
+
+def test_errors_from_deep_in_the_tree_reach_the_client() -> None:
+    async def main() -> None:
+        tree = MemoryTree({"api": {"c1": {"g1": {"x1": {}}}}})
+        await tree.start()
+        await tree.placed()
+        async with tree.client() as client:
+            started = time.monotonic()
+            with pytest.raises(UnknownCell) as info:
+                await client.ping("api!c1!g1!nope")
+            assert info.value.cell == "api!c1!g1"
+            assert time.monotonic() - started < 1.0  # answered, not timed out
+            assert (await client.ping("api!c1!g1!x1")).ok
+        await tree.stop()
+
+    run(main())
+
+
+def test_a_timed_out_relay_names_the_target() -> None:
+    async def main() -> None:
+        tree = MemoryTree(TREE)
+        await tree.start()
+        await tree.placed()
+        tree._tasks.pop("g2").cancel()  # g2 stops reading
+        async with tree.client() as client:
+            with pytest.raises(CallTimeout) as info:
+                await client.ping("api!c1!g2", timeout_s=0.5)
+            assert info.value.cell == "api!c1!g2"
+        await tree.stop()
+
+    run(main())
+
+
+def test_forged_response_from_a_client_goes_nowhere() -> None:
+    async def main() -> None:
+        tree = MemoryTree(TREE)
+        await tree.start()
+        await tree.placed()
+        async with tree.client() as client:
+            forged = Response(id=new_message_id(), reply_to=new_message_id(),
+                              path=("api!c1", "api", "ops"), sent_at=time.time(),
+                              results=())
+            await client.transport.send(forged)
+            await wait_for(lambda: tree.nodes["api"].counters["unmatched_responses"] == 1, 5,
+                           "the forged response counted")
+            assert (await client.ping("api")).ok
+        assert tree.nodes["c1"].counters["unmatched_responses"] == 0
+        assert tree.transports["c1"].counters["received"] > 0  # c1 did hear the tree...
+        await tree.stop()
+
+    run(main())
+
+
+def test_broadcast_without_the_origin_runs_everywhere_else() -> None:
+    async def main() -> None:
+        tree = MemoryTree(TREE)
+        await tree.start()
+        await tree.placed()
+        async with tree.client() as client:
+            results, _ = await client.broadcast("ping", run_locally=False)
+            assert [r.cell for r in results] == CELLS[1:]
+            assert all(r.ok for r in results)
+        await tree.stop()
+
+    run(main())
+
+
+def test_two_clients_may_use_the_same_message_id() -> None:
+    async def main() -> None:
+        tree = MemoryTree(TREE)
+        await tree.start()
+        await tree.placed()
+        async with tree.client() as ops, tree.client(name="ops2") as other:
+            shared = new_message_id()
+            answers = []
+            for client in (ops, other):
+                message = Targeted(
+                    id=shared, method="ping", body={}, direction=Direction.DOWN, path=(),
+                    hops=0, max_hops=10, want_response=True, timeout_ms=2000,
+                    sent_at=time.time(), context=None, target="api!c1")
+                answers.append(asyncio.ensure_future(client._request(message, 2.0)))
+            done = await asyncio.gather(*answers)
+            assert all(r.results[0].ok for r in done)
+            assert tree.nodes["c1"].counters["duplicates"] == 0
         await tree.stop()
 
     run(main())

@@ -19,7 +19,6 @@ from zcells.messages import (
     CellResult,
     Direction,
     Outcome,
-    Response,
     Targeted,
     new_message_id,
 )
@@ -159,33 +158,6 @@ def test_broadcast_fans_out_down_and_up() -> None:
     assert up.to == (Peer(Role.PARENT, "c1"),)
     leaf = routing.route_broadcast(G1, routing.accept(G1, CLIENT, broadcast()))
     assert leaf.to == ()
-
-
-def response(path: tuple[str, ...]) -> Response:
-    return Response(id=new_message_id(), reply_to=new_message_id(), path=path,
-                    results=(CellResult(path[-1], Outcome.OK, {}),), sent_at=1.0)
-
-
-def test_response_retraces_the_path() -> None:
-    path = ("api", "api!c1", "api!c1!g1")
-    step = routing.route_response(C1, response(path), Peer(Role.CHILD, "g1"))
-    assert isinstance(step, routing.Forward) and step.to == FROM_API
-    done = routing.route_response(API, response(path), FROM_C1_UP)
-    assert isinstance(done, routing.Complete)
-    # up-then-down path: api!c1 -> api -> api!c2 ; response from c2 goes back up via api
-    path = ("api!c1", "api", "api!c2")
-    step = routing.route_response(API, response(path), Peer(Role.CHILD, "c2"))
-    assert isinstance(step, routing.Forward) and step.to == Peer(Role.CHILD, "c1")
-    done = routing.route_response(C1, response(path), FROM_API)
-    assert isinstance(done, routing.Complete)
-
-
-def test_response_from_the_wrong_neighbour_is_refused() -> None:
-    path = ("api", "api!c1", "api!c1!g1")
-    with pytest.raises(SenderMismatch):
-        routing.route_response(C1, response(path), Peer(Role.CHILD, "g2"))
-    with pytest.raises(RoutingInconsistency):
-        routing.route_response(C1, response(("api", "api!c2")), FROM_API)
 
 
 def test_aggregation_keeps_partial_results() -> None:

@@ -25,7 +25,7 @@ class DiagHandlers:
 
     async def stats(self, call: Call) -> dict[str, Any]:
         """This cell's counters: messages, refusals, neighbours' liveness, links."""
-        return {"cell": call.cell, "cell_type": self.cell_type, **self._statistics()}
+        return {**self._statistics(), "cell": call.cell, "cell_type": self.cell_type}
 
     def methods(self) -> list[Method]:
         both = frozenset({Kind.TARGETED, Kind.BROADCAST})
