@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import run
-from zcells.devtree import CellTree, running_tree
 from zcells.client import CellClient, Ping
+from zcells.devtree import CellTree, running_tree
 from zcells.errors import CallTimeout, CellUnreachable, UnknownCell, WireError
 
 TREE = {"api": {"c1": {"g1": {}, "g2": {}}, "c2": {}}}
