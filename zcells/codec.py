@@ -87,24 +87,37 @@ def _pack(value: Any) -> bytes:
 # -- body values ------------------------------------------------------------------------
 
 
-def check_body_value(value: Any, depth: int = 0, where: str = "body") -> None:
-    """Accept plain msgpack values: maps with str keys, lists, str, bytes, int, finite float."""
-    if depth > MAX_BODY_DEPTH:
-        raise SchemaError(f"{where}: nested deeper than {MAX_BODY_DEPTH} levels")
-    kind = type(value)
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str:
+_SCALARS: Final = frozenset({str, int, bool, bytes, type(None)})
+
+
+def check_body_value(value: Any, where: str = "body") -> None:
+    """Accept plain msgpack values: maps with str keys, lists, str, bytes, int, finite float.
+
+    Iterative, and scalars are checked inline: a body is walked once per hop.
+    """
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        container, depth = pending.pop()
+        if depth > MAX_BODY_DEPTH:
+            raise SchemaError(f"{where}: nested deeper than {MAX_BODY_DEPTH} levels")
+        if type(container) is dict:
+            if not all(type(k) is str for k in container):
                 raise SchemaError(f"{where}: map keys must be strings")
-            check_body_value(item, depth + 1, where)
-    elif kind is list:
-        for item in value:
-            check_body_value(item, depth + 1, where)
-    elif kind is float:
-        if not math.isfinite(value):
-            raise SchemaError(f"{where}: floats must be finite")
-    elif kind not in (str, int, bool, bytes) and value is not None:
-        raise SchemaError(f"{where}: {kind.__name__} values are not allowed")
+            items: Any = container.values()
+        elif type(container) is list:
+            items = container
+        else:
+            items = (container,)
+            depth -= 1
+        for item in items:
+            kind = type(item)
+            if kind is dict or kind is list:
+                pending.append((item, depth + 1))
+            elif kind is float:
+                if not math.isfinite(item):
+                    raise SchemaError(f"{where}: floats must be finite")
+            elif kind not in _SCALARS:
+                raise SchemaError(f"{where}: {kind.__name__} values are not allowed")
 
 
 # -- header fields: name -> (check, description). Exact types: a bool is not an int.
@@ -191,12 +204,13 @@ def _check_header(header: Any) -> tuple[Kind, dict[str, Any]]:
         raise SchemaError("header: field 'kind': expected one of "
                           + ", ".join(k.value for k in Kind)) from None
     spec = HEADER_KEYS[kind]
-    for key in header:
-        if key not in spec:
-            raise SchemaError(f"header: unexpected field {str(key)[:40]!r}")
+    if header.keys() != spec.keys():
+        for key in header:
+            if key not in spec:
+                raise SchemaError(f"header: unexpected field {str(key)[:40]!r}")
+        missing = next(k for k in spec if k not in header)
+        raise SchemaError(f"header: missing field {missing!r}")
     for key, (check, expected) in spec.items():
-        if key not in header:
-            raise SchemaError(f"header: missing field {key!r}")
         if not check(header[key]):
             raise SchemaError(f"header: field {key!r}: expected {expected}")
     return kind, header

@@ -8,6 +8,7 @@ starts one `zcells serve` process per cell on free loopback ports.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -23,6 +24,7 @@ from typing import Any
 from zcells.client import CellClient
 from zcells.db import migrate, registry
 from zcells.db.engine import Database
+from zcells.errors import WireError
 from zcells.sockets.keys import KeyPair, generate_keypair
 from zcells.sockets.transport import ZmqClient
 
@@ -116,17 +118,32 @@ class CellTree:
                                       public_key=child.keys.public)
             registry.add_client(db, "ops", public_key=self.client_keys.public, role="admin")
 
-    def start(self, name: str | None = None) -> None:
-        for cell in ([self.cells[name]] if name else self.cells.values()):
+    def start(self, name: str | None = None, timeout_s: float = 30.0) -> None:
+        """Start the cells (all, or one) and wait until each answers a ping."""
+        chosen = [self.cells[name]] if name else list(self.cells.values())
+        for cell in chosen:
             with cell.log.open("a") as log:
                 cell.proc = subprocess.Popen(
                     [sys.executable, "-m", "zcells.cli.app", "--config", str(cell.config),
                      "serve"], stdout=subprocess.DEVNULL, stderr=log,
                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        for cell in ([self.cells[name]] if name else self.cells.values()):
-            wait_until(lambda c=cell: "cell.started" in c.log_text()  # type: ignore[misc]
-                       or c.proc.poll() is not None, 30, f"{cell.name} to start")
-            assert cell.proc is not None and cell.proc.poll() is None, cell.log_text()
+        for cell in chosen:
+            wait_until(lambda c=cell: self._answers(c), timeout_s,  # type: ignore[misc]
+                       f"{cell.name} to answer on {cell.api_endpoint}", interval_s=0.1)
+
+    def _answers(self, cell: CellProc) -> bool:
+        if cell.proc is not None and cell.proc.poll() is not None:
+            raise AssertionError(f"{cell.name} exited with {cell.proc.returncode}:\n"
+                                 + cell.log_text()[-3000:])
+
+        async def ping() -> bool:
+            async with self.client(cell.name, timeout_s=1.0) as client:
+                return (await client.ping()).ok
+
+        try:
+            return asyncio.run(ping())
+        except WireError:
+            return False
 
     def signal(self, name: str, signum: int) -> None:
         proc = self.cells[name].proc
@@ -151,7 +168,8 @@ class CellTree:
     def client(self, name: str | None = None, timeout_s: float = 5.0) -> CellClient:
         cell = self.cells[name] if name else next(iter(self.cells.values()))
         transport = ZmqClient(cell.api_endpoint, cell.keys.public,
-                              (self.client_keys.public, self.client_keys.secret))
+                              (self.client_keys.public, self.client_keys.secret),
+                              connect_timeout_s=min(timeout_s, 5.0))
         return CellClient(transport, timeout_s=timeout_s)
 
     def logs(self) -> str:

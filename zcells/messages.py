@@ -16,14 +16,16 @@ Rules kept here:
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
-from zcells.errors import CallTimeout, SchemaError, WireError
+from zcells.errors import CallTimeout, SchemaError, ValidationError, WireError
 from zcells.names import check_cell_path, check_name
 
 PROTOCOL_VERSION: Final = 1
@@ -79,11 +81,18 @@ def _check_path(path: object) -> None:
         _check_cell(entry, "path")
 
 
-def _check_cell(value: object, field_name: str) -> None:
+@functools.lru_cache(maxsize=4096)
+def _valid_cell_path(value: str) -> bool:
     try:
-        check_cell_path(value)  # type: ignore[arg-type]
-    except Exception:
-        raise SchemaError(f"field {field_name!r}: expected a cell path like api!eu") from None
+        check_cell_path(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def _check_cell(value: object, field_name: str) -> None:
+    if type(value) is not str or not _valid_cell_path(value):
+        raise SchemaError(f"field {field_name!r}: expected a cell path like api!eu")
 
 
 def _check_int(value: object, field_name: str, low: int, high: int) -> None:
@@ -282,3 +291,16 @@ class Heartbeat:
 
 Request = Targeted | Broadcast
 Message = Targeted | Broadcast | Response | Hello | Heartbeat
+MessageT = TypeVar("MessageT", Targeted, Broadcast, Response, Hello, Heartbeat, CellResult)
+
+
+def evolve(message: MessageT, **changes: Any) -> MessageT:
+    """A copy of an already valid message with fields changed, without checking it again.
+
+    Only for changes this cell computes itself (the next hop's path, hop count,
+    direction, id, time budget), never for anything taken from the wire.
+    """
+    new = copy.copy(message)
+    for name, value in changes.items():
+        object.__setattr__(new, name, value)
+    return new

@@ -15,7 +15,8 @@ Rules kept here:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -48,7 +49,9 @@ class Call:
     deadline: float
 
 
-Handler = Callable[[Call], Awaitable[Any]]
+# A handler is a plain function (runs inline: no I/O, no waiting) or a coroutine
+# function (runs as a task under the request's deadline).
+Handler = Callable[[Call], Any]
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class Method:
     kinds: frozenset[Kind]
     allowed: frozenset[str]
     params: Mapping[str, Param] = field(default_factory=dict)
+
+    @property
+    def is_coroutine(self) -> bool:
+        return inspect.iscoroutinefunction(self.handler)
 
     def __post_init__(self) -> None:
         if not self.kinds <= {Kind.TARGETED, Kind.BROADCAST}:

@@ -52,6 +52,7 @@ from zcells.messages import (
     RequestContext,
     Response,
     Targeted,
+    evolve,
     new_message_id,
 )
 from zcells.methods import Call, MethodTable
@@ -368,7 +369,7 @@ class Node:
             if peer.role is Role.CLIENT:
                 message = self._as_client_request(peer, caller, message)
             elif peer.role is Role.CHILD:
-                message = replace(message, context=None)  # children never speak for users
+                message = evolve(message, context=None)  # children never speak for users
             stamped = routing.accept(self.view, peer, message)
             method = self.methods.resolve(message.kind, message.method, caller)
             args = self.methods.arguments(method, message.body)
@@ -383,8 +384,7 @@ class Node:
                 self._refuse(peer, message, exc)
                 return
             if isinstance(decision, routing.Deliver):
-                self._spawn(self._deliver(peer, message, stamped, caller, args, deadline),
-                            peer)
+                self._deliver(peer, message, stamped, caller, args, deadline)
             else:
                 self._forward(peer, message, decision, started, deadline)
         else:
@@ -395,7 +395,7 @@ class Node:
         client = self._clients[peer.name]
         context = RequestContext(request_id=str(uuid.UUID(bytes=message.id)), client=peer.name,
                                  project=client.project, roles=(role,))
-        return replace(message, context=context, max_hops=self.settings.max_hop_count)
+        return evolve(message, context=context, max_hops=self.settings.max_hop_count)
 
     def _budget_s(self, message: Request) -> float:
         return min(message.timeout_ms / 1000.0, self.settings.call_timeout_s)
@@ -417,42 +417,68 @@ class Node:
             return f"{message.path[-1]}!{self.settings.name}"
         return self._here()
 
-    async def _run_handler(self, stamped: Request, peer: Peer, caller: str,
-                           args: dict[str, Any], deadline: float) -> CellResult:
+    def _run_handler(self, stamped: Request, peer: Peer, caller: str, args: dict[str, Any],
+                     deadline: float, done: Callable[[CellResult], None]) -> None:
+        """Run the method here and hand its result to `done`.
+
+        A plain-function handler runs inline, at once; a coroutine handler runs
+        as a task under the request's deadline.
+        """
         here = stamped.path[-1]
         method = self.methods.resolve(stamped.kind, stamped.method, caller)
         call = Call(method=stamped.method, args=args, sender=peer, caller=caller,
                     context=stamped.context, cell=here, deadline=deadline)
         started = self.clock()
-        try:
-            async with asyncio.timeout(max(0.0, deadline - started)):
-                value = await method.handler(call)
-        except TimeoutError:
-            error: WireError = CallTimeout(f"{stamped.method} did not finish in time", here)
-            return CellResult(here, Outcome.ERROR, error=error)
-        except WireError as exc:
+        if not method.is_coroutine:
+            try:
+                value = method.handler(call)
+            except Exception as exc:
+                done(self._failed(stamped, here, exc))
+                return
+            done(self._succeeded(here, value, started))
+            return
+
+        async def run_async() -> None:
+            try:
+                async with asyncio.timeout(max(0.0, deadline - started)):
+                    value = await method.handler(call)
+            except TimeoutError:
+                error = CallTimeout(f"{stamped.method} did not finish in time", here)
+                done(CellResult(here, Outcome.ERROR, error=error))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                done(self._failed(stamped, here, exc))
+            else:
+                done(self._succeeded(here, value, started))
+
+        self._spawn(run_async(), peer)
+
+    def _succeeded(self, here: str, value: Any, started: float) -> CellResult:
+        self.counters["handled"] += 1
+        return CellResult(here, Outcome.OK, value=value, rtt_ms=(self.clock() - started) * 1e3)
+
+    def _failed(self, stamped: Request, here: str, exc: Exception) -> CellResult:
+        if isinstance(exc, WireError):
             exc.cell = exc.cell or here
             return CellResult(here, Outcome.ERROR, error=exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            incident = uuid.uuid4().hex[:12]
-            log.exception("handler.failed id=%s method=%s incident=%s", stamped.id.hex(),
-                          stamped.method, incident)
-            self.counters["handler_errors"] += 1
-            return CellResult(here, Outcome.ERROR, error=InternalError(
-                f"{stamped.method} failed; see the cell log for incident {incident}", here))
-        self.counters["handled"] += 1
-        rtt = (self.clock() - started) * 1000.0
-        return CellResult(here, Outcome.OK, value=value, rtt_ms=rtt)
+        incident = uuid.uuid4().hex[:12]
+        log.error("handler.failed id=%s method=%s incident=%s", stamped.id.hex(), stamped.method,
+                  incident, exc_info=exc)
+        self.counters["handler_errors"] += 1
+        return CellResult(here, Outcome.ERROR, error=InternalError(
+            f"{stamped.method} failed; see the cell log for incident {incident}", here))
 
-    async def _deliver(self, peer: Peer, message: Request, stamped: Request, caller: str,
-                       args: dict[str, Any], deadline: float) -> None:
+    def _deliver(self, peer: Peer, message: Request, stamped: Request, caller: str,
+                 args: dict[str, Any], deadline: float) -> None:
         started = self.clock()
-        result = await self._run_handler(stamped, peer, caller, args, deadline)
-        if message.want_response:
-            self._answer(peer, message.id, stamped.path, (result,),
-                         (self.clock() - started) * 1000.0)
+
+        def answer(result: CellResult) -> None:
+            if message.want_response:
+                self._answer(peer, message.id, stamped.path, (result,),
+                             (self.clock() - started) * 1000.0)
+
+        self._run_handler(stamped, peer, caller, args, deadline, answer)
 
     def _forward(self, peer: Peer, message: Request, decision: routing.Forward, started: float,
                  deadline: float) -> None:
@@ -473,7 +499,7 @@ class Node:
     def _outgoing(self, message: Request, deadline: float) -> Request:
         """The copy of a request for the next hop: its own id, the time left for it."""
         remaining_ms = max(0, int((deadline - self.clock()) * 1000))
-        return replace(message, id=new_message_id(), sent_at=self.wall_clock(),
+        return evolve(message, id=new_message_id(), sent_at=self.wall_clock(),
                        timeout_ms=routing.forward_budget_ms(remaining_ms))
 
     def _watch(self, message_id: bytes, relay: _Relay, deadline: float) -> None:
@@ -511,7 +537,7 @@ class Node:
         stamped = fanout.message
         assert isinstance(message, Broadcast)
         # Every cell below the origin runs the broadcast; `run_locally` is the origin's choice.
-        outgoing = replace(self._outgoing(stamped, deadline), run_locally=True)
+        outgoing = evolve(self._outgoing(stamped, deadline), run_locally=True)
         gather = _Gather(sender=peer, request=message, started=started,
                          aggregation=routing.Aggregation(stamped.path[-1], fanout.to,
                                                          fanout.local))
@@ -527,19 +553,15 @@ class Node:
 
             self._send_soon(neighbour, outgoing, on_error=failed)
         if fanout.local:
-            self._spawn(self._run_local_part(stamped, outgoing.id, peer, caller, args,
-                                             deadline), peer)
+            def local_done(result: CellResult) -> None:
+                if outgoing.id in self._gathers:
+                    gather.aggregation.add_local(result)
+                    if gather.aggregation.done:
+                        self._finish_gather(outgoing.id)
+
+            self._run_handler(stamped, peer, caller, args, deadline, local_done)
         elif gather.aggregation.done:
             self._finish_gather(outgoing.id)
-
-    async def _run_local_part(self, stamped: Request, gather_id: bytes, peer: Peer,
-                              caller: str, args: dict[str, Any], deadline: float) -> None:
-        result = await self._run_handler(stamped, peer, caller, args, deadline)
-        gather = self._gathers.get(gather_id)
-        if gather is not None:
-            gather.aggregation.add_local(result)
-            if gather.aggregation.done:
-                self._finish_gather(gather_id)
 
     def _finish_gather(self, message_id: bytes) -> None:
         gather = self._gathers.pop(message_id, None)

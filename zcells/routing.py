@@ -27,7 +27,7 @@ Rules (docs/protocol.md explains them with examples):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from zcells.errors import (
     CallTimeout,
@@ -44,6 +44,7 @@ from zcells.messages import (
     Outcome,
     Request,
     Targeted,
+    evolve,
 )
 from zcells.names import PATH_SEPARATOR
 from zcells.peer import Peer, Role
@@ -193,7 +194,7 @@ def accept(view: View, sender: Peer, message: Request) -> Request:
     hops = message.hops + 1
     if hops > limit:
         raise MaxHopsExceeded(f"hop {hops} at {here} is past the limit of {limit}", here)
-    return replace(message, path=(*message.path, here), hops=hops)
+    return evolve(message, path=(*message.path, here), hops=hops)
 
 
 def route_targeted(view: View, message: Targeted, sender: Peer | None) -> Deliver | Forward:
@@ -205,14 +206,14 @@ def route_targeted(view: View, message: Targeted, sender: Peer | None) -> Delive
         child = target[len(here) + 1 :].split(PATH_SEPARATOR, 1)[0]
         if child not in view.children:
             raise UnknownCell(f"cell {here} has no child {child!r} (routing to {target})", here)
-        return Forward(Peer(Role.CHILD, child), replace(message, direction=Direction.DOWN))
+        return Forward(Peer(Role.CHILD, child), evolve(message, direction=Direction.DOWN))
     if sender is not None and sender.role is Role.PARENT:
         raise RoutingInconsistency(f"a parent sent {target} to {here}, outside its subtree",
                                    here)
     parent = _parent_towards(view, here, target)
     if parent is None:
         raise UnknownCell(f"no cell {target} in the tree (routing stopped at {here})", here)
-    return Forward(Peer(Role.PARENT, parent), replace(message, direction=Direction.UP))
+    return Forward(Peer(Role.PARENT, parent), evolve(message, direction=Direction.UP))
 
 
 def _parent_towards(view: View, here: str, target: str) -> str | None:
@@ -289,7 +290,7 @@ class Aggregation:
                                      self.here)
         del self._waiting[peer]
         self._results.extend(
-            replace(r, rtt_ms=None if r.rtt_ms is None else r.rtt_ms + link_ms)
+            evolve(r, rtt_ms=None if r.rtt_ms is None else r.rtt_ms + link_ms)
             for r in results)
 
     def fail(self, peer: Peer, error: WireError) -> None:

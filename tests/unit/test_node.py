@@ -45,9 +45,14 @@ async def hang(call: Call) -> None:
     await asyncio.sleep(3600)
 
 
+def boom_now(call: Call) -> None:
+    raise ValueError("secret internal detail")
+
+
 def faulty_methods() -> list[Method]:
     anyone = frozenset({"admin", "parent", "child"})
     return [Method("boom", boom, frozenset({Kind.TARGETED}), anyone),
+            Method("boom_now", boom_now, frozenset({Kind.TARGETED}), anyone),
             Method("hang", hang, frozenset({Kind.TARGETED, Kind.BROADCAST}), anyone)]
 
 
@@ -176,6 +181,7 @@ class Rogue:
         ({"direction": Direction.DOWN}, "E_ROUTING"),  # row 15: down from a child
         ({"hops": 5}, "E_ROUTING"),
         ({"method": "boom"}, "E_INTERNAL"),  # row 22: handler raises
+        ({"method": "boom_now"}, "E_INTERNAL"),  # an inline handler raises
         ({"method": "hang", "timeout_ms": 200}, "E_TIMEOUT"),  # row 22: handler hangs
     ],
 )

@@ -1,7 +1,8 @@
 """Handlers of the methods a message can reach, one class per area.
 
-Every public coroutine method of a handler class is a wire method and must be
-in the table `build_methods` returns; a test checks both directions.
+Every public method of a handler class (other than `methods`, which lists
+them) is a wire method and must be in the table `build_methods` returns; a
+test checks both directions.
 """
 
 from __future__ import annotations

@@ -16,14 +16,14 @@ class DiagHandlers:
         self.cell_type = cell_type
         self._statistics = statistics
 
-    async def ping(self, call: Call) -> dict[str, Any]:
+    def ping(self, call: Call) -> dict[str, Any]:
         """Answer with this cell's full path and type, echoing any payload (like ping -s)."""
         answer = {"cell": call.cell, "cell_type": self.cell_type}
         if call.args["payload"] is not None:
             answer["payload"] = call.args["payload"]
         return answer
 
-    async def stats(self, call: Call) -> dict[str, Any]:
+    def stats(self, call: Call) -> dict[str, Any]:
         """This cell's counters: messages, refusals, neighbours' liveness, links."""
         return {**self._statistics(), "cell": call.cell, "cell_type": self.cell_type}
 
