@@ -15,8 +15,11 @@ def percentile(samples: list[float], q: float) -> float:
 
 def summary_us(samples_s: list[float]) -> dict[str, float]:
     us = [s * 1e6 for s in samples_s]
-    return {"p50_us": round(percentile(us, 50), 1), "p99_us": round(percentile(us, 99), 1),
-            "mean_us": round(statistics.fmean(us), 1)}
+    return {
+        "p50_us": round(percentile(us, 50), 1),
+        "p99_us": round(percentile(us, 99), 1),
+        "mean_us": round(statistics.fmean(us), 1),
+    }
 
 
 class Report:
@@ -26,8 +29,14 @@ class Report:
         self.name = name
         self.figures: dict[str, Any] = {}
 
-    def figure(self, key: str, value: float, unit: str, baseline: float | None = None,
-               higher_is_better: bool = False) -> None:
+    def figure(
+        self,
+        key: str,
+        value: float,
+        unit: str,
+        baseline: float | None = None,
+        higher_is_better: bool = False,
+    ) -> None:
         self.figures[key] = value
         line = f"{key:<40} {value:>12,.1f} {unit}"
         if baseline:

@@ -28,20 +28,31 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Report, summary_us  # noqa: E402
-from zcells.devtree import CellTree, free_ports  # noqa: E402
+from bench.common import Report, summary_us
+from zcells.devtree import CellTree, free_ports
 
-BODY = {"instance": "0f8e2a3c-6a55-4c1e-9d1e-3b9a8d2f5e11", "name": "web-01",
-        "flavor": "m1.small", "image": "cirros-0.6.2", "vm_state": "active",
-        "task_state": None, "power_state": "running", "host": "h12",
-        "cell": "api!eu!eu-1", "meta": {"role": "frontend", "tier": "1", "owner": "ops"},
-        "version": 42, "updated_at": 1764000000.123, "fill": "x" * 40}
+BODY = {
+    "instance": "0f8e2a3c-6a55-4c1e-9d1e-3b9a8d2f5e11",
+    "name": "web-01",
+    "flavor": "m1.small",
+    "image": "cirros-0.6.2",
+    "vm_state": "active",
+    "task_state": None,
+    "power_state": "running",
+    "host": "h12",
+    "cell": "api!eu!eu-1",
+    "meta": {"role": "frontend", "tier": "1", "owner": "ops"},
+    "version": 42,
+    "updated_at": 1764000000.123,
+    "fill": "x" * 40,
+}
 ROUND_TRIPS = int(os.environ.get("BENCH_ROUND_TRIPS", "3000"))
 CASTS = int(os.environ.get("BENCH_CASTS", "20000"))
 
 
-def _raw_server(endpoint: str, secret: bytes, ready: multiprocessing.synchronize.Event,
-                casts: int) -> None:
+def _raw_server(
+    endpoint: str, secret: bytes, ready: multiprocessing.synchronize.Event, casts: int
+) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.curve_server = True
@@ -71,14 +82,18 @@ def raw_baseline(report: Report) -> tuple[float, float]:
     client_public, client_secret = zmq.curve_keypair()
     endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     ready = multiprocessing.Event()
-    server = multiprocessing.Process(target=_raw_server,
-                                     args=(endpoint, server_secret, ready, CASTS))
+    server = multiprocessing.Process(
+        target=_raw_server, args=(endpoint, server_secret, ready, CASTS)
+    )
     server.start()
     ready.wait(10)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (
-        server_public, client_public, client_secret)
+        server_public,
+        client_public,
+        client_secret,
+    )
     sock.sndhwm = 100_000
     sock.connect(endpoint)
     payload = msgpack.packb(BODY)
@@ -109,8 +124,7 @@ def raw_baseline(report: Report) -> tuple[float, float]:
     return rtt["p50_us"], raw_rate
 
 
-async def zcells_figures(report: Report, tree: CellTree, raw_p50: float,
-                         raw_rate: float) -> None:
+async def zcells_figures(report: Report, tree: CellTree, raw_p50: float, raw_rate: float) -> None:
     async with tree.client(timeout_s=10) as client:
         deadline = time.monotonic() + 30
         while not all(r.ok for r in await client.ping_all(timeout_s=2)):
@@ -155,8 +169,13 @@ def main() -> None:
     print(f"round trips: {ROUND_TRIPS}, casts: {CASTS}, cpus: {os.cpu_count()}", flush=True)
     raw_p50, raw_rate = raw_baseline(report)
     with tempfile.TemporaryDirectory(prefix="zcells-bench-") as tmp:
-        tree = CellTree({"api": {"c1": {"g1": {}}}}, Path(tmp), log_level="warning",
-                        heartbeat_interval=5, call_timeout=30)
+        tree = CellTree(
+            {"api": {"c1": {"g1": {}}}},
+            Path(tmp),
+            log_level="warning",
+            heartbeat_interval=5,
+            call_timeout=30,
+        )
         try:
             tree.start()
             asyncio.run(zcells_figures(report, tree, raw_p50, raw_rate))

@@ -17,15 +17,33 @@ from zcells.sockets.transport import ZmqClient
 
 T = TypeVar("T")
 
-Endpoint = Annotated[str | None, typer.Option(
-    "--endpoint", envvar="ZCELLS_ENDPOINT", show_envvar=True,
-    help="The cell's api endpoint, e.g. tcp://127.0.0.1:7751.")]
-ServerKey = Annotated[str | None, typer.Option(
-    "--server-key", envvar="ZCELLS_SERVER_KEY", show_envvar=True,
-    help="The cell's public key: Z85 text or a path to its .key file.")]
-ClientKey = Annotated[Path | None, typer.Option(
-    "--key", envvar="ZCELLS_KEY", show_envvar=True,
-    help="This client's secret key file (NAME.key_secret).")]
+Endpoint = Annotated[
+    str | None,
+    typer.Option(
+        "--endpoint",
+        envvar="ZCELLS_ENDPOINT",
+        show_envvar=True,
+        help="The cell's api endpoint, e.g. tcp://127.0.0.1:7751.",
+    ),
+]
+ServerKey = Annotated[
+    str | None,
+    typer.Option(
+        "--server-key",
+        envvar="ZCELLS_SERVER_KEY",
+        show_envvar=True,
+        help="The cell's public key: Z85 text or a path to its .key file.",
+    ),
+]
+ClientKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--key",
+        envvar="ZCELLS_KEY",
+        show_envvar=True,
+        help="This client's secret key file (NAME.key_secret).",
+    ),
+]
 Timeout = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the answer.")]
 
 
@@ -52,19 +70,24 @@ def resolve(endpoint: str | None, server_key: str | None, key: Path | None) -> T
         raise ValidationError("client key", "", "--key or ZCELLS_KEY (a NAME.key_secret file)")
     key = key.expanduser()
     if not key.name.endswith(SECRET_SUFFIX):
-        raise KeyFileError(str(key), f"a client secret key file ends in {SECRET_SUFFIX}",
-                           "pass the NAME.key_secret file written by `zcells keys gen`")
+        raise KeyFileError(
+            str(key),
+            f"a client secret key file ends in {SECRET_SUFFIX}",
+            "pass the NAME.key_secret file written by `zcells keys gen`",
+        )
     pair = load_keypair(key.parent, key.name.removesuffix(SECRET_SUFFIX))
     return Target(endpoint, server_key, pair.public, pair.secret)
 
 
 def client_for(target: Target, timeout_s: float) -> CellClient:
-    transport = ZmqClient(target.endpoint, target.server_key,
-                          (target.public_key, target.secret_key))
+    transport = ZmqClient(
+        target.endpoint, target.server_key, (target.public_key, target.secret_key)
+    )
     return CellClient(transport, timeout_s=timeout_s)
 
 
-async def with_client(target: Target, timeout_s: float,
-                      work: Callable[[CellClient], Awaitable[T]]) -> T:
+async def with_client(
+    target: Target, timeout_s: float, work: Callable[[CellClient], Awaitable[T]]
+) -> T:
     async with client_for(target, timeout_s) as client:
         return await work(client)

@@ -21,16 +21,19 @@ T = TypeVar("T")
 
 def ping(
     path: Annotated[str | None, typer.Argument(help="Full cell path, e.g. api!eu!eu-1.")] = None,
-    all_cells: Annotated[bool, typer.Option("--all", help="Ping every cell below the "
-                                                          "connected one, itself included.")
-                         ] = False,
+    all_cells: Annotated[
+        bool,
+        typer.Option("--all", help="Ping every cell below the connected one, itself included."),
+    ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     endpoint: Endpoint = None,
     server_key: ServerKey = None,
     key: ClientKey = None,
     timeout: Timeout = 10.0,
-    wait: Annotated[float, typer.Option("--wait", help="Retry for up to this many seconds "
-                                                       "until every cell answers.")] = 0.0,
+    wait: Annotated[
+        float,
+        typer.Option("--wait", help="Retry for up to this many seconds until every cell answers."),
+    ] = 0.0,
 ) -> None:
     """Round-trip to one cell (PATH) or to every cell of the subtree (--all)."""
     if all_cells == (path is not None):
@@ -39,8 +42,9 @@ def ping(
         check_cell_path(path)
     target = resolve(endpoint, server_key, key)
     if path is not None:
-        one = asyncio.run(_retrying(wait, lambda: with_client(
-            target, timeout, lambda c: c.ping(path, timeout))))
+        one = asyncio.run(
+            _retrying(wait, lambda: with_client(target, timeout, lambda c: c.ping(path, timeout)))
+        )
         if json_output:
             print_json({"cell": one.cell, "rtt_ms": round(one.rtt_ms or 0.0, 3)})
         else:
@@ -63,9 +67,18 @@ def ping(
     if json_output:
         print_json([r.as_dict() for r in rows])
     else:
-        print_table("cells", ("CELL", "STATE", "RTT"), [
-            (r.cell, "ok" if r.ok else f"{r.code}: {r.error}",
-             "-" if r.rtt_ms is None else f"{r.rtt_ms:.2f} ms") for r in rows])
+        print_table(
+            "cells",
+            ("CELL", "STATE", "RTT"),
+            [
+                (
+                    r.cell,
+                    "ok" if r.ok else f"{r.code}: {r.error}",
+                    "-" if r.rtt_ms is None else f"{r.rtt_ms:.2f} ms",
+                )
+                for r in rows
+            ],
+        )
     if not all(r.ok for r in rows):
         sys.exit(1)
 

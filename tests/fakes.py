@@ -39,8 +39,14 @@ def _walk(tree: Tree, parent: str | None = None) -> list[tuple[str, str | None, 
 
 
 class MemoryTree:
-    def __init__(self, tree: Tree, *, extra_methods: Callable[[], list[Method]] | None = None,
-                 rogues: Mapping[str, str] | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        tree: Tree,
+        *,
+        extra_methods: Callable[[], list[Method]] | None = None,
+        rogues: Mapping[str, str] | None = None,
+        **settings: Any,
+    ) -> None:
         """`rogues` maps a name to the cell it hangs under as a child: a raw transport, no node."""
         self.extra_methods = extra_methods or (lambda: [])
         self.rogues = dict(rogues or {})
@@ -53,31 +59,45 @@ class MemoryTree:
         self.settings = settings
 
     def identity(self, name: str) -> Identity:
-        return Identity(name=name, public_key=f"key-{name}", secret_key=f"secret-{name}",
-                        cells_endpoint=f"mem://{name}/cells", api_endpoint=f"mem://{name}/api")
+        return Identity(
+            name=name,
+            public_key=f"key-{name}",
+            secret_key=f"secret-{name}",
+            cells_endpoint=f"mem://{name}/cells",
+            api_endpoint=f"mem://{name}/api",
+        )
 
     def registry(self, name: str) -> tuple[list[Neighbour], list[Client]]:
         neighbours = []
         for cell, parent, children in self.shape:
             if cell == name and parent is not None:
-                neighbours.append(Neighbour(parent, "parent", f"mem://{parent}/cells",
-                                            f"key-{parent}"))
+                neighbours.append(
+                    Neighbour(parent, "parent", f"mem://{parent}/cells", f"key-{parent}")
+                )
             if cell == name:
-                neighbours.extend(Neighbour(c, "child", f"mem://{c}/cells", f"key-{c}")
-                                  for c in children)
-        neighbours.extend(Neighbour(r, "child", f"mem://{r}/cells", f"key-{r}")
-                          for r, under in self.rogues.items() if under == name)
-        clients = [Client("ops", "key-ops", "admin"), Client("ops2", "key-ops2", "admin"),
-                   Client("ann", "key-ann", "member", "p1"),
-                   Client("rita", "key-rita", "reader")]
+                neighbours.extend(
+                    Neighbour(c, "child", f"mem://{c}/cells", f"key-{c}") for c in children
+                )
+        neighbours.extend(
+            Neighbour(r, "child", f"mem://{r}/cells", f"key-{r}")
+            for r, under in self.rogues.items()
+            if under == name
+        )
+        clients = [
+            Client("ops", "key-ops", "admin"),
+            Client("ops2", "key-ops2", "admin"),
+            Client("ann", "key-ann", "member", "p1"),
+            Client("rita", "key-rita", "reader"),
+        ]
         return neighbours, clients
 
     async def start(self) -> None:
         for name, parent, _ in self.shape:
             transport = MemoryTransport(self.network, self.identity(name))
             await transport.start()
-            settings = NodeSettings(name=name, cell_type="api" if parent is None else "compute",
-                                    **self.settings)
+            settings = NodeSettings(
+                name=name, cell_type="api" if parent is None else "compute", **self.settings
+            )
             table = build_methods(DiagHandlers(settings.cell_type, lambda: {}))
             extra = self.extra_methods()
             if extra:
@@ -90,8 +110,9 @@ class MemoryTree:
         for rogue, under in self.rogues.items():
             transport = MemoryTransport(self.network, self.identity(rogue))
             await transport.start()
-            transport.apply(Topology(parents={under: ParentLink(f"mem://{under}/cells",
-                                                                 f"key-{under}")}))
+            transport.apply(
+                Topology(parents={under: ParentLink(f"mem://{under}/cells", f"key-{under}")})
+            )
             self.transports[rogue] = transport
 
     def _start_node(self, name: str) -> None:
@@ -108,16 +129,22 @@ class MemoryTree:
         for rogue in self.rogues:
             await self.transports[rogue].close()
 
-    def client(self, cell: str | None = None, name: str = "ops",
-               key: str | None = None) -> CellClient:
+    def client(
+        self, cell: str | None = None, name: str = "ops", key: str | None = None
+    ) -> CellClient:
         cell = cell or self.top
-        return CellClient(MemoryClient(self.network, f"mem://{cell}/api", f"key-{cell}", name,
-                                       key or f"key-{name}"), timeout_s=2.0)
+        return CellClient(
+            MemoryClient(
+                self.network, f"mem://{cell}/api", f"key-{cell}", name, key or f"key-{name}"
+            ),
+            timeout_s=2.0,
+        )
 
     async def placed(self, timeout_s: float = 5.0) -> None:
         """Wait until every cell knows its full path."""
-        await wait_for(lambda: all(n.view.paths for n in self.nodes.values()), timeout_s,
-                       "every cell placed")
+        await wait_for(
+            lambda: all(n.view.paths for n in self.nodes.values()), timeout_s, "every cell placed"
+        )
 
 
 async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -41,16 +41,26 @@ class Ping:
     code: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"cell": self.cell, "ok": self.ok, "error": self.error,
-                "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3)}
+        return {
+            "cell": self.cell,
+            "ok": self.ok,
+            "error": self.error,
+            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+        }
 
 
 class CellClient:
     """An open link to one cell, usable as ``async with CellClient(transport) as c``."""
 
-    def __init__(self, transport: ClientTransport, *, timeout_s: float = 60.0,
-                 max_hops: int = 10, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        transport: ClientTransport,
+        *,
+        timeout_s: float = 60.0,
+        max_hops: int = 10,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.transport = transport
         self.timeout_s = timeout_s
         self.max_hops = max_hops
@@ -65,8 +75,12 @@ class CellClient:
         await self.connect()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.close()
 
     async def connect(self) -> None:
@@ -74,8 +88,9 @@ class CellClient:
         await self.transport.connect()
         self._hello = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read(), name="client-reader")
-        await self.transport.send(Hello(id=new_message_id(), sent_at=self.wall_clock(),
-                                        cell_type="client"))
+        await self.transport.send(
+            Hello(id=new_message_id(), sent_at=self.wall_clock(), cell_type="client")
+        )
         try:
             async with asyncio.timeout(min(self.timeout_s, 10.0)):
                 hello = await self._hello
@@ -121,29 +136,47 @@ class CellClient:
         finally:
             self._waiting.pop(message.id, None)
 
-    def _fields(self, method: str, body: Mapping[str, Any], timeout_s: float,
-                direction: Direction) -> dict[str, Any]:
-        return {"id": new_message_id(), "method": method, "body": dict(body),
-                "direction": direction, "path": (), "hops": 0, "max_hops": self.max_hops,
-                "want_response": True, "timeout_ms": int(timeout_s * 1000),
-                "sent_at": self.wall_clock(), "context": None}
+    def _fields(
+        self, method: str, body: Mapping[str, Any], timeout_s: float, direction: Direction
+    ) -> dict[str, Any]:
+        return {
+            "id": new_message_id(),
+            "method": method,
+            "body": dict(body),
+            "direction": direction,
+            "path": (),
+            "hops": 0,
+            "max_hops": self.max_hops,
+            "want_response": True,
+            "timeout_ms": int(timeout_s * 1000),
+            "sent_at": self.wall_clock(),
+            "context": None,
+        }
 
-    async def call(self, method: str, body: Mapping[str, Any] | None = None, *,
-                   target: str | None = None, timeout_s: float | None = None) -> CellResult:
+    async def call(
+        self,
+        method: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        target: str | None = None,
+        timeout_s: float | None = None,
+    ) -> CellResult:
         """A targeted call to the cell at `target` (default: the connected cell)."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         target = target or self.cell_path
         if target is None:
             raise CallTimeout("the cell has not said where it sits in the tree")
-        message = Targeted(**self._fields(method, body or {}, timeout_s, Direction.DOWN),
-                           target=target)
+        message = Targeted(
+            **self._fields(method, body or {}, timeout_s, Direction.DOWN), target=target
+        )
         response = await self._request(message, timeout_s)
         if len(response.results) != 1:
             raise ProtocolError(f"expected one result, got {len(response.results)}")
         return response.results[0]
 
-    async def cast(self, method: str, body: Mapping[str, Any] | None = None, *,
-                   target: str | None = None) -> None:
+    async def cast(
+        self, method: str, body: Mapping[str, Any] | None = None, *, target: str | None = None
+    ) -> None:
         """A targeted request that wants no answer: sent, not waited for."""
         target = target or self.cell_path
         if target is None:
@@ -152,13 +185,20 @@ class CellClient:
         fields["want_response"] = False
         await self.transport.send(Targeted(**fields, target=target))
 
-    async def broadcast(self, method: str, body: Mapping[str, Any] | None = None, *,
-                        timeout_s: float | None = None, direction: Direction = Direction.DOWN,
-                        run_locally: bool = True) -> tuple[tuple[CellResult, ...], float]:
+    async def broadcast(
+        self,
+        method: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
+        direction: Direction = Direction.DOWN,
+        run_locally: bool = True,
+    ) -> tuple[tuple[CellResult, ...], float]:
         """One result per cell of the connected cell's subtree, and the link's own time in ms."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        message = Broadcast(**self._fields(method, body or {}, timeout_s, direction),
-                            run_locally=run_locally)
+        message = Broadcast(
+            **self._fields(method, body or {}, timeout_s, direction), run_locally=run_locally
+        )
         started = self.clock()
         response = await self._request(message, timeout_s)
         link_ms = max(0.0, (self.clock() - started) * 1000.0 - response.held_ms)

@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 from zcells.errors import (
     DecodeError,
@@ -72,8 +72,9 @@ def _no_ext(code: int, data: bytes) -> Any:
 
 def _unpack(frame: bytes, limits: Mapping[str, int], what: str) -> Any:
     try:
-        return msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True,
-                               ext_hook=_no_ext, **limits)
+        return msgpack.unpackb(
+            frame, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext, **limits
+        )
     except (ValueError, TypeError) as exc:  # every msgpack decode error is a ValueError
         raise DecodeError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
     except RecursionError:
@@ -176,17 +177,30 @@ _REQUEST: Final[dict[str, tuple[Check, str]]] = {
 HEADER_KEYS: Final[dict[Kind, dict[str, tuple[Check, str]]]] = {
     Kind.TARGETED: {**_REQUEST, "target": (_is_str, "a string")},
     Kind.BROADCAST: {**_REQUEST, "local": (_is_bool, "a boolean")},
-    Kind.RESPONSE: {**_COMMON, "reply_to": (_is_bin, "16 bytes"),
-                    "path": (_is_str_list, "a list of strings"),
-                    "held_ms": (_is_float, "a float")},
-    Kind.HELLO: {**_COMMON, "cell_type": (_is_str, "a string"),
-                 "path": (_is_opt_str, "a string or nil"),
-                 "your_path": (_is_opt_str, "a string or nil")},
-    Kind.HEARTBEAT: {**_COMMON, "path": (_is_opt_str, "a string or nil"),
-                     "your_path": (_is_opt_str, "a string or nil")},
+    Kind.RESPONSE: {
+        **_COMMON,
+        "reply_to": (_is_bin, "16 bytes"),
+        "path": (_is_str_list, "a list of strings"),
+        "held_ms": (_is_float, "a float"),
+    },
+    Kind.HELLO: {
+        **_COMMON,
+        "cell_type": (_is_str, "a string"),
+        "path": (_is_opt_str, "a string or nil"),
+        "your_path": (_is_opt_str, "a string or nil"),
+    },
+    Kind.HEARTBEAT: {
+        **_COMMON,
+        "path": (_is_opt_str, "a string or nil"),
+        "your_path": (_is_opt_str, "a string or nil"),
+    },
 }
-_CTX_KEYS: Final = {"request_id": _is_str, "client": _is_opt_str, "project": _is_opt_str,
-                    "roles": _is_str_list}
+_CTX_KEYS: Final = {
+    "request_id": _is_str,
+    "client": _is_opt_str,
+    "project": _is_opt_str,
+    "roles": _is_str_list,
+}
 
 
 def _check_header(header: Any) -> tuple[Kind, dict[str, Any]]:
@@ -196,13 +210,15 @@ def _check_header(header: Any) -> tuple[Kind, dict[str, Any]]:
     if type(version) is not int:
         raise SchemaError("header: field 'v': expected an integer")
     if version != PROTOCOL_VERSION:
-        raise VersionMismatch(f"protocol version {version} is not supported "
-                              f"(this cell speaks {PROTOCOL_VERSION})")
+        raise VersionMismatch(
+            f"protocol version {version} is not supported (this cell speaks {PROTOCOL_VERSION})"
+        )
     try:
-        kind = Kind(header.get("kind"))
+        kind = Kind(str(header.get("kind")))
     except ValueError:
-        raise SchemaError("header: field 'kind': expected one of "
-                          + ", ".join(k.value for k in Kind)) from None
+        raise SchemaError(
+            "header: field 'kind': expected one of " + ", ".join(k.value for k in Kind)
+        ) from None
     spec = HEADER_KEYS[kind]
     if header.keys() != spec.keys():
         for key in header:
@@ -221,8 +237,12 @@ def _context(raw: dict[str, Any] | None) -> RequestContext | None:
         return None
     if set(raw) != set(_CTX_KEYS) or not all(_CTX_KEYS[k](v) for k, v in raw.items()):
         raise SchemaError("header: field 'ctx': expected request_id, client, project, roles")
-    return RequestContext(request_id=raw["request_id"], client=raw["client"],
-                          project=raw["project"], roles=tuple(raw["roles"]))
+    return RequestContext(
+        request_id=raw["request_id"],
+        client=raw["client"],
+        project=raw["project"],
+        roles=tuple(raw["roles"]),
+    )
 
 
 _RESULT_KEYS: Final = frozenset({"cell", "outcome", "value", "error", "rtt_ms"})
@@ -234,7 +254,7 @@ def _result(raw: Any) -> CellResult:
     if not raw.keys() <= _RESULT_KEYS:
         raise SchemaError("body: a result has only cell, outcome, value, error, rtt_ms")
     try:
-        outcome = Outcome(raw.get("outcome"))
+        outcome = Outcome(str(raw.get("outcome")))
     except ValueError:
         raise SchemaError("body: result outcome must be ok, error or timed_out") from None
     error: WireError | None = None
@@ -246,8 +266,9 @@ def _result(raw: Any) -> CellResult:
     rtt = raw.get("rtt_ms")
     if rtt is not None and type(rtt) is not float:
         raise SchemaError("body: result rtt_ms must be a float")
-    return CellResult(cell=raw["cell"], outcome=outcome, value=raw.get("value"), error=error,
-                      rtt_ms=rtt)
+    return CellResult(
+        cell=raw["cell"], outcome=outcome, value=raw.get("value"), error=error, rtt_ms=rtt
+    )
 
 
 def _result_to_wire(result: CellResult) -> dict[str, Any]:
@@ -266,17 +287,31 @@ def _result_to_wire(result: CellResult) -> dict[str, Any]:
 
 def encode(message: Message) -> list[bytes]:
     """The two frames of `message`."""
-    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": message.kind.value,
-                              "id": message.id, "ts": message.sent_at}
+    header: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "kind": message.kind.value,
+        "id": message.id,
+        "ts": message.sent_at,
+    }
     body: Any = {}
     if isinstance(message, Targeted | Broadcast):
         ctx = message.context
         header.update(
-            method=message.method, dir=message.direction.value, path=list(message.path),
-            hops=message.hops, max_hops=message.max_hops, want=message.want_response,
+            method=message.method,
+            dir=message.direction.value,
+            path=list(message.path),
+            hops=message.hops,
+            max_hops=message.max_hops,
+            want=message.want_response,
             ttl_ms=message.timeout_ms,
-            ctx=None if ctx is None else {"request_id": ctx.request_id, "client": ctx.client,
-                                          "project": ctx.project, "roles": list(ctx.roles)},
+            ctx=None
+            if ctx is None
+            else {
+                "request_id": ctx.request_id,
+                "client": ctx.client,
+                "project": ctx.project,
+                "roles": list(ctx.roles),
+            },
         )
         if isinstance(message, Targeted):
             header["target"] = message.target
@@ -284,12 +319,10 @@ def encode(message: Message) -> list[bytes]:
             header["local"] = message.run_locally
         body = dict(message.body)
     elif isinstance(message, Response):
-        header.update(reply_to=message.reply_to, path=list(message.path),
-                      held_ms=message.held_ms)
+        header.update(reply_to=message.reply_to, path=list(message.path), held_ms=message.held_ms)
         body = {"results": [_result_to_wire(r) for r in message.results]}
     elif isinstance(message, Hello):
-        header.update(cell_type=message.cell_type, path=message.path,
-                      your_path=message.your_path)
+        header.update(cell_type=message.cell_type, path=message.path, your_path=message.your_path)
     else:
         header.update(path=message.path, your_path=message.your_path)
     return [_pack(header), _pack(body)]
@@ -333,9 +366,16 @@ def _build(kind: Kind, h: dict[str, Any], body_frame: bytes) -> Message:
         except ValueError:
             raise SchemaError("header: field 'dir': expected up or down") from None
         common: dict[str, Any] = dict(
-            id=h["id"], method=h["method"], body=body, direction=direction,
-            path=tuple(h["path"]), hops=h["hops"], max_hops=h["max_hops"],
-            want_response=h["want"], timeout_ms=h["ttl_ms"], sent_at=h["ts"],
+            id=h["id"],
+            method=h["method"],
+            body=body,
+            direction=direction,
+            path=tuple(h["path"]),
+            hops=h["hops"],
+            max_hops=h["max_hops"],
+            want_response=h["want"],
+            timeout_ms=h["ttl_ms"],
+            sent_at=h["ts"],
             context=_context(h["ctx"]),
         )
         if kind is Kind.TARGETED:
@@ -345,14 +385,22 @@ def _build(kind: Kind, h: dict[str, Any], body_frame: bytes) -> Message:
         results = body.get("results")
         if set(body) != {"results"} or type(results) is not list:
             raise SchemaError("body: a response body is {results: [...]}")
-        return Response(id=h["id"], reply_to=h["reply_to"], path=tuple(h["path"]),
-                        results=tuple(_result(r) for r in results), sent_at=h["ts"],
-                        held_ms=h["held_ms"])
+        return Response(
+            id=h["id"],
+            reply_to=h["reply_to"],
+            path=tuple(h["path"]),
+            results=tuple(_result(r) for r in results),
+            sent_at=h["ts"],
+            held_ms=h["held_ms"],
+        )
     if body:
         raise SchemaError(f"body: a {kind.value} body must be empty")
     if kind is Kind.HELLO:
-        return Hello(id=h["id"], sent_at=h["ts"], cell_type=h["cell_type"], path=h["path"],
-                     your_path=h["your_path"])
+        return Hello(
+            id=h["id"],
+            sent_at=h["ts"],
+            cell_type=h["cell_type"],
+            path=h["path"],
+            your_path=h["your_path"],
+        )
     return Heartbeat(id=h["id"], sent_at=h["ts"], path=h["path"], your_path=h["your_path"])
-
-

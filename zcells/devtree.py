@@ -9,7 +9,9 @@ starts one `zcells serve` process per cell on free loopback ports.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -40,8 +42,9 @@ def free_ports(count: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str,
-               interval_s: float = 0.05) -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -74,12 +77,18 @@ class CellProc:
 
 
 class CellTree:
-    def __init__(self, tree: Tree, root: Path, *, log_level: str = "debug",
-                 **cells_options: Any) -> None:
+    def __init__(
+        self, tree: Tree, root: Path, *, log_level: str = "debug", **cells_options: Any
+    ) -> None:
         self.root = root
         self.log_level = log_level
-        self.options = {"heartbeat_interval": 0.5, "mute_child_interval": 3,
-                        "call_timeout": 10, "db_check_interval": 1, **cells_options}
+        self.options = {
+            "heartbeat_interval": 0.5,
+            "mute_child_interval": 3,
+            "call_timeout": 10,
+            "db_check_interval": 1,
+            **cells_options,
+        }
         self.cells: dict[str, CellProc] = {}
         self.client_keys = generate_keypair(root / "client-keys", "ops")
         self._add(tree, None, None)
@@ -92,8 +101,9 @@ class CellTree:
             directory = self.root / name
             cells_port, api_port = free_ports(2)
             keys = generate_keypair(directory / "keys", name)
-            self.cells[name] = CellProc(name, path, parent, directory, directory / "cell.conf",
-                                        keys, cells_port, api_port)
+            self.cells[name] = CellProc(
+                name, path, parent, directory, directory / "cell.conf", keys, cells_port, api_port
+            )
             self._add(children, name, path)
 
     def _write(self, cell: CellProc) -> None:
@@ -103,19 +113,28 @@ class CellTree:
             f"cell_type = {'api' if cell.parent is None else 'compute'}\n{options}\n"
             f"[transport]\ncells_endpoint = tcp://127.0.0.1:{cell.cells_port}\n"
             f"api_endpoint = {cell.api_endpoint}\nkeys_dir = keys\n"
-            f"[service]\nstate_dir = state\nlog_level = {self.log_level}\n")
+            f"[service]\nstate_dir = state\nlog_level = {self.log_level}\n"
+        )
         with Database(f"sqlite:///{cell.directory / 'state' / cell.name}.db") as db:
             migrate.sync(db)
             if cell.parent is not None:
                 parent = self.cells[cell.parent]
-                registry.add_cell(db, parent.name, kind="parent",
-                                  endpoint=f"tcp://127.0.0.1:{parent.cells_port}",
-                                  public_key=parent.keys.public)
+                registry.add_cell(
+                    db,
+                    parent.name,
+                    kind="parent",
+                    endpoint=f"tcp://127.0.0.1:{parent.cells_port}",
+                    public_key=parent.keys.public,
+                )
             for child in self.cells.values():
                 if child.parent == cell.name:
-                    registry.add_cell(db, child.name, kind="child",
-                                      endpoint=f"tcp://127.0.0.1:{child.cells_port}",
-                                      public_key=child.keys.public)
+                    registry.add_cell(
+                        db,
+                        child.name,
+                        kind="child",
+                        endpoint=f"tcp://127.0.0.1:{child.cells_port}",
+                        public_key=child.keys.public,
+                    )
             registry.add_client(db, "ops", public_key=self.client_keys.public, role="admin")
 
     def start(self, name: str | None = None, timeout_s: float = 30.0) -> None:
@@ -124,26 +143,35 @@ class CellTree:
         for cell in chosen:
             with cell.log.open("a") as log:
                 cell.proc = subprocess.Popen(
-                    [sys.executable, "-m", "zcells.cli.app", "--config", str(cell.config),
-                     "serve"], stdout=subprocess.DEVNULL, stderr=log,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                    [sys.executable, "-m", "zcells.cli.app", "--config", str(cell.config), "serve"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
         for cell in chosen:
-            wait_until(lambda c=cell: self._answers(c), timeout_s,  # type: ignore[misc]
-                       f"{cell.name} to answer on {cell.api_endpoint}", interval_s=0.1)
+            wait_until(
+                functools.partial(self._answers, cell),
+                timeout_s,
+                f"{cell.name} to answer on {cell.api_endpoint}",
+                interval_s=0.1,
+            )
 
     def _answers(self, cell: CellProc) -> bool:
         if cell.proc is not None and cell.proc.poll() is not None:
-            raise AssertionError(f"{cell.name} exited with {cell.proc.returncode}:\n"
-                                 + cell.log_text()[-3000:])
+            raise AssertionError(
+                f"{cell.name} exited with {cell.proc.returncode}:\n" + cell.log_text()[-3000:]
+            )
 
         async def ping() -> bool:
             async with self.client(cell.name, timeout_s=1.0) as client:
                 return (await client.ping()).ok
 
-        try:
-            return asyncio.run(ping())
-        except WireError:
-            return False
+        # A thread of its own, so this works whether or not the caller runs a loop.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            try:
+                return pool.submit(asyncio.run, ping()).result()
+            except WireError:
+                return False
 
     def signal(self, name: str, signum: int) -> None:
         proc = self.cells[name].proc
@@ -167,9 +195,12 @@ class CellTree:
 
     def client(self, name: str | None = None, timeout_s: float = 5.0) -> CellClient:
         cell = self.cells[name] if name else next(iter(self.cells.values()))
-        transport = ZmqClient(cell.api_endpoint, cell.keys.public,
-                              (self.client_keys.public, self.client_keys.secret),
-                              connect_timeout_s=min(timeout_s, 5.0))
+        transport = ZmqClient(
+            cell.api_endpoint,
+            cell.keys.public,
+            (self.client_keys.public, self.client_keys.secret),
+            connect_timeout_s=min(timeout_s, 5.0),
+        )
         return CellClient(transport, timeout_s=timeout_s)
 
     def logs(self) -> str:
@@ -177,8 +208,9 @@ class CellTree:
 
 
 @contextlib.contextmanager
-def running_tree(tree: Tree, root: Path, *, log_level: str = "debug",
-                 **options: Any) -> Iterator[CellTree]:
+def running_tree(
+    tree: Tree, root: Path, *, log_level: str = "debug", **options: Any
+) -> Iterator[CellTree]:
     cells = CellTree(tree, root, log_level=log_level, **options)
     try:
         cells.start()

@@ -64,19 +64,30 @@ def _require(condition: bool, field_name: str, expected: str) -> None:
 
 
 def _check_id(value: object, field_name: str = "id") -> None:
-    _require(type(value) is bytes and len(value) == MESSAGE_ID_BYTES, field_name,  # type: ignore[arg-type]
-             f"{MESSAGE_ID_BYTES} bytes")
+    _require(
+        type(value) is bytes and len(value) == MESSAGE_ID_BYTES,
+        field_name,
+        f"{MESSAGE_ID_BYTES} bytes",
+    )
 
 
 def _check_method(value: object) -> None:
-    _require(type(value) is str and 0 < len(value) <= MAX_METHOD_LENGTH  # type: ignore[arg-type]
-             and value.isascii() and value.replace("_", "a").isalnum(),  # type: ignore[union-attr]
-             "method", "a method name of letters, digits and '_'")
+    _require(
+        type(value) is str
+        and 0 < len(value) <= MAX_METHOD_LENGTH
+        and value.isascii()
+        and value.replace("_", "a").isalnum(),
+        "method",
+        "a method name of letters, digits and '_'",
+    )
 
 
 def _check_path(path: object) -> None:
-    _require(type(path) is tuple and len(path) <= MAX_HOPS_LIMIT + 1, "path",  # type: ignore[arg-type]
-             "a tuple of at most 65 cell paths")
+    _require(
+        type(path) is tuple and len(path) <= MAX_HOPS_LIMIT + 1,
+        "path",
+        "a tuple of at most 65 cell paths",
+    )
     for entry in path:  # type: ignore[attr-defined]
         _check_cell(entry, "path")
 
@@ -96,13 +107,19 @@ def _check_cell(value: object, field_name: str) -> None:
 
 
 def _check_int(value: object, field_name: str, low: int, high: int) -> None:
-    _require(type(value) is int and low <= value <= high, field_name,  # type: ignore[operator]
-             f"an integer from {low} to {high}")
+    _require(
+        type(value) is int and low <= value <= high,
+        field_name,
+        f"an integer from {low} to {high}",
+    )
 
 
 def _check_time(value: object) -> None:
-    _require(type(value) is float and math.isfinite(value) and value >= 0, "ts",  # type: ignore[arg-type]
-             "a non-negative finite float (seconds since the epoch)")
+    _require(
+        type(value) is float and math.isfinite(value) and value >= 0,
+        "ts",
+        "a non-negative finite float (seconds since the epoch)",
+    )
 
 
 @dataclass(frozen=True)
@@ -115,8 +132,11 @@ class RequestContext:
     roles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _require(type(self.request_id) is str and 0 < len(self.request_id) <= 64,
-                 "ctx.request_id", "a string of 1-64 characters")
+        _require(
+            type(self.request_id) is str and 0 < len(self.request_id) <= 64,
+            "ctx.request_id",
+            "a string of 1-64 characters",
+        )
         for name in ("client", "project"):
             value = getattr(self, name)
             if value is not None:
@@ -124,9 +144,13 @@ class RequestContext:
                     check_name(name, value)
                 except Exception:
                     raise SchemaError(f"field 'ctx.{name}': expected a name") from None
-        _require(type(self.roles) is tuple and len(self.roles) <= 8
-                 and all(r in ("admin", "member", "reader") for r in self.roles),
-                 "ctx.roles", "a list of roles: admin, member, reader")
+        _require(
+            type(self.roles) is tuple
+            and len(self.roles) <= 8
+            and all(r in ("admin", "member", "reader") for r in self.roles),
+            "ctx.roles",
+            "a list of roles: admin, member, reader",
+        )
 
 
 @dataclass(frozen=True)
@@ -154,8 +178,11 @@ class _Request:
         _require(type(self.want_response) is bool, "want", "true or false")
         _check_int(self.timeout_ms, "ttl_ms", 0, MAX_TIMEOUT_MS)
         _check_time(self.sent_at)
-        _require(self.context is None or isinstance(self.context, RequestContext), "ctx",
-                 "a request context")
+        _require(
+            self.context is None or isinstance(self.context, RequestContext),
+            "ctx",
+            "a request context",
+        )
 
 
 @dataclass(frozen=True)
@@ -195,12 +222,17 @@ class CellResult:
 
     def __post_init__(self) -> None:
         _check_cell(self.cell, "results.cell")
-        _require(self.rtt_ms is None or (type(self.rtt_ms) is float
-                                         and math.isfinite(self.rtt_ms)),
-                 "results.rtt_ms", "a finite float or nil")
+        _require(
+            self.rtt_ms is None or (type(self.rtt_ms) is float and math.isfinite(self.rtt_ms)),
+            "results.rtt_ms",
+            "a finite float or nil",
+        )
         _require(isinstance(self.outcome, Outcome), "results.outcome", "ok, error or timed_out")
-        _require((self.error is not None) == (self.outcome is Outcome.ERROR), "results.error",
-                 "an error exactly when the outcome is error")
+        _require(
+            (self.error is not None) == (self.outcome is Outcome.ERROR),
+            "results.error",
+            "an error exactly when the outcome is error",
+        )
 
     @property
     def ok(self) -> bool:
@@ -236,12 +268,17 @@ class Response:
         _check_id(self.id)
         _check_id(self.reply_to, "reply_to")
         _check_path(self.path)
-        _require(type(self.results) is tuple and all(isinstance(r, CellResult)
-                                                     for r in self.results),
-                 "results", "a list of cell results")
+        _require(
+            type(self.results) is tuple and all(isinstance(r, CellResult) for r in self.results),
+            "results",
+            "a list of cell results",
+        )
         _check_time(self.sent_at)
-        _require(type(self.held_ms) is float and math.isfinite(self.held_ms)
-                 and self.held_ms >= 0, "held_ms", "a non-negative float")
+        _require(
+            type(self.held_ms) is float and math.isfinite(self.held_ms) and self.held_ms >= 0,
+            "held_ms",
+            "a non-negative float",
+        )
 
 
 @dataclass(frozen=True)
@@ -262,8 +299,9 @@ class Hello:
     def __post_init__(self) -> None:
         _check_id(self.id)
         _check_time(self.sent_at)
-        _require(self.cell_type in ("api", "compute", "client"), "cell_type",
-                 "api, compute or client")
+        _require(
+            self.cell_type in ("api", "compute", "client"), "cell_type", "api, compute or client"
+        )
         if self.path is not None:
             _check_cell(self.path, "path")
         if self.your_path is not None:
@@ -291,7 +329,9 @@ class Heartbeat:
 
 Request = Targeted | Broadcast
 Message = Targeted | Broadcast | Response | Hello | Heartbeat
-MessageT = TypeVar("MessageT", Targeted, Broadcast, Response, Hello, Heartbeat, CellResult)
+MessageT = TypeVar(
+    "MessageT", bound=Targeted | Broadcast | Response | Hello | Heartbeat | CellResult
+)
 
 
 def evolve(message: MessageT, **changes: Any) -> MessageT:

@@ -70,8 +70,9 @@ class Method:
         if not self.kinds <= {Kind.TARGETED, Kind.BROADCAST}:
             raise ValueError(f"method {self.name}: only targeted and broadcast carry methods")
         if not self.allowed <= CALLER_ROLES:
-            raise ValueError(f"method {self.name}: unknown caller roles "
-                             f"{sorted(self.allowed - CALLER_ROLES)}")
+            raise ValueError(
+                f"method {self.name}: unknown caller roles {sorted(self.allowed - CALLER_ROLES)}"
+            )
 
 
 class MethodTable:
@@ -121,9 +122,10 @@ class MethodTable:
                 args[key] = param.default
                 continue
             value = body[key]
-            if type(value) is not param.type and not (
-                    param.type is float and type(value) is int):
-                raise SchemaError(f"{method.name}: argument {key!r} must be "
-                                  f"{param.type.__name__}, not {type(value).__name__}")
+            if type(value) is not param.type and not (param.type is float and type(value) is int):
+                raise SchemaError(
+                    f"{method.name}: argument {key!r} must be "
+                    f"{param.type.__name__}, not {type(value).__name__}"
+                )
             args[key] = value
         return args

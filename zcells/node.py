@@ -109,9 +109,15 @@ class _Gather:
 class Node:
     """One cell's message loop over a transport."""
 
-    def __init__(self, settings: NodeSettings, transport: Transport, methods: MethodTable, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        transport: Transport,
+        methods: MethodTable,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.transport = transport
         self.methods = methods
@@ -137,18 +143,23 @@ class Node:
         self._clients = {c.name: c for c in clients}
         parents = {n.name: n for n in neighbours if n.kind == "parent"}
         children = {n.name: n for n in neighbours if n.kind == "child"}
-        self.transport.apply(Topology(
-            parents={n: ParentLink(p.endpoint, p.public_key) for n, p in parents.items()},
-            children={n: c.public_key for n, c in children.items()},
-            clients={c.name: c.public_key for c in clients},
-        ))
+        self.transport.apply(
+            Topology(
+                parents={n: ParentLink(p.endpoint, p.public_key) for n, p in parents.items()},
+                children={n: c.public_key for n, c in children.items()},
+                clients={c.name: c.public_key for c in clients},
+            )
+        )
         known = {n: self.view.parents.get(n) for n in parents}
         self.view = replace(self.view, parents=known, children=frozenset(children))
         now = self.clock()
         wanted = {Peer(Role.PARENT, n) for n in parents} | {Peer(Role.CHILD, n) for n in children}
         for peer in wanted - self._liveness.keys():
-            self._liveness[peer] = Tracker(late_after_s=3 * self.settings.heartbeat_interval_s,
-                                           mute_after_s=self.settings.mute_after_s, since=now)
+            self._liveness[peer] = Tracker(
+                late_after_s=3 * self.settings.heartbeat_interval_s,
+                mute_after_s=self.settings.mute_after_s,
+                since=now,
+            )
         for peer in self._liveness.keys() - wanted:
             del self._liveness[peer]
 
@@ -173,9 +184,11 @@ class Node:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(heartbeats, *self._tasks, return_exceptions=True)
-            for pending in (*self._relays.values(), *self._gathers.values()):
-                if pending.handle is not None:
-                    pending.handle.cancel()
+            handles = [r.handle for r in self._relays.values()]
+            handles += [g.handle for g in self._gathers.values()]
+            for handle in handles:
+                if handle is not None:
+                    handle.cancel()
 
     def _spawn(self, coro: Any, peer: Peer | None = None) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
@@ -224,28 +237,39 @@ class Node:
 
     def _on_bad_message(self, peer: Peer, error: WireError) -> None:
         self.counters[f"refused_{error.code}"] += 1
-        logs.event(log, logging.WARNING, "message.refused", peer=peer, code=error.code,
-                   error=error.message)
+        logs.event(
+            log, logging.WARNING, "message.refused", peer=peer, code=error.code, error=error.message
+        )
         reply_to = getattr(error, "reply_to", None)
         if reply_to is not None:
             error.cell = error.cell or self._here()
-            self._answer(peer, reply_to, (), (CellResult(self._here(), Outcome.ERROR,
-                                                         error=error),), 0.0)
+            self._answer(
+                peer, reply_to, (), (CellResult(self._here(), Outcome.ERROR, error=error),), 0.0
+            )
 
     # -- links, hellos, heartbeats ----------------------------------------------------------
 
     def _on_link(self, change: LinkChange) -> None:
-        logs.event(log, logging.INFO if change.up else logging.WARNING,
-                   "link.up" if change.up else "link.down", peer=change.peer,
-                   reason=change.reason)
+        logs.event(
+            log,
+            logging.INFO if change.up else logging.WARNING,
+            "link.up" if change.up else "link.down",
+            peer=change.peer,
+            reason=change.reason,
+        )
         if change.up and change.peer.role is Role.PARENT:
             self._send_soon(change.peer, self._hello(change.peer))
 
     def _hello(self, peer: Peer) -> Hello:
         here = self._known_path()
         your = f"{here}!{peer.name}" if here and peer.role is Role.CHILD else None
-        return Hello(id=new_message_id(), sent_at=self.wall_clock(),
-                     cell_type=self.settings.cell_type, path=here, your_path=your)
+        return Hello(
+            id=new_message_id(),
+            sent_at=self.wall_clock(),
+            cell_type=self.settings.cell_type,
+            path=here,
+            your_path=your,
+        )
 
     def _on_hello(self, peer: Peer, hello: Hello) -> None:
         if peer.role is Role.PARENT:
@@ -258,13 +282,25 @@ class Node:
         if peer.role is not Role.PARENT or path is None or peer.name not in self.view.parents:
             return
         if your_path != f"{path}!{self.settings.name}" or routing.last_name(path) != peer.name:
-            logs.event(log, logging.WARNING, "hello.inconsistent", peer=peer, path=path,
-                       your_path=your_path)
+            logs.event(
+                log,
+                logging.WARNING,
+                "hello.inconsistent",
+                peer=peer,
+                path=path,
+                your_path=your_path,
+            )
             return
         if self.view.parents.get(peer.name) != path:
             self.view = replace(self.view, parents={**self.view.parents, peer.name: path})
-            logs.event(log, logging.INFO, "cell.placed", cell=self.settings.name,
-                       path=your_path, parent=peer)
+            logs.event(
+                log,
+                logging.INFO,
+                "cell.placed",
+                cell=self.settings.name,
+                path=your_path,
+                parent=peer,
+            )
             for child in sorted(self.view.children):  # tell children where they sit now
                 self._send_soon(Peer(Role.CHILD, child), self._hello(Peer(Role.CHILD, child)))
 
@@ -286,13 +322,23 @@ class Node:
         here = self._known_path()
         for peer, tracker in self._liveness.items():
             your = f"{here}!{peer.name}" if here and peer.role is Role.CHILD else None
-            self._send_soon(peer, Heartbeat(id=new_message_id(), sent_at=self.wall_clock(),
-                                            path=here, your_path=your), quiet=True)
+            self._send_soon(
+                peer,
+                Heartbeat(
+                    id=new_message_id(), sent_at=self.wall_clock(), path=here, your_path=your
+                ),
+                quiet=True,
+            )
             before = tracker.state
             after = tracker.check(now)
             if after is not before:
-                logs.event(log, logging.WARNING, f"neighbour.{after.value}", peer=peer,
-                           silent_s=round(tracker.silent_for(now) or now - tracker.since, 1))
+                logs.event(
+                    log,
+                    logging.WARNING,
+                    f"neighbour.{after.value}",
+                    peer=peer,
+                    silent_s=round(tracker.silent_for(now) or now - tracker.since, 1),
+                )
 
     def liveness(self) -> dict[Peer, Liveness]:
         now = self.clock()
@@ -300,8 +346,13 @@ class Node:
 
     # -- sending ----------------------------------------------------------------------------
 
-    def _send_soon(self, peer: Peer, message: Any, quiet: bool = False,
-                   on_error: Callable[[WireError], None] | None = None) -> None:
+    def _send_soon(
+        self,
+        peer: Peer,
+        message: Any,
+        quiet: bool = False,
+        on_error: Callable[[WireError], None] | None = None,
+    ) -> None:
         """Send at once; a failure goes to `on_error` or the log, never up the stack.
 
         A failure is reported as this cell's: a broken or closed link to a
@@ -317,13 +368,26 @@ class Node:
             if on_error is not None:
                 on_error(exc)
             elif not quiet:
-                logs.event(log, logging.WARNING, "send.failed", peer=peer, code=exc.code,
-                           error=exc.message)
+                logs.event(
+                    log, logging.WARNING, "send.failed", peer=peer, code=exc.code, error=exc.message
+                )
 
-    def _answer(self, peer: Peer, reply_to: bytes, path: tuple[str, ...],
-                results: tuple[CellResult, ...], held_ms: float) -> None:
-        response = Response(id=new_message_id(), reply_to=reply_to, path=path, results=results,
-                            sent_at=self.wall_clock(), held_ms=max(0.0, held_ms))
+    def _answer(
+        self,
+        peer: Peer,
+        reply_to: bytes,
+        path: tuple[str, ...],
+        results: tuple[CellResult, ...],
+        held_ms: float,
+    ) -> None:
+        response = Response(
+            id=new_message_id(),
+            reply_to=reply_to,
+            path=path,
+            results=results,
+            sent_at=self.wall_clock(),
+            held_ms=max(0.0, held_ms),
+        )
         key = (peer, reply_to)
         if key in self._recent:
             self._recent[key] = response
@@ -360,12 +424,10 @@ class Node:
         try:
             skew = abs(self.wall_clock() - message.sent_at)
             if skew > self.settings.max_clock_skew_s:
-                raise StaleMessage(f"sent {skew:.0f}s away from this cell's clock",
-                                   self._here())
+                raise StaleMessage(f"sent {skew:.0f}s away from this cell's clock", self._here())
             caller = self._caller(peer)
             if self._in_flight[peer] >= self.settings.max_in_flight_per_peer:
-                raise Busy(f"{peer} has {self._in_flight[peer]} requests in flight",
-                           self._here())
+                raise Busy(f"{peer} has {self._in_flight[peer]} requests in flight", self._here())
             if peer.role is Role.CLIENT:
                 message = self._as_client_request(peer, caller, message)
             elif peer.role is Role.CHILD:
@@ -393,8 +455,12 @@ class Node:
 
     def _as_client_request(self, peer: Peer, role: str, message: Request) -> Request:
         client = self._clients[peer.name]
-        context = RequestContext(request_id=str(uuid.UUID(bytes=message.id)), client=peer.name,
-                                 project=client.project, roles=(role,))
+        context = RequestContext(
+            request_id=str(uuid.UUID(bytes=message.id)),
+            client=peer.name,
+            project=client.project,
+            roles=(role,),
+        )
         return evolve(message, context=context, max_hops=self.settings.max_hop_count)
 
     def _budget_s(self, message: Request) -> float:
@@ -404,9 +470,17 @@ class Node:
         here = self._here_for(peer, message)
         self.counters[f"refused_{error.code}"] += 1
         error.cell = error.cell or here
-        logs.event(log, logging.INFO, "request.refused", id=message.id.hex(),
-                   method=message.method[:64], path="!".join(message.path)[:200], peer=peer,
-                   code=error.code, error=error.message)
+        logs.event(
+            log,
+            logging.INFO,
+            "request.refused",
+            id=message.id.hex(),
+            method=message.method[:64],
+            path="!".join(message.path)[:200],
+            peer=peer,
+            code=error.code,
+            error=error.message,
+        )
         if message.want_response:
             result = CellResult(here, Outcome.ERROR, error=error)
             self._answer(peer, message.id, message.path, (result,), 0.0)
@@ -417,8 +491,15 @@ class Node:
             return f"{message.path[-1]}!{self.settings.name}"
         return self._here()
 
-    def _run_handler(self, stamped: Request, peer: Peer, caller: str, args: dict[str, Any],
-                     deadline: float, done: Callable[[CellResult], None]) -> None:
+    def _run_handler(
+        self,
+        stamped: Request,
+        peer: Peer,
+        caller: str,
+        args: dict[str, Any],
+        deadline: float,
+        done: Callable[[CellResult], None],
+    ) -> None:
         """Run the method here and hand its result to `done`.
 
         A plain-function handler runs inline, at once; a coroutine handler runs
@@ -426,8 +507,15 @@ class Node:
         """
         here = stamped.path[-1]
         method = self.methods.resolve(stamped.kind, stamped.method, caller)
-        call = Call(method=stamped.method, args=args, sender=peer, caller=caller,
-                    context=stamped.context, cell=here, deadline=deadline)
+        call = Call(
+            method=stamped.method,
+            args=args,
+            sender=peer,
+            caller=caller,
+            context=stamped.context,
+            cell=here,
+            deadline=deadline,
+        )
         started = self.clock()
         if not method.is_coroutine:
             try:
@@ -463,31 +551,60 @@ class Node:
             exc.cell = exc.cell or here
             return CellResult(here, Outcome.ERROR, error=exc)
         incident = uuid.uuid4().hex[:12]
-        log.error("handler.failed id=%s method=%s incident=%s", stamped.id.hex(), stamped.method,
-                  incident, exc_info=exc)
+        log.error(
+            "handler.failed id=%s method=%s incident=%s",
+            stamped.id.hex(),
+            stamped.method,
+            incident,
+            exc_info=exc,
+        )
         self.counters["handler_errors"] += 1
-        return CellResult(here, Outcome.ERROR, error=InternalError(
-            f"{stamped.method} failed; see the cell log for incident {incident}", here))
+        return CellResult(
+            here,
+            Outcome.ERROR,
+            error=InternalError(
+                f"{stamped.method} failed; see the cell log for incident {incident}", here
+            ),
+        )
 
-    def _deliver(self, peer: Peer, message: Request, stamped: Request, caller: str,
-                 args: dict[str, Any], deadline: float) -> None:
+    def _deliver(
+        self,
+        peer: Peer,
+        message: Request,
+        stamped: Request,
+        caller: str,
+        args: dict[str, Any],
+        deadline: float,
+    ) -> None:
         started = self.clock()
 
         def answer(result: CellResult) -> None:
             if message.want_response:
-                self._answer(peer, message.id, stamped.path, (result,),
-                             (self.clock() - started) * 1000.0)
+                self._answer(
+                    peer, message.id, stamped.path, (result,), (self.clock() - started) * 1000.0
+                )
 
         self._run_handler(stamped, peer, caller, args, deadline, answer)
 
-    def _forward(self, peer: Peer, message: Request, decision: routing.Forward, started: float,
-                 deadline: float) -> None:
+    def _forward(
+        self,
+        peer: Peer,
+        message: Request,
+        decision: routing.Forward,
+        started: float,
+        deadline: float,
+    ) -> None:
         stamped = decision.message
         assert isinstance(stamped, Targeted)
         outgoing = self._outgoing(stamped, deadline)
         if message.want_response:
-            relay = _Relay(via=decision.to, target=stamped.target, started=started,
-                           requester=peer, request_id=message.id)
+            relay = _Relay(
+                via=decision.to,
+                target=stamped.target,
+                started=started,
+                requester=peer,
+                request_id=message.id,
+            )
             self._watch(outgoing.id, relay, deadline)
 
         def failed(error: WireError) -> None:
@@ -499,15 +616,20 @@ class Node:
     def _outgoing(self, message: Request, deadline: float) -> Request:
         """The copy of a request for the next hop: its own id, the time left for it."""
         remaining_ms = max(0, int((deadline - self.clock()) * 1000))
-        return evolve(message, id=new_message_id(), sent_at=self.wall_clock(),
-                       timeout_ms=routing.forward_budget_ms(remaining_ms))
+        return evolve(
+            message,
+            id=new_message_id(),
+            sent_at=self.wall_clock(),
+            timeout_ms=routing.forward_budget_ms(remaining_ms),
+        )
 
     def _watch(self, message_id: bytes, relay: _Relay, deadline: float) -> None:
         self._relays[(relay.via, message_id)] = relay
         self._hold(relay.requester)
         delay = max(0.0, deadline - self.clock())
-        relay.handle = asyncio.get_running_loop().call_later(delay, self._expire_relay,
-                                                             relay.via, message_id)
+        relay.handle = asyncio.get_running_loop().call_later(
+            delay, self._expire_relay, relay.via, message_id
+        )
 
     def _drop_relay(self, via: Peer, message_id: bytes) -> _Relay | None:
         relay = self._relays.pop((via, message_id), None)
@@ -523,28 +645,44 @@ class Node:
             return
         self.counters["timeouts"] += 1
         if relay.future is not None and not relay.future.done():
-            relay.future.set_exception(CallTimeout("no response before the deadline",
-                                                   relay.target))
+            relay.future.set_exception(CallTimeout("no response before the deadline", relay.target))
         if relay.requester is not None:
             result = CellResult(relay.target, Outcome.TIMED_OUT)
-            self._answer(relay.requester, relay.request_id, (), (result,),
-                         (self.clock() - relay.started) * 1000.0)
+            self._answer(
+                relay.requester,
+                relay.request_id,
+                (),
+                (result,),
+                (self.clock() - relay.started) * 1000.0,
+            )
 
     # -- broadcasts -------------------------------------------------------------------------
 
-    def _fan_out(self, peer: Peer, message: Request, fanout: routing.Fanout, caller: str,
-                 args: dict[str, Any], started: float, deadline: float) -> None:
+    def _fan_out(
+        self,
+        peer: Peer,
+        message: Request,
+        fanout: routing.Fanout,
+        caller: str,
+        args: dict[str, Any],
+        started: float,
+        deadline: float,
+    ) -> None:
         stamped = fanout.message
         assert isinstance(message, Broadcast)
         # Every cell below the origin runs the broadcast; `run_locally` is the origin's choice.
         outgoing = evolve(self._outgoing(stamped, deadline), run_locally=True)
-        gather = _Gather(sender=peer, request=message, started=started,
-                         aggregation=routing.Aggregation(stamped.path[-1], fanout.to,
-                                                         fanout.local))
+        gather = _Gather(
+            sender=peer,
+            request=message,
+            started=started,
+            aggregation=routing.Aggregation(stamped.path[-1], fanout.to, fanout.local),
+        )
         self._gathers[outgoing.id] = gather
         self._hold(peer)
         gather.handle = asyncio.get_running_loop().call_later(
-            max(0.0, deadline - self.clock()), self._finish_gather, outgoing.id)
+            max(0.0, deadline - self.clock()), self._finish_gather, outgoing.id
+        )
         for neighbour in fanout.to:
             gather.sent_at[neighbour] = self.clock()
 
@@ -553,6 +691,7 @@ class Node:
 
             self._send_soon(neighbour, outgoing, on_error=failed)
         if fanout.local:
+
             def local_done(result: CellResult) -> None:
                 if outgoing.id in self._gathers:
                     gather.aggregation.add_local(result)
@@ -572,8 +711,13 @@ class Node:
         self._release(gather.sender)
         results = gather.aggregation.finish()
         if gather.request.want_response:
-            self._answer(gather.sender, gather.request.id, gather.request.path, results,
-                         (self.clock() - gather.started) * 1000.0)
+            self._answer(
+                gather.sender,
+                gather.request.id,
+                gather.request.path,
+                results,
+                (self.clock() - gather.started) * 1000.0,
+            )
 
     # -- responses --------------------------------------------------------------------------
 
@@ -594,36 +738,65 @@ class Node:
             # Late (its requester was answered with a timeout already), or not an
             # answer to anything this cell sent to that peer: never passed on.
             self.counters["unmatched_responses"] += 1
-            logs.event(log, logging.DEBUG, "response.unmatched", peer=peer,
-                       reply_to=response.reply_to.hex())
+            logs.event(
+                log,
+                logging.DEBUG,
+                "response.unmatched",
+                peer=peer,
+                reply_to=response.reply_to.hex(),
+            )
             return
         if relay.future is not None and not relay.future.done():
             relay.future.set_result(response)
         if relay.requester is not None:
-            self._answer(relay.requester, relay.request_id, response.path, response.results,
-                         (self.clock() - relay.started) * 1000.0)
+            self._answer(
+                relay.requester,
+                relay.request_id,
+                response.path,
+                response.results,
+                (self.clock() - relay.started) * 1000.0,
+            )
 
     # -- calls this cell makes itself ---------------------------------------------------------
 
-    async def call(self, method: str, body: Mapping[str, Any], target: str,
-                   timeout_s: float | None = None) -> CellResult:
+    async def call(
+        self, method: str, body: Mapping[str, Any], target: str, timeout_s: float | None = None
+    ) -> CellResult:
         """A targeted call from this cell; the result of the target cell."""
         timeout_s = self.settings.call_timeout_s if timeout_s is None else timeout_s
         here = self.view.home_path(target)
-        message = Targeted(id=new_message_id(), method=method, body=dict(body),
-                           direction=Direction.DOWN, path=(here,), hops=1,
-                           max_hops=self.settings.max_hop_count, want_response=True,
-                           timeout_ms=int(timeout_s * 1000), sent_at=self.wall_clock(),
-                           context=None, target=target)
+        message = Targeted(
+            id=new_message_id(),
+            method=method,
+            body=dict(body),
+            direction=Direction.DOWN,
+            path=(here,),
+            hops=1,
+            max_hops=self.settings.max_hop_count,
+            want_response=True,
+            timeout_ms=int(timeout_s * 1000),
+            sent_at=self.wall_clock(),
+            context=None,
+            target=target,
+        )
         decision = routing.route_targeted(self.view, message, None)
         if not isinstance(decision, routing.Forward):
             raise InvalidRequest("a cell does not call itself", here)
         started = self.clock()
         future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         outgoing = self._outgoing(decision.message, started + timeout_s)
-        self._watch(outgoing.id, _Relay(via=decision.to, target=target, started=started,
-                                        requester=None, request_id=message.id, future=future),
-                    started + timeout_s)
+        self._watch(
+            outgoing.id,
+            _Relay(
+                via=decision.to,
+                target=target,
+                started=started,
+                requester=None,
+                request_id=message.id,
+                future=future,
+            ),
+            started + timeout_s,
+        )
         try:
             self.transport.send(decision.to, outgoing)
         except WireError:

@@ -88,15 +88,21 @@ class View:
         """This cell's full paths: one per parent that said hello, its name if a top cell."""
         if not self.parents:
             return (self.name,)
-        return tuple(sorted(f"{p}{PATH_SEPARATOR}{self.name}"
-                            for p in self.parents.values() if p is not None))
+        return tuple(
+            sorted(
+                f"{p}{PATH_SEPARATOR}{self.name}" for p in self.parents.values() if p is not None
+            )
+        )
 
     def home_path(self, target: str | None = None) -> str:
         """The path this cell originates messages from: the one nearest to `target`."""
         paths = self.paths
         if not paths:
-            raise UnknownCell(f"cell {self.name} does not know its place in the tree yet: "
-                              "no parent has said hello", self.name)
+            raise UnknownCell(
+                f"cell {self.name} does not know its place in the tree yet: "
+                "no parent has said hello",
+                self.name,
+            )
         if target is not None:
             return max(paths, key=lambda p: (_shared(p, target), p))
         return paths[0]
@@ -160,15 +166,16 @@ def accept(view: View, sender: Peer, message: Request) -> Request:
     """
     if sender.role is Role.CLIENT:
         if message.path or message.hops:
-            raise SenderMismatch("a client request must start with an empty routing path",
-                                 view.label)
+            raise SenderMismatch(
+                "a client request must start with an empty routing path", view.label
+            )
         target = message.target if isinstance(message, Targeted) else None
         here = view.home_path(target)
     else:
         if message.hops != len(message.path) or not message.path:
             raise RoutingInconsistency(
-                f"hop count {message.hops} disagrees with a path of {len(message.path)}",
-                view.label)
+                f"hop count {message.hops} disagrees with a path of {len(message.path)}", view.label
+            )
         arrived_from = message.path[-1]
         if sender.role is Role.PARENT:
             if message.direction is not Direction.DOWN:
@@ -180,16 +187,15 @@ def accept(view: View, sender: Peer, message: Request) -> Request:
                 raise RoutingInconsistency("a message from a child must travel up", view.label)
             here = parent_of(arrived_from) or ""
             if here not in view.paths:
-                raise SenderMismatch(f"child {sender.name} claims path {arrived_from}",
-                                     view.label)
+                raise SenderMismatch(f"child {sender.name} claims path {arrived_from}", view.label)
             expected = _sender_path(view, sender, here)
         if arrived_from != expected:
             raise SenderMismatch(
                 f"{sender} put {arrived_from} last in the routing path, expected {expected}",
-                view.label)
+                view.label,
+            )
         if here in message.path:
-            raise RoutingInconsistency(f"routing loop: {here} is already in the path",
-                                       view.label)
+            raise RoutingInconsistency(f"routing loop: {here} is already in the path", view.label)
     limit = min(view.max_hop_count, message.max_hops)
     hops = message.hops + 1
     if hops > limit:
@@ -208,8 +214,7 @@ def route_targeted(view: View, message: Targeted, sender: Peer | None) -> Delive
             raise UnknownCell(f"cell {here} has no child {child!r} (routing to {target})", here)
         return Forward(Peer(Role.CHILD, child), evolve(message, direction=Direction.DOWN))
     if sender is not None and sender.role is Role.PARENT:
-        raise RoutingInconsistency(f"a parent sent {target} to {here}, outside its subtree",
-                                   here)
+        raise RoutingInconsistency(f"a parent sent {target} to {here}, outside its subtree", here)
     parent = _parent_towards(view, here, target)
     if parent is None:
         raise UnknownCell(f"no cell {target} in the tree (routing stopped at {here})", here)
@@ -230,8 +235,11 @@ def route_broadcast(view: View, message: Broadcast) -> Fanout:
         peers = tuple(Peer(Role.CHILD, c) for c in sorted(view.children))
     else:
         above = parent_of(here)
-        peers = tuple(Peer(Role.PARENT, n) for n, p in sorted(view.parents.items())
-                      if p is not None and p == above)
+        peers = tuple(
+            Peer(Role.PARENT, n)
+            for n, p in sorted(view.parents.items())
+            if p is not None and p == above
+        )
     return Fanout(local=message.run_locally, to=peers, message=message)
 
 
@@ -286,12 +294,13 @@ class Aggregation:
         root = self._waiting[peer]
         for result in results:
             if not is_below(result.cell, root) and not is_below(root, result.cell):
-                raise SenderMismatch(f"{peer} answered for {result.cell}, outside its subtree",
-                                     self.here)
+                raise SenderMismatch(
+                    f"{peer} answered for {result.cell}, outside its subtree", self.here
+                )
         del self._waiting[peer]
         self._results.extend(
-            evolve(r, rtt_ms=None if r.rtt_ms is None else r.rtt_ms + link_ms)
-            for r in results)
+            evolve(r, rtt_ms=None if r.rtt_ms is None else r.rtt_ms + link_ms) for r in results
+        )
 
     def fail(self, peer: Peer, error: WireError) -> None:
         root = self._waiting.pop(peer)
@@ -304,7 +313,11 @@ class Aggregation:
         self._waiting.clear()
         if self._local_pending:
             self._local_pending = False
-            self._results.append(CellResult(
-                self.here, Outcome.ERROR,
-                error=CallTimeout("did not finish before the deadline", self.here)))
+            self._results.append(
+                CellResult(
+                    self.here,
+                    Outcome.ERROR,
+                    error=CallTimeout("did not finish before the deadline", self.here),
+                )
+            )
         return tuple(sorted(self._results, key=lambda r: r.cell))

@@ -113,12 +113,20 @@ def node_settings(config: Config) -> NodeSettings:
 def make_transport(config: Config, keys: KeyPair) -> ZmqTransport:
     transport = config.transport
     heartbeat_ms = int(config.cells.heartbeat_interval_s * 1000)
-    identity = Identity(name=config.cells.name, public_key=keys.public, secret_key=keys.secret,
-                        cells_endpoint=transport.cells_endpoint,
-                        api_endpoint=transport.api_endpoint)
-    return ZmqTransport(identity, max_frame_bytes=transport.max_message_bytes,
-                        heartbeat_ivl_ms=heartbeat_ms, heartbeat_timeout_ms=3 * heartbeat_ms,
-                        handshake_ivl_ms=int(transport.handshake_timeout_s * 1000))
+    identity = Identity(
+        name=config.cells.name,
+        public_key=keys.public,
+        secret_key=keys.secret,
+        cells_endpoint=transport.cells_endpoint,
+        api_endpoint=transport.api_endpoint,
+    )
+    return ZmqTransport(
+        identity,
+        max_frame_bytes=transport.max_message_bytes,
+        heartbeat_ivl_ms=heartbeat_ms,
+        heartbeat_timeout_ms=3 * heartbeat_ms,
+        handshake_ivl_ms=int(transport.handshake_timeout_s * 1000),
+    )
 
 
 class RegistryWatch:
@@ -150,10 +158,14 @@ class RegistryWatch:
         self._last = current
         neighbours, clients = current
         self.node.apply_registry(neighbours, clients)
-        logs.event(log, logging.INFO, "registry.loaded",
-                   parents=",".join(n.name for n in neighbours if n.kind == "parent") or "-",
-                   children=",".join(n.name for n in neighbours if n.kind == "child") or "-",
-                   clients=len(clients))
+        logs.event(
+            log,
+            logging.INFO,
+            "registry.loaded",
+            parents=",".join(n.name for n in neighbours if n.kind == "parent") or "-",
+            children=",".join(n.name for n in neighbours if n.kind == "child") or "-",
+            clients=len(clients),
+        )
         return True
 
     async def run(self) -> None:
@@ -188,23 +200,33 @@ async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
     await transport.start()
     try:
         node: Node | None = None
-        diag = DiagHandlers(config.cells.cell_type,
-                            lambda: node.statistics() if node is not None else {})
+        diag = DiagHandlers(
+            config.cells.cell_type, lambda: node.statistics() if node is not None else {}
+        )
         node = Node(node_settings(config), transport, build_methods(diag))
         watch = RegistryWatch(cell.db, node, config.cells.db_check_interval_s)
         await watch.load()
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _on_sighup, watch)
-        logs.event(log, logging.INFO, "cell.started", cell=config.cells.name,
-                   type=config.cells.cell_type, config=config.source,
-                   cells_endpoint=config.transport.cells_endpoint,
-                   api_endpoint=config.transport.api_endpoint,
-                   database=cell.db.describe(), public_key=cell.keys.public,
-                   pid_file=config.pid_file)
+        logs.event(
+            log,
+            logging.INFO,
+            "cell.started",
+            cell=config.cells.name,
+            type=config.cells.cell_type,
+            config=config.source,
+            cells_endpoint=config.transport.cells_endpoint,
+            api_endpoint=config.transport.api_endpoint,
+            database=cell.db.describe(),
+            public_key=cell.keys.public,
+            pid_file=config.pid_file,
+        )
         for warning in config.warnings:
             logs.event(log, logging.WARNING, "config.warning", detail=warning)
         async with asyncio.TaskGroup() as tasks:
-            running = [tasks.create_task(node.run(), name="node"),
-                       tasks.create_task(watch.run(), name="registry")]
+            running = [
+                tasks.create_task(node.run(), name="node"),
+                tasks.create_task(watch.run(), name="registry"),
+            ]
             await stop.wait()
             logs.event(log, logging.INFO, "cell.stopping", cell=config.cells.name)
             for task in running:

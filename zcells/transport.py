@@ -33,6 +33,7 @@ from zcells.errors import (
     CellUnreachable,
     KeyRevoked,
     ProtocolError,
+    TransportBroken,
     TransportClosed,
     WireError,
 )
@@ -152,15 +153,21 @@ class _Conn:
     name: str
     key: str
     deliver: Callable[[list[bytes]], None]
+    lost: Callable[[str], None] = lambda _parent: None
     open: bool = True
 
 
 class MemoryTransport(Transport):
     """A cell's transport between objects in one process, through the real codec."""
 
-    def __init__(self, network: MemoryNetwork, identity: Identity, *,
-                 max_frame_bytes: int = codec.DEFAULT_MAX_FRAME_BYTES,
-                 queue_size: int = 1000) -> None:
+    def __init__(
+        self,
+        network: MemoryNetwork,
+        identity: Identity,
+        *,
+        max_frame_bytes: int = codec.DEFAULT_MAX_FRAME_BYTES,
+        queue_size: int = 1000,
+    ) -> None:
         self.network = network
         self.identity = identity
         self.max_frame_bytes = max_frame_bytes
@@ -176,12 +183,15 @@ class MemoryTransport(Transport):
     async def start(self) -> None:
         for endpoint in (self.identity.cells_endpoint, self.identity.api_endpoint):
             if endpoint in self.network.bound:
-                raise OSError(f"{endpoint} is already bound")
+                raise TransportBroken(
+                    f"cannot bind {endpoint}: address already in use", self.identity.name
+                )
         for endpoint in (self.identity.cells_endpoint, self.identity.api_endpoint):
             self.network.bound[endpoint] = self
 
-    def accept(self, endpoint: str, name: str, key: str,
-               deliver: Callable[[list[bytes]], None]) -> _Conn | None:
+    def accept(
+        self, endpoint: str, name: str, key: str, deliver: Callable[[list[bytes]], None]
+    ) -> _Conn | None:
         """A dialler's handshake: admitted only if its key is registered for that endpoint."""
         domain = "cells" if endpoint == self.identity.cells_endpoint else "api"
         keyring = self._topology.children if domain == "cells" else self._topology.clients
@@ -204,8 +214,14 @@ class MemoryTransport(Transport):
         keyring = self._topology.children if role is Role.CHILD else self._topology.clients
         if keyring.get(conn.name) != conn.key:
             self.counters["revoked"] += 1
-            self._emit(Received(peer, error=KeyRevoked(
-                f"the key of {peer} is no longer registered", self.identity.name)))
+            self._emit(
+                Received(
+                    peer,
+                    error=KeyRevoked(
+                        f"the key of {peer} is no longer registered", self.identity.name
+                    ),
+                )
+            )
             return
         self._receive(peer, frames)
 
@@ -233,8 +249,14 @@ class MemoryTransport(Transport):
         if server.identity.public_key != link.public_key:
             self._emit(LinkChange(peer, up=False, reason="server key does not match"))
             return
-        conn = server.accept(link.endpoint, self.identity.name, self.identity.public_key,
-                             lambda frames: self._receive(peer, frames))
+        conn = server.accept(
+            link.endpoint,
+            self.identity.name,
+            self.identity.public_key,
+            lambda frames: self._receive(peer, frames),
+        )
+        if conn is not None:
+            conn.lost = lambda _parent: self._drop_parent(name, "parent closed")
         if conn is None:
             self._emit(LinkChange(peer, up=False, reason="handshake refused: key not accepted"))
             return
@@ -303,19 +325,26 @@ class MemoryTransport(Transport):
                 del self.network.bound[endpoint]
         for conn in self._accepted.values():
             conn.open = False
+            if conn.domain == "cells":  # the child sees its parent go, as over TCP
+                conn.lost(self.identity.name)
         for name in list(self._dialled):
             self._drop_parent(name, "closed")
 
     def statistics(self) -> dict[str, Any]:
-        return {"queue": self._queue.qsize(), "parents_up": sorted(self._dialled),
-                "links_accepted": len(self._accepted), **self.counters}
+        return {
+            "queue": self._queue.qsize(),
+            "parents_up": sorted(self._dialled),
+            "links_accepted": len(self._accepted),
+            **self.counters,
+        }
 
 
 class MemoryClient(ClientTransport):
     """A client of an in-memory cell."""
 
-    def __init__(self, network: MemoryNetwork, endpoint: str, server_key: str, name: str,
-                 public_key: str) -> None:
+    def __init__(
+        self, network: MemoryNetwork, endpoint: str, server_key: str, name: str, public_key: str
+    ) -> None:
         self.network = network
         self.endpoint = endpoint
         self.server_key = server_key
@@ -330,8 +359,9 @@ class MemoryClient(ClientTransport):
             raise CellUnreachable(f"nothing listens at {self.endpoint}")
         if server.identity.public_key != self.server_key:
             raise AccessDenied(f"the cell at {self.endpoint} does not have the expected key")
-        self._conn = server.accept(self.endpoint, self.name, self.public_key,
-                                   self._queue.put_nowait)
+        self._conn = server.accept(
+            self.endpoint, self.name, self.public_key, self._queue.put_nowait
+        )
         if self._conn is None:
             raise AccessDenied(f"the cell at {self.endpoint} refused this client's key")
 

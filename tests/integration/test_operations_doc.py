@@ -38,14 +38,22 @@ def guide_script() -> str:
 
 
 def test_operations_guide_runs_as_written(tmp_path: Path) -> None:
-    script = ("set -euo pipefail\n"
-              "trap 'kill $(jobs -p) 2>/dev/null || true; wait' EXIT\n"
-              + guide_script() + AFTERWARDS)
+    script = (
+        "set -euo pipefail\n"
+        "trap 'kill $(jobs -p) 2>/dev/null || true; wait' EXIT\n" + guide_script() + AFTERWARDS
+    )
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     for var in ("ZCELLS_ENDPOINT", "ZCELLS_SERVER_KEY", "ZCELLS_KEY", "ZCELLS_CONFIG"):
         env.pop(var, None)
-    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     logs = "\n".join(f"--- {p}\n{p.read_text()}" for p in tmp_path.glob("*/serve.log"))
     assert proc.returncode == 0, proc.stderr + logs
     out = proc.stdout
@@ -54,8 +62,9 @@ def test_operations_guide_runs_as_written(tmp_path: Path) -> None:
     assert "api!eu!eu-1: ok in" in out
     assert "refused-after-removal=1" in out, out + logs
     # the trap stopped every cell: nothing of this run is left running
-    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True,
-                          check=False)
+    left = subprocess.run(
+        ["pgrep", "-f", str(tmp_path)], capture_output=True, text=True, check=False
+    )
     assert left.stdout.strip() == ""
     for name in ("api", "eu", "eu-1"):
         log = (tmp_path / name / "serve.log").read_text()

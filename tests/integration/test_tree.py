@@ -1,8 +1,8 @@
 """A tree of real `zcells serve` processes on loopback: routing, failures, recovery.
 
-    api ── c1 ── g1
-     │      └─── g2
-     └──── c2
+api ── c1 ── g1
+ │      └─── g2
+ └──── c2
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ TREE = {"api": {"c1": {"g1": {}, "g2": {}}, "c2": {}}}
 CELLS = ["api", "api!c1", "api!c1!g1", "api!c1!g2", "api!c2"]
 
 
-async def ping_all_until(client: CellClient, predicate: object, timeout_s: float,
-                         what: str, ping_timeout_s: float = 2.0) -> list[Ping]:
+async def ping_all_until(
+    client: CellClient, predicate: object, timeout_s: float, what: str, ping_timeout_s: float = 2.0
+) -> list[Ping]:
     """Ping the tree until `predicate(rows)` holds; bounded by `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     rows: list[Ping] = []
@@ -65,7 +66,8 @@ def test_ping_every_cell_then_kill_restart_and_freeze(tree: CellTree) -> None:
                 await client.ping("api!c2", timeout_s=3)
             assert time.monotonic() - started < 3 + 1.5
             rows = await ping_all_until(
-                client, lambda rs: not {r.cell: r for r in rs}["api!c2"].ok, 10, "c2 down")
+                client, lambda rs: not {r.cell: r for r in rs}["api!c2"].ok, 10, "c2 down"
+            )
             by_cell = {r.cell: r for r in rows}
             assert [c for c in CELLS if by_cell[c].ok] == CELLS[:4]
             assert by_cell["api!c2"].error is not None
@@ -78,8 +80,12 @@ def test_ping_every_cell_then_kill_restart_and_freeze(tree: CellTree) -> None:
             tree.signal("c1", signal.SIGSTOP)
             try:
                 rows = await ping_all_until(
-                    client, lambda rs: not {r.cell: r for r in rs}["api!c1"].ok, 10,
-                    "c1 silent", ping_timeout_s=1.0)
+                    client,
+                    lambda rs: not {r.cell: r for r in rs}["api!c1"].ok,
+                    10,
+                    "c1 silent",
+                    ping_timeout_s=1.0,
+                )
                 assert {r.cell: r for r in rows}["api!c2"].ok
                 mute_after = float(tree.options["mute_child_interval"])
                 await asyncio.sleep(0)  # the log line below is what we wait for

@@ -31,10 +31,19 @@ ID = new_message_id()
 
 def targeted(**changes: object) -> Targeted:
     fields: dict[str, object] = dict(
-        id=ID, method="ping", body={"a": [1, 2.5, "x", b"y", None, True]},
-        direction=Direction.DOWN, path=("api", "api!c1"), hops=2, max_hops=10,
-        want_response=True, timeout_ms=5000, sent_at=1700000000.5,
-        context=RequestContext("r-1", "ops", None, ("admin",)), target="api!c1!g1")
+        id=ID,
+        method="ping",
+        body={"a": [1, 2.5, "x", b"y", None, True]},
+        direction=Direction.DOWN,
+        path=("api", "api!c1"),
+        hops=2,
+        max_hops=10,
+        want_response=True,
+        timeout_ms=5000,
+        sent_at=1700000000.5,
+        context=RequestContext("r-1", "ops", None, ("admin",)),
+        target="api!c1!g1",
+    )
     fields.update(changes)
     return Targeted(**fields)  # type: ignore[arg-type]
 
@@ -54,14 +63,32 @@ def frames_with_header(**changes: object) -> list[bytes]:
     [
         targeted(),
         targeted(context=None, body={}),
-        Broadcast(id=ID, method="ping", body={}, direction=Direction.UP, path=(), hops=0,
-                  max_hops=3, want_response=False, timeout_ms=0, sent_at=0.0, context=None,
-                  run_locally=False),
-        Response(id=ID, reply_to=new_message_id(), path=("api",), sent_at=2.0, held_ms=1.5,
-                 results=(CellResult("api", Outcome.OK, {"x": 1}, rtt_ms=0.25),
-                          CellResult("api!c1", Outcome.TIMED_OUT),
-                          CellResult("api!c2", Outcome.ERROR,
-                                     error=UnknownCell("no such cell", "api!c2")))),
+        Broadcast(
+            id=ID,
+            method="ping",
+            body={},
+            direction=Direction.UP,
+            path=(),
+            hops=0,
+            max_hops=3,
+            want_response=False,
+            timeout_ms=0,
+            sent_at=0.0,
+            context=None,
+            run_locally=False,
+        ),
+        Response(
+            id=ID,
+            reply_to=new_message_id(),
+            path=("api",),
+            sent_at=2.0,
+            held_ms=1.5,
+            results=(
+                CellResult("api", Outcome.OK, {"x": 1}, rtt_ms=0.25),
+                CellResult("api!c1", Outcome.TIMED_OUT),
+                CellResult("api!c2", Outcome.ERROR, error=UnknownCell("no such cell", "api!c2")),
+            ),
+        ),
         Hello(id=ID, sent_at=1.0, cell_type="compute", path="api!c1", your_path="api!c1!g1"),
         Hello(id=ID, sent_at=1.0, cell_type="client"),
         Heartbeat(id=ID, sent_at=1.0, path="api"),
@@ -75,7 +102,8 @@ def test_round_trip(message: object) -> None:
     if isinstance(message, Response):
         assert isinstance(decoded, Response)
         assert [(r.cell, r.outcome, r.value, r.rtt_ms) for r in decoded.results] == [
-            (r.cell, r.outcome, r.value, r.rtt_ms) for r in message.results]
+            (r.cell, r.outcome, r.value, r.rtt_ms) for r in message.results
+        ]
         error = decoded.results[2].error
         assert isinstance(error, UnknownCell) and error.cell == "api!c2"
     else:
@@ -95,13 +123,24 @@ def test_oversized_frame_is_refused_before_decoding() -> None:
 
 @pytest.mark.parametrize(
     "header",
-    [b"", b"\xc1", b"\x81", b"\xa3ab", b"\x93\x01", b"\x81\xa1v\xc4\xff", b"\xff" * 10,
-     msgpack.packb({"v": 1}) + b"\x00",  # trailing bytes
-     b"\xa2\xff\xfe",  # invalid UTF-8
-     b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff",  # 2^32 lengths
-     b"\x91" * 1025 + b"\xc0",  # nesting past msgpack's stack
-     msgpack.packb(msgpack.ExtType(5, b"x")), msgpack.packb({1: 2}),
-     b"\xd6\xff\x00\x00\x00\x01"],  # a Timestamp ext
+    [
+        b"",
+        b"\xc1",
+        b"\x81",
+        b"\xa3ab",
+        b"\x93\x01",
+        b"\x81\xa1v\xc4\xff",
+        b"\xff" * 10,
+        msgpack.packb({"v": 1}) + b"\x00",  # trailing bytes
+        b"\xa2\xff\xfe",  # invalid UTF-8
+        b"\xdd\xff\xff\xff\xff",
+        b"\xdf\xff\xff\xff\xff",
+        b"\xdb\xff\xff\xff\xff",  # 2^32 lengths
+        b"\x91" * 1025 + b"\xc0",  # nesting past msgpack's stack
+        msgpack.packb(msgpack.ExtType(5, b"x")),
+        msgpack.packb({1: 2}),
+        b"\xd6\xff\x00\x00\x00\x01",
+    ],  # a Timestamp ext
     ids=lambda b: b[:6].hex() or "empty",
 )
 def test_garbage_header_is_a_decode_error(header: bytes) -> None:
@@ -165,8 +204,7 @@ def test_missing_field_is_named() -> None:
         ({"ts": float("inf")}, "ts"),
     ],
 )
-def test_values_out_of_range_are_schema_errors(changes: dict[str, object], message: str
-                                               ) -> None:
+def test_values_out_of_range_are_schema_errors(changes: dict[str, object], message: str) -> None:
     with pytest.raises((SchemaError, DecodeError), match=message):
         codec.decode(frames_with_header(**changes))
 
@@ -207,8 +245,13 @@ def test_hello_must_have_an_empty_body() -> None:
 
 
 def test_response_with_unknown_error_code_maps_to_internal_error() -> None:
-    r = Response(id=ID, reply_to=ID, path=(), sent_at=1.0,
-                 results=(CellResult("api", Outcome.ERROR, error=UnknownCell("x", "api")),))
+    r = Response(
+        id=ID,
+        reply_to=ID,
+        path=(),
+        sent_at=1.0,
+        results=(CellResult("api", Outcome.ERROR, error=UnknownCell("x", "api")),),
+    )
     frames = codec.encode(r)
     body = msgpack.unpackb(frames[1])
     body["results"][0]["error"]["code"] = "E_WHATEVER"

@@ -43,8 +43,10 @@ def test_every_state_recovers_when_heard() -> None:
         assert next_state(state, LinkEvent.HEARD) is Liveness.ALIVE
 
 
-@pytest.mark.parametrize(("state", "event"), [(Liveness.UNKNOWN, LinkEvent.SILENT_LATE),
-                                              (Liveness.MUTE, LinkEvent.SILENT_LATE)])
+@pytest.mark.parametrize(
+    ("state", "event"),
+    [(Liveness.UNKNOWN, LinkEvent.SILENT_LATE), (Liveness.MUTE, LinkEvent.SILENT_LATE)],
+)
 def test_impossible_transitions_are_typed_errors(state: Liveness, event: LinkEvent) -> None:
     assert event not in TRANSITIONS[state]
     with pytest.raises(ImpossibleTransition):

@@ -34,8 +34,17 @@ def test_every_public_handler_is_registered_and_nothing_else() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["__init__", "_private", "getattr", "methods", "", "x" * 10_000, "statistics",
-     "__class__", "ping.__globals__"],
+    [
+        "__init__",
+        "_private",
+        "getattr",
+        "methods",
+        "",
+        "x" * 10_000,
+        "statistics",
+        "__class__",
+        "ping.__globals__",
+    ],
 )
 def test_names_outside_the_table_are_unknown(name: str) -> None:
     with pytest.raises(UnknownMethod) as info:
@@ -60,14 +69,26 @@ async def _noop(call: Call) -> None:
 
 
 def test_arguments_are_checked_exactly() -> None:
-    method = Method("m", _noop, frozenset({Kind.TARGETED}), frozenset({"admin"}),
-                    {"n": Param(int), "s": Param(str, required=False, default="d"),
-                     "f": Param(float, required=False)})
+    method = Method(
+        "m",
+        _noop,
+        frozenset({Kind.TARGETED}),
+        frozenset({"admin"}),
+        {
+            "n": Param(int),
+            "s": Param(str, required=False, default="d"),
+            "f": Param(float, required=False),
+        },
+    )
     assert MethodTable.arguments(method, {"n": 3}) == {"n": 3, "s": "d", "f": None}
     assert MethodTable.arguments(method, {"n": 3, "f": 2})["f"] == 2
-    for body, message in [({}, "missing argument 'n'"), ({"n": "3"}, "'n' must be int"),
-                          ({"n": True}, "'n' must be int"), ({"n": 1, "x": 1}, "unexpected"),
-                          ({"n": 1, "s": b"x"}, "'s' must be str")]:
+    for body, message in [
+        ({}, "missing argument 'n'"),
+        ({"n": "3"}, "'n' must be int"),
+        ({"n": True}, "'n' must be int"),
+        ({"n": 1, "x": 1}, "unexpected"),
+        ({"n": 1, "s": b"x"}, "'s' must be str"),
+    ]:
         with pytest.raises(SchemaError, match=message):
             MethodTable.arguments(method, body)
 

@@ -51,9 +51,11 @@ def boom_now(call: Call) -> None:
 
 def faulty_methods() -> list[Method]:
     anyone = frozenset({"admin", "parent", "child"})
-    return [Method("boom", boom, frozenset({Kind.TARGETED}), anyone),
-            Method("boom_now", boom_now, frozenset({Kind.TARGETED}), anyone),
-            Method("hang", hang, frozenset({Kind.TARGETED, Kind.BROADCAST}), anyone)]
+    return [
+        Method("boom", boom, frozenset({Kind.TARGETED}), anyone),
+        Method("boom_now", boom_now, frozenset({Kind.TARGETED}), anyone),
+        Method("hang", hang, frozenset({Kind.TARGETED, Kind.BROADCAST}), anyone),
+    ]
 
 
 def test_ping_every_cell_and_all() -> None:
@@ -153,9 +155,19 @@ class Rogue:
 
     def request(self, **changes: Any) -> Targeted:
         fields: dict[str, Any] = dict(
-            id=new_message_id(), method="ping", body={}, direction=Direction.UP,
-            path=(self.path,), hops=1, max_hops=10, want_response=True, timeout_ms=2000,
-            sent_at=time.time(), context=None, target="api")
+            id=new_message_id(),
+            method="ping",
+            body={},
+            direction=Direction.UP,
+            path=(self.path,),
+            hops=1,
+            max_hops=10,
+            want_response=True,
+            timeout_ms=2000,
+            sent_at=time.time(),
+            context=None,
+            target="api",
+        )
         fields.update(changes)
         return Targeted(**fields)
 
@@ -234,8 +246,9 @@ def test_duplicate_request_is_answered_once_from_memory() -> None:
 
 def test_in_flight_requests_per_peer_are_bounded() -> None:
     async def main() -> None:
-        tree = MemoryTree(TREE, extra_methods=faulty_methods, rogues={"r": "api"},
-                          max_in_flight_per_peer=2)
+        tree = MemoryTree(
+            TREE, extra_methods=faulty_methods, rogues={"r": "api"}, max_in_flight_per_peer=2
+        )
         await tree.start()
         await tree.placed()
         rogue = Rogue(tree)
@@ -339,12 +352,19 @@ def test_forged_response_from_a_client_goes_nowhere() -> None:
         await tree.start()
         await tree.placed()
         async with tree.client() as client:
-            forged = Response(id=new_message_id(), reply_to=new_message_id(),
-                              path=("api!c1", "api", "ops"), sent_at=time.time(),
-                              results=())
+            forged = Response(
+                id=new_message_id(),
+                reply_to=new_message_id(),
+                path=("api!c1", "api", "ops"),
+                sent_at=time.time(),
+                results=(),
+            )
             await client.transport.send(forged)
-            await wait_for(lambda: tree.nodes["api"].counters["unmatched_responses"] == 1, 5,
-                           "the forged response counted")
+            await wait_for(
+                lambda: tree.nodes["api"].counters["unmatched_responses"] == 1,
+                5,
+                "the forged response counted",
+            )
             assert (await client.ping("api")).ok
         assert tree.nodes["c1"].counters["unmatched_responses"] == 0
         assert tree.transports["c1"].counters["received"] > 0  # c1 did hear the tree...
@@ -377,9 +397,19 @@ def test_two_clients_may_use_the_same_message_id() -> None:
             answers = []
             for client in (ops, other):
                 message = Targeted(
-                    id=shared, method="ping", body={}, direction=Direction.DOWN, path=(),
-                    hops=0, max_hops=10, want_response=True, timeout_ms=2000,
-                    sent_at=time.time(), context=None, target="api!c1")
+                    id=shared,
+                    method="ping",
+                    body={},
+                    direction=Direction.DOWN,
+                    path=(),
+                    hops=0,
+                    max_hops=10,
+                    want_response=True,
+                    timeout_ms=2000,
+                    sent_at=time.time(),
+                    context=None,
+                    target="api!c1",
+                )
                 answers.append(asyncio.ensure_future(client._request(message, 2.0)))
             done = await asyncio.gather(*answers)
             assert all(r.results[0].ok for r in done)

@@ -35,17 +35,42 @@ FROM_C1_UP = Peer(Role.CHILD, "c1")
 FROM_G1 = Peer(Role.CHILD, "g1")
 
 
-def targeted(target: str, path: tuple[str, ...] = (), direction: Direction = Direction.DOWN,
-             max_hops: int = 10) -> Targeted:
-    return Targeted(id=new_message_id(), method="ping", body={}, direction=direction,
-                    path=path, hops=len(path), max_hops=max_hops, want_response=True,
-                    timeout_ms=1000, sent_at=1.0, context=None, target=target)
+def targeted(
+    target: str,
+    path: tuple[str, ...] = (),
+    direction: Direction = Direction.DOWN,
+    max_hops: int = 10,
+) -> Targeted:
+    return Targeted(
+        id=new_message_id(),
+        method="ping",
+        body={},
+        direction=direction,
+        path=path,
+        hops=len(path),
+        max_hops=max_hops,
+        want_response=True,
+        timeout_ms=1000,
+        sent_at=1.0,
+        context=None,
+        target=target,
+    )
 
 
 def broadcast(path: tuple[str, ...] = (), direction: Direction = Direction.DOWN) -> Broadcast:
-    return Broadcast(id=new_message_id(), method="ping", body={}, direction=direction,
-                     path=path, hops=len(path), max_hops=10, want_response=True,
-                     timeout_ms=1000, sent_at=1.0, context=None)
+    return Broadcast(
+        id=new_message_id(),
+        method="ping",
+        body={},
+        direction=direction,
+        path=path,
+        hops=len(path),
+        max_hops=10,
+        want_response=True,
+        timeout_ms=1000,
+        sent_at=1.0,
+        context=None,
+    )
 
 
 def test_paths_of_cells() -> None:
@@ -65,20 +90,43 @@ def test_paths_of_cells() -> None:
     [
         (API, CLIENT, targeted("api"), ("api",), routing.Deliver, None),
         (API, CLIENT, targeted("api!c1!g1"), ("api",), routing.Forward, Peer(Role.CHILD, "c1")),
-        (C1, FROM_API, targeted("api!c1!g1", ("api",)), ("api", "api!c1"), routing.Forward,
-         Peer(Role.CHILD, "g1")),
-        (G1, Peer(Role.PARENT, "c1"), targeted("api!c1!g1", ("api", "api!c1")),
-         ("api", "api!c1", "api!c1!g1"), routing.Deliver, None),
+        (
+            C1,
+            FROM_API,
+            targeted("api!c1!g1", ("api",)),
+            ("api", "api!c1"),
+            routing.Forward,
+            Peer(Role.CHILD, "g1"),
+        ),
+        (
+            G1,
+            Peer(Role.PARENT, "c1"),
+            targeted("api!c1!g1", ("api", "api!c1")),
+            ("api", "api!c1", "api!c1!g1"),
+            routing.Deliver,
+            None,
+        ),
         # a client at a middle cell reaching a sibling subtree: up, then down
-        (C1, CLIENT, targeted("api!c2"), ("api!c1",), routing.Forward,
-         Peer(Role.PARENT, "api")),
-        (API, FROM_C1_UP, targeted("api!c2", ("api!c1",), Direction.UP), ("api!c1", "api"),
-         routing.Forward, Peer(Role.CHILD, "c2")),
+        (C1, CLIENT, targeted("api!c2"), ("api!c1",), routing.Forward, Peer(Role.PARENT, "api")),
+        (
+            API,
+            FROM_C1_UP,
+            targeted("api!c2", ("api!c1",), Direction.UP),
+            ("api!c1", "api"),
+            routing.Forward,
+            Peer(Role.CHILD, "c2"),
+        ),
         (G1, CLIENT, targeted("api"), ("api!c1!g1",), routing.Forward, Peer(Role.PARENT, "c1")),
     ],
 )
-def test_targeted_next_hop(view: routing.View, sender: Peer, message: Targeted,
-                           path: tuple[str, ...], decision: type, to: Peer | None) -> None:
+def test_targeted_next_hop(
+    view: routing.View,
+    sender: Peer,
+    message: Targeted,
+    path: tuple[str, ...],
+    decision: type,
+    to: Peer | None,
+) -> None:
     stamped = routing.accept(view, sender, message)
     assert stamped.path == path and stamped.hops == len(path)
     result = routing.route_targeted(view, stamped, sender)
@@ -113,8 +161,7 @@ def test_parent_sending_outside_subtree_is_inconsistent() -> None:
     [
         # a child claiming to be another cell
         (API, FROM_C1_UP, targeted("api", ("api!c2",), Direction.UP), SenderMismatch),
-        (C1, Peer(Role.CHILD, "g2"), targeted("api", ("api!c1!g1",), Direction.UP),
-         SenderMismatch),
+        (C1, Peer(Role.CHILD, "g2"), targeted("api", ("api!c1!g1",), Direction.UP), SenderMismatch),
         # a parent's path must end with the parent
         (C1, FROM_API, targeted("api!c1", ("other",)), SenderMismatch),
         # direction must match the neighbour
@@ -130,8 +177,9 @@ def test_parent_sending_outside_subtree_is_inconsistent() -> None:
         (C1_UNPLACED, FROM_API, targeted("api!c1", ("api",)), SenderMismatch),
     ],
 )
-def test_accept_refuses(view: routing.View, sender: Peer, message: Targeted,
-                        error: type[Exception]) -> None:
+def test_accept_refuses(
+    view: routing.View, sender: Peer, message: Targeted, error: type[Exception]
+) -> None:
     with pytest.raises(error):
         routing.accept(view, sender, message)
 
@@ -146,28 +194,35 @@ def test_max_hop_count_uses_the_smaller_limit() -> None:
     view = replace(view, max_hop_count=10)
     with pytest.raises(MaxHopsExceeded):
         routing.accept(view, Peer(Role.PARENT, "x"), targeted("api!x!x!x", path, max_hops=3))
-    assert routing.accept(view, Peer(Role.PARENT, "x"),
-                          targeted("api!x!x!x", path, max_hops=4)).hops == 4
+    assert (
+        routing.accept(view, Peer(Role.PARENT, "x"), targeted("api!x!x!x", path, max_hops=4)).hops
+        == 4
+    )
 
 
 def test_broadcast_fans_out_down_and_up() -> None:
     down = routing.route_broadcast(C1, routing.accept(C1, FROM_API, broadcast(("api",))))
     assert down.local and down.to == (Peer(Role.CHILD, "g1"), Peer(Role.CHILD, "g2"))
-    up = routing.route_broadcast(G1, routing.accept(G1, CLIENT,
-                                                    broadcast(direction=Direction.UP)))
+    up = routing.route_broadcast(G1, routing.accept(G1, CLIENT, broadcast(direction=Direction.UP)))
     assert up.to == (Peer(Role.PARENT, "c1"),)
     leaf = routing.route_broadcast(G1, routing.accept(G1, CLIENT, broadcast()))
     assert leaf.to == ()
 
 
 def test_aggregation_keeps_partial_results() -> None:
-    agg = routing.Aggregation("api", (Peer(Role.CHILD, "c1"), Peer(Role.CHILD, "c2"),
-                                      Peer(Role.CHILD, "c3")), local=True)
+    agg = routing.Aggregation(
+        "api", (Peer(Role.CHILD, "c1"), Peer(Role.CHILD, "c2"), Peer(Role.CHILD, "c3")), local=True
+    )
     assert not agg.done
     agg.add_local(CellResult("api", Outcome.OK, {}, rtt_ms=0.1))
-    agg.add(Peer(Role.CHILD, "c1"), (CellResult("api!c1", Outcome.OK, {}, rtt_ms=0.2),
-                                     CellResult("api!c1!g1", Outcome.OK, {}, rtt_ms=0.5)),
-            link_ms=1.0)
+    agg.add(
+        Peer(Role.CHILD, "c1"),
+        (
+            CellResult("api!c1", Outcome.OK, {}, rtt_ms=0.2),
+            CellResult("api!c1!g1", Outcome.OK, {}, rtt_ms=0.5),
+        ),
+        link_ms=1.0,
+    )
     agg.fail(Peer(Role.CHILD, "c3"), UnknownCell("gone", "api"))
     assert not agg.done and agg.expects(Peer(Role.CHILD, "c2"))
     results = {r.cell: r for r in agg.finish()}
@@ -191,7 +246,8 @@ def test_aggregation_reports_a_local_handler_that_did_not_finish() -> None:
     assert result.outcome is Outcome.ERROR and isinstance(result.error, CallTimeout)
 
 
-@pytest.mark.parametrize(("budget", "forwarded"),
-                         [(60_000, 59_000), (1000, 900), (100, 80), (10, 0), (0, 0)])
+@pytest.mark.parametrize(
+    ("budget", "forwarded"), [(60_000, 59_000), (1000, 900), (100, 80), (10, 0), (0, 0)]
+)
 def test_forward_budget_keeps_a_margin(budget: int, forwarded: int) -> None:
     assert routing.forward_budget_ms(budget) == forwarded

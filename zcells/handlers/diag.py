@@ -30,8 +30,12 @@ class DiagHandlers:
     def methods(self) -> list[Method]:
         both = frozenset({Kind.TARGETED, Kind.BROADCAST})
         return [
-            Method("ping", self.ping, kinds=both,
-                   allowed=frozenset({"admin", "parent", "child"}),
-                   params={"payload": Param(dict, required=False)}),
+            Method(
+                "ping",
+                self.ping,
+                kinds=both,
+                allowed=frozenset({"admin", "parent", "child"}),
+                params={"payload": Param(dict, required=False)},
+            ),
             Method("stats", self.stats, kinds=both, allowed=frozenset({"admin", "parent"})),
         ]
