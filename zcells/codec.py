@@ -18,7 +18,7 @@ Rules kept here (docs/protocol.md states them for implementers):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
 import msgpack  # type: ignore[import-untyped]
@@ -119,6 +119,39 @@ def check_body_value(value: Any, where: str = "body") -> None:
                     raise SchemaError(f"{where}: floats must be finite")
             elif kind not in _SCALARS:
                 raise SchemaError(f"{where}: {kind.__name__} values are not allowed")
+
+
+class RawBody(Mapping[str, Any]):
+    """A request body as it came off the wire, decoded and checked on first use.
+
+    A cell that only forwards a request never looks inside its body: it passes
+    the same bytes on, and the cell that runs the method decodes and checks
+    them (a malformed body is then answered with `DecodeError`/`SchemaError`).
+    """
+
+    __slots__ = ("_value", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._value: dict[str, Any] | None = None
+
+    def decoded(self) -> dict[str, Any]:
+        if self._value is None:
+            value = _unpack(self.raw, _BODY_LIMITS, "body")
+            if type(value) is not dict:
+                raise SchemaError("body: expected a map")
+            check_body_value(value)
+            self._value = value
+        return self._value
+
+    def __getitem__(self, key: str) -> Any:
+        return self.decoded()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.decoded())
+
+    def __len__(self) -> int:
+        return len(self.decoded())
 
 
 # -- header fields: name -> (check, description). Exact types: a bool is not an int.
@@ -317,6 +350,8 @@ def encode(message: Message) -> list[bytes]:
             header["target"] = message.target
         else:
             header["local"] = message.run_locally
+        if isinstance(message.body, RawBody):  # passed on as it came
+            return [_pack(header), message.body.raw]
         body = dict(message.body)
     elif isinstance(message, Response):
         header.update(reply_to=message.reply_to, path=list(message.path), held_ms=message.held_ms)
@@ -356,10 +391,6 @@ def _request_id(raw: Any) -> bytes | None:
 
 
 def _build(kind: Kind, h: dict[str, Any], body_frame: bytes) -> Message:
-    body = _unpack(body_frame, _BODY_LIMITS, "body")
-    if type(body) is not dict:
-        raise SchemaError("body: expected a map")
-    check_body_value(body)
     if kind is Kind.TARGETED or kind is Kind.BROADCAST:
         try:
             direction = Direction(h["dir"])
@@ -368,7 +399,7 @@ def _build(kind: Kind, h: dict[str, Any], body_frame: bytes) -> Message:
         common: dict[str, Any] = dict(
             id=h["id"],
             method=h["method"],
-            body=body,
+            body=RawBody(body_frame),
             direction=direction,
             path=tuple(h["path"]),
             hops=h["hops"],
@@ -381,6 +412,10 @@ def _build(kind: Kind, h: dict[str, Any], body_frame: bytes) -> Message:
         if kind is Kind.TARGETED:
             return Targeted(**common, target=h["target"])
         return Broadcast(**common, run_locally=h["local"])
+    body = _unpack(body_frame, _BODY_LIMITS, "body")
+    if type(body) is not dict:
+        raise SchemaError("body: expected a map")
+    check_body_value(body)
     if kind is Kind.RESPONSE:
         results = body.get("results")
         if set(body) != {"results"} or type(results) is not list:

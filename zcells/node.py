@@ -55,7 +55,7 @@ from zcells.messages import (
     evolve,
     new_message_id,
 )
-from zcells.methods import Call, MethodTable
+from zcells.methods import Call, Method, MethodTable
 from zcells.peer import Peer, Role
 from zcells.records import Client, Neighbour
 from zcells.transport import LinkChange, ParentLink, Received, Topology, Transport
@@ -434,7 +434,6 @@ class Node:
                 message = evolve(message, context=None)  # children never speak for users
             stamped = routing.accept(self.view, peer, message)
             method = self.methods.resolve(message.kind, message.method, caller)
-            args = self.methods.arguments(method, message.body)
         except WireError as exc:
             self._refuse(peer, message, exc)
             return
@@ -446,12 +445,12 @@ class Node:
                 self._refuse(peer, message, exc)
                 return
             if isinstance(decision, routing.Deliver):
-                self._deliver(peer, message, stamped, caller, args, deadline)
+                self._deliver(peer, message, stamped, caller, method, deadline)
             else:
                 self._forward(peer, message, decision, started, deadline)
         else:
             fanout = routing.route_broadcast(self.view, stamped)
-            self._fan_out(peer, message, fanout, caller, args, started, deadline)
+            self._fan_out(peer, message, fanout, caller, method, started, deadline)
 
     def _as_client_request(self, peer: Peer, role: str, message: Request) -> Request:
         client = self._clients[peer.name]
@@ -496,17 +495,23 @@ class Node:
         stamped: Request,
         peer: Peer,
         caller: str,
-        args: dict[str, Any],
+        method: Method,
         deadline: float,
         done: Callable[[CellResult], None],
     ) -> None:
-        """Run the method here and hand its result to `done`.
+        """Check the arguments, run the method here and hand its result to `done`.
 
+        Only the cell that runs a method decodes and checks the request body.
         A plain-function handler runs inline, at once; a coroutine handler runs
         as a task under the request's deadline.
         """
         here = stamped.path[-1]
-        method = self.methods.resolve(stamped.kind, stamped.method, caller)
+        try:
+            args = self.methods.arguments(method, stamped.body)
+        except WireError as exc:
+            exc.cell = exc.cell or here
+            done(CellResult(here, Outcome.ERROR, error=exc))
+            return
         call = Call(
             method=stamped.method,
             args=args,
@@ -573,7 +578,7 @@ class Node:
         message: Request,
         stamped: Request,
         caller: str,
-        args: dict[str, Any],
+        method: Method,
         deadline: float,
     ) -> None:
         started = self.clock()
@@ -584,7 +589,7 @@ class Node:
                     peer, message.id, stamped.path, (result,), (self.clock() - started) * 1000.0
                 )
 
-        self._run_handler(stamped, peer, caller, args, deadline, answer)
+        self._run_handler(stamped, peer, caller, method, deadline, answer)
 
     def _forward(
         self,
@@ -664,7 +669,7 @@ class Node:
         message: Request,
         fanout: routing.Fanout,
         caller: str,
-        args: dict[str, Any],
+        method: Method,
         started: float,
         deadline: float,
     ) -> None:
@@ -698,7 +703,7 @@ class Node:
                     if gather.aggregation.done:
                         self._finish_gather(outgoing.id)
 
-            self._run_handler(stamped, peer, caller, args, deadline, local_done)
+            self._run_handler(stamped, peer, caller, method, deadline, local_done)
         elif gather.aggregation.done:
             self._finish_gather(outgoing.id)
 

@@ -188,6 +188,8 @@ class Rogue:
         ({"method": "__init__"}, "E_UNKNOWN_METHOD"),  # row 12
         ({"method": "getattr"}, "E_UNKNOWN_METHOD"),
         ({"body": {"x": 1}}, "E_SCHEMA"),  # row 13: wrong arguments
+        ({"body": {"payload": {"x": float("nan")}}}, "E_SCHEMA"),
+        ({"body": {"payload": "text"}}, "E_SCHEMA"),
         ({"sent_at": time.time() - 3600}, "E_STALE"),  # row 14: stale
         ({"max_hops": 1}, "E_MAX_HOPS"),  # row 15
         ({"direction": Direction.DOWN}, "E_ROUTING"),  # row 15: down from a child
