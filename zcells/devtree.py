@@ -78,10 +78,18 @@ class CellProc:
 
 class CellTree:
     def __init__(
-        self, tree: Tree, root: Path, *, log_level: str = "debug", **cells_options: Any
+        self,
+        tree: Tree,
+        root: Path,
+        *,
+        log_level: str = "debug",
+        idle: tuple[str, ...] = (),
+        **cells_options: Any,
     ) -> None:
+        """`idle` cells are registered and given keys but never started."""
         self.root = root
         self.log_level = log_level
+        self.idle = idle
         self.options = {
             "heartbeat_interval": 0.5,
             "mute_child_interval": 3,
@@ -139,7 +147,11 @@ class CellTree:
 
     def start(self, name: str | None = None, timeout_s: float = 30.0) -> None:
         """Start the cells (all, or one) and wait until each answers a ping."""
-        chosen = [self.cells[name]] if name else list(self.cells.values())
+        chosen = (
+            [self.cells[name]]
+            if name
+            else [c for c in self.cells.values() if c.name not in self.idle]
+        )
         for cell in chosen:
             with cell.log.open("a") as log:
                 cell.proc = subprocess.Popen(
@@ -209,9 +221,14 @@ class CellTree:
 
 @contextlib.contextmanager
 def running_tree(
-    tree: Tree, root: Path, *, log_level: str = "debug", **options: Any
+    tree: Tree,
+    root: Path,
+    *,
+    log_level: str = "debug",
+    idle: tuple[str, ...] = (),
+    **options: Any,
 ) -> Iterator[CellTree]:
-    cells = CellTree(tree, root, log_level=log_level, **options)
+    cells = CellTree(tree, root, log_level=log_level, idle=idle, **options)
     try:
         cells.start()
         yield cells
