@@ -429,7 +429,10 @@ class Served:
     def stop(self, signum: int = signal.SIGTERM) -> int:
         try:
             self.proc.send_signal(signum)
-            return self.proc.wait(timeout=10)
+            started = time.monotonic()
+            code = self.proc.wait(timeout=10)
+            assert time.monotonic() - started < 5, "a cell must stop within 5 s"
+            return code
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
