@@ -219,19 +219,18 @@ def _check_flavor(flavor: Flavor) -> None:
             raise ValidationError(field, value, "a positive whole number")
 
 
+def _flavor_row(flavor: Flavor) -> FlavorRow:
+    return FlavorRow(
+        name=flavor.name, memory_mb=flavor.memory_mb, disk_gb=flavor.disk_gb, vcpus=flavor.vcpus
+    )
+
+
 def create_flavor(db: Database, flavor: Flavor) -> Flavor:
     _check_flavor(flavor)
     with db.write() as session:
         if session.scalar(select(FlavorRow.id).where(FlavorRow.name == flavor.name)):
             raise AlreadyExists("flavor", "name", flavor.name)
-        session.add(
-            FlavorRow(
-                name=flavor.name,
-                memory_mb=flavor.memory_mb,
-                disk_gb=flavor.disk_gb,
-                vcpus=flavor.vcpus,
-            )
-        )
+        session.add(_flavor_row(flavor))
     return flavor
 
 
@@ -246,13 +245,5 @@ def seed_default_flavors(db: Database) -> int:
     with db.write() as session:
         if session.scalar(select(func.count()).select_from(FlavorRow)):
             return 0
-        for flavor in DEFAULT_FLAVORS:
-            session.add(
-                FlavorRow(
-                    name=flavor.name,
-                    memory_mb=flavor.memory_mb,
-                    disk_gb=flavor.disk_gb,
-                    vcpus=flavor.vcpus,
-                )
-            )
+        session.add_all(_flavor_row(flavor) for flavor in DEFAULT_FLAVORS)
         return len(DEFAULT_FLAVORS)

@@ -15,6 +15,7 @@ from typing import Any
 from zcells.client import CellClient
 from zcells.handlers import build_methods
 from zcells.handlers.diag import DiagHandlers
+from zcells.messages import Direction, Targeted, new_message_id
 from zcells.methods import Method, MethodTable
 from zcells.node import Node, NodeSettings
 from zcells.records import Client, Neighbour
@@ -161,3 +162,23 @@ def run(coro: Awaitable[Any], timeout_s: float = 30.0) -> Any:
             return await coro
 
     return asyncio.run(bounded())
+
+
+def child_request(path: tuple[str, ...] = ("api!r",), **changes: Any) -> Targeted:
+    """A valid ping from a child `r` of `api` up to `api`; tests change one field at a time."""
+    fields: dict[str, Any] = dict(
+        id=new_message_id(),
+        method="ping",
+        body={},
+        direction=Direction.UP,
+        path=path,
+        hops=len(path),
+        max_hops=10,
+        want_response=True,
+        timeout_ms=3000,
+        sent_at=time.time(),
+        context=None,
+        target="api",
+    )
+    fields.update(changes)
+    return Targeted(**fields)

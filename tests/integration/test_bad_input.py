@@ -17,10 +17,10 @@ import msgpack
 import pytest
 import zmq
 
-from tests.fakes import run
+from tests.fakes import child_request, run
 from zcells import codec
 from zcells.devtree import CellTree, running_tree
-from zcells.messages import Direction, Response, Targeted, new_message_id
+from zcells.messages import Direction, Response, Targeted
 
 TREE = {"api": {"r": {}}}
 
@@ -40,22 +40,7 @@ class Rogue:
         self.sock.connect(f"tcp://127.0.0.1:{api.cells_port}")
 
     def request(self, **changes: Any) -> Targeted:
-        fields: dict[str, Any] = dict(
-            id=new_message_id(),
-            method="ping",
-            body={},
-            direction=Direction.UP,
-            path=("api!r",),
-            hops=1,
-            max_hops=10,
-            want_response=True,
-            timeout_ms=3000,
-            sent_at=time.time(),
-            context=None,
-            target="api",
-        )
-        fields.update(changes)
-        return Targeted(**fields)
+        return child_request(**changes)
 
     def send(self, frames: list[bytes]) -> None:
         self.sock.send_multipart(frames)
@@ -165,25 +150,7 @@ def nested(depth: int) -> bytes:
     [
         [b"", b""],  # row 8: empty
         [b"\x00\x01\x02garbage", b"\x80"],  # random bytes
-        [
-            codec.encode(
-                Targeted(
-                    id=new_message_id(),
-                    method="ping",
-                    body={},
-                    direction=Direction.UP,
-                    path=("api!r",),
-                    hops=1,
-                    max_hops=10,
-                    want_response=True,
-                    timeout_ms=1000,
-                    sent_at=time.time(),
-                    context=None,
-                    target="api",
-                )
-            )[0][:-3],
-            b"\x80",
-        ],  # truncated
+        [codec.encode(child_request())[0][:-3], b"\x80"],  # truncated
         [msgpack.packb({"v": 1}) + b"\x00", b"\x80"],  # trailing bytes
         [b"\xc1", b"\x80"],  # never-used byte
         [b"\xa2\xff\xfe", b"\x80"],  # invalid UTF-8

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes import MemoryTree, run, wait_for
+from tests.fakes import MemoryTree, child_request, run, wait_for
 from zcells.errors import (
     AccessDenied,
     CallTimeout,
@@ -154,22 +154,7 @@ class Rogue:
         self.path = f"{parent}!{name}"
 
     def request(self, **changes: Any) -> Targeted:
-        fields: dict[str, Any] = dict(
-            id=new_message_id(),
-            method="ping",
-            body={},
-            direction=Direction.UP,
-            path=(self.path,),
-            hops=1,
-            max_hops=10,
-            want_response=True,
-            timeout_ms=2000,
-            sent_at=time.time(),
-            context=None,
-            target="api",
-        )
-        fields.update(changes)
-        return Targeted(**fields)
+        return child_request(**{"path": (self.path,), **changes})
 
     async def ask(self, message: Targeted) -> Response:
         self.transport.send(self.parent, message)
