@@ -95,14 +95,18 @@ def raw_baseline(report: Report) -> tuple[float, float]:
     client_public, client_secret = zmq.curve_keypair()
     endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     ready = multiprocessing.Event()
-    server = multiprocessing.Process(target=_raw_server,
-                                     args=(endpoint, server_secret, ready, CASTS))
+    server = multiprocessing.Process(
+        target=_raw_server, args=(endpoint, server_secret, ready, CASTS)
+    )
     server.start()
     ready.wait(10)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (
-        server_public, client_public, client_secret)
+        server_public,
+        client_public,
+        client_secret,
+    )
     sock.sndhwm = 1_000_000
     sock.connect(endpoint)
     print(f"message body: {len(msgpack.packb(BODY))} bytes of msgpack", flush=True)
@@ -139,10 +143,25 @@ def raw_baseline(report: Report) -> tuple[float, float]:
 def _casts(count: int, target: str) -> list[list[bytes]]:
     """Casts encoded ahead of time, so sending them costs the sender almost nothing."""
     now = time.time()
-    return [codec.encode(Targeted(
-        id=new_message_id(), method="ping", body={"payload": BODY}, direction=Direction.DOWN,
-        path=(), hops=0, max_hops=10, want_response=False, timeout_ms=60_000, sent_at=now,
-        context=None, target=target)) for _ in range(count)]
+    return [
+        codec.encode(
+            Targeted(
+                id=new_message_id(),
+                method="ping",
+                body={"payload": BODY},
+                direction=Direction.DOWN,
+                path=(),
+                hops=0,
+                max_hops=10,
+                want_response=False,
+                timeout_ms=60_000,
+                sent_at=now,
+                context=None,
+                target=target,
+            )
+        )
+        for _ in range(count)
+    ]
 
 
 def _blast(tree: CellTree, frames: list[list[bytes]]) -> None:
@@ -151,8 +170,9 @@ def _blast(tree: CellTree, frames: list[list[bytes]]) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.curve_serverkey = api.keys.public.encode()
-    sock.curve_publickey = tree.client_keys.public.encode()
-    sock.curve_secretkey = tree.client_keys.secret.encode()
+    keys = tree.clients["load"]  # its own name: replies to "ops" must not come here
+    sock.curve_publickey = keys.public.encode()
+    sock.curve_secretkey = keys.secret.encode()
     sock.sndhwm = 1_000_000
     sock.linger = 60_000
     sock.connect(api.api_endpoint)
@@ -162,8 +182,7 @@ def _blast(tree: CellTree, frames: list[list[bytes]]) -> None:
     ctx.term()
 
 
-async def zcells_figures(report: Report, tree: CellTree, raw_p50: float,
-                         raw_rate: float) -> None:
+async def zcells_figures(report: Report, tree: CellTree, raw_p50: float, raw_rate: float) -> None:
     async with tree.client(timeout_s=10) as client:
         deadline = time.monotonic() + 30
         while not all(r.ok for r in await client.ping_all(timeout_s=2)):
@@ -219,6 +238,8 @@ def main() -> None:
             {"api": {"c1": {"g1": {}}}},
             Path(tmp),
             log_level="warning",
+            extra_clients=("load",),
+            mute_child_interval=60,
             heartbeat_interval=5,
             call_timeout=30,
         )

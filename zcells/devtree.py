@@ -84,6 +84,7 @@ class CellTree:
         *,
         log_level: str = "debug",
         idle: tuple[str, ...] = (),
+        extra_clients: tuple[str, ...] = (),
         **cells_options: Any,
     ) -> None:
         """`idle` cells are registered and given keys but never started."""
@@ -98,7 +99,12 @@ class CellTree:
             **cells_options,
         }
         self.cells: dict[str, CellProc] = {}
-        self.client_keys = generate_keypair(root / "client-keys", "ops")
+        # "ops" is the admin client of every cell; more admins on request (one per
+        # connection: a cell answers a client name on its latest connection).
+        self.clients = {
+            name: generate_keypair(root / "client-keys", name) for name in ("ops", *extra_clients)
+        }
+        self.client_keys = self.clients["ops"]
         self._add(tree, None, None)
         for cell in self.cells.values():
             self._write(cell)
@@ -143,7 +149,8 @@ class CellTree:
                         endpoint=f"tcp://127.0.0.1:{child.cells_port}",
                         public_key=child.keys.public,
                     )
-            registry.add_client(db, "ops", public_key=self.client_keys.public, role="admin")
+            for client, keys in self.clients.items():
+                registry.add_client(db, client, public_key=keys.public, role="admin")
 
     def start(self, name: str | None = None, timeout_s: float = 30.0) -> None:
         """Start the cells (all, or one) and wait until each answers a ping."""

@@ -214,7 +214,7 @@ class ZmqTransport(Transport):
                 f"cannot listen on {endpoint} ({domain}): {why}", self.identity.name
             ) from exc
         text = bound.decode("ascii", "replace") if isinstance(bound, bytes) else endpoint
-        listener = self._listeners[role] = _Listener(role, domain, sock, text)
+        listener = _Listener(role, domain, sock, text)
         listener.pump = Pump(
             sock,
             partial(self._from_router, listener),
@@ -222,6 +222,7 @@ class ZmqTransport(Transport):
             inbox=self._inbox,
             frame_first=True,
         )
+        self._listeners[role] = listener
 
     async def close(self) -> None:
         if self._closed:
@@ -297,6 +298,9 @@ class ZmqTransport(Transport):
             return
         listener.routes[peer.name] = frames[0].bytes
         self._inbox.put(self._frames_in(peer, frames[1:], count - 1))
+
+    def _from_parent(self, peer: Peer, frames: list[bytes], count: int) -> None:
+        self._inbox.put(self._frames_in(peer, frames, count))
 
     def _frames_in(self, peer: Peer, frames: list[bytes], count: int) -> Received:
         """Count, then decode, the frames of one message from an authenticated peer."""
@@ -419,13 +423,8 @@ class ZmqTransport(Transport):
 
         failed = partial(self._failed, peer.name)
         parent.pumps += [  # the DEALER's pump last: sends poke it
-            Pump(monitor, lambda frames, count: self._watch(parent, frames, count), failed),
-            Pump(
-                sock,
-                lambda frames, count: self._inbox.put(self._frames_in(peer, frames, count)),
-                failed,
-                inbox=self._inbox,
-            ),
+            Pump(monitor, partial(self._watch, parent), failed),
+            Pump(sock, partial(self._from_parent, peer), failed, inbox=self._inbox),
         ]
 
     def _drop_parent(self, name: str, reason: str) -> None:

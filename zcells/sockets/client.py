@@ -1,0 +1,388 @@
+"""Reading ZeroMQ sockets from the event loop, and `ZmqClient`, a client's link to one cell.
+
+Both halves of the ZeroMQ transport read their sockets the same way, and it
+lives here so that `zcells.sockets.transport` can import it (and re-export
+`ZmqClient`) without an import cycle:
+
+* A `Pump` reads one plain (not zmq.asyncio) socket from the loop's own
+  reader callback on ZMQ_FD, with non-blocking receives and no task or Future
+  per message. ZMQ_FD is edge-triggered: it says "something changed", so a
+  pump reads until ZMQ_EVENTS shows no POLLIN, at most `BATCH` messages per
+  turn of the loop before it yields and goes on. A send processes the
+  socket's commands too and can eat that edge, so every send is followed by
+  `Pump.poke()`: one more look, at most once per turn of the loop. (Looking
+  at once, right after the send, measured slower.)
+* An `Inbox` is the bounded queue pumps fill. When it is full a pump stops
+  reading (its socket's RCVHWM, then TCP, hold the sender back) and takes up
+  again once the reader has emptied half of it. Link changes, which must not
+  hold up a monitor socket, wait in order behind a full queue: nothing is
+  dropped while the inbox is open.
+* Every monitor socket has a pump that never pauses: libzmq's monitor send
+  blocks once the monitor's pipe is full, which would stall the socket it
+  watches. A pump is always stopped before its socket is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Generic, TypeVar
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from zcells import codec, logs
+from zcells.errors import (
+    AccessDenied,
+    Busy,
+    CellUnreachable,
+    FrameError,
+    TransportBroken,
+    TransportClosed,
+)
+from zcells.messages import Message
+from zcells.sockets.auth import SocketOptions
+from zcells.sockets.keys import check_environment
+from zcells.transport import ClientTransport
+
+log = logs.get_logger("sockets.transport")
+
+BATCH: Final = 256  # messages one pump reads before it lets the rest of the loop run
+KEEP_FRAMES: Final = 4  # frames kept of a message; the rest are counted, never kept
+# Plain ints: combining zmq's flag enums costs more than the send it is for.
+_NOBLOCK: Final = int(zmq.NOBLOCK)
+_MORE: Final = int(zmq.NOBLOCK | zmq.SNDMORE)
+_RCVMORE: Final = int(zmq.RCVMORE)
+_EVENTS: Final = int(zmq.EVENTS)
+_POLLIN: Final = int(zmq.POLLIN)
+
+_FAILED: Final = "handshake failed: wrong server key, or no authenticator there"
+# Monitor event -> (link state, reason). A link is connecting, up, down, refused or
+# failed; only a change of state becomes a LinkChange (and a log line).
+LINK_EVENTS: Final[Mapping[int, tuple[str, str]]] = {
+    zmq.EVENT_HANDSHAKE_SUCCEEDED: ("up", "connected"),
+    zmq.EVENT_DISCONNECTED: ("down", "disconnected"),
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: ("refused", "handshake refused: our key is not accepted"),
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: ("failed", _FAILED),
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: ("failed", _FAILED),
+}
+MONITORED: Final = (
+    zmq.EVENT_MONITOR_STOPPED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    | (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+)
+
+T = TypeVar("T")
+Socket = zmq.Socket[bytes]
+Deliver = Callable[[list[Any], int], None]  # (the frames kept, how many there were)
+
+
+def next_state(current: str, event: int) -> tuple[str, str] | None:
+    """The link's new (state, reason) after a monitor event, or None if nothing changed."""
+    found = LINK_EVENTS.get(event)
+    if found is None or found[0] == current or (found[0] == "down" and current != "up"):
+        return None  # a repeat, or the disconnect that ends a failed handshake
+    return found
+
+
+def monitor_event(frames: list[Any], _count: int) -> int:
+    """The event number of one monitor message."""
+    return int(parse_monitor_message(frames)["event"])
+
+
+def send_now(sock: Socket, frames: list[bytes]) -> None:
+    """Queue one message without waiting: `zmq.Again` if libzmq cannot take it now.
+
+    Frames are copied: pyzmq copies anything under 64 kB even with copy=False.
+    A refusal comes on the first frame, so no message is ever half sent.
+    """
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, _NOBLOCK if i == last else _MORE)
+
+
+class Inbox(Generic[T]):
+    """A bounded queue filled by pumps: a full inbox pauses them, reading it resumes them."""
+
+    def __init__(self, size: int) -> None:
+        self.queue: asyncio.Queue[T | None] = asyncio.Queue(maxsize=size)
+        self._waiting: deque[T] = deque()  # must-keep items behind a full queue, in order
+        self._paused: list[Pump] = []
+        self._resume_at = size // 2
+
+    def room(self) -> bool:
+        return not self._waiting and not self.queue.full()
+
+    def size(self) -> int:
+        return self.queue.qsize() + len(self._waiting)
+
+    def put(self, item: T) -> None:
+        """Queue an item, or hold it behind a full queue; never dropped, never waited on."""
+        if self.room():
+            self.queue.put_nowait(item)
+        else:
+            self._waiting.append(item)
+
+    def pause(self, pump: Pump) -> None:
+        self._paused.append(pump)
+
+    async def get(self) -> T | None:
+        """The next item (returns at once if there is one); None once the inbox is ended."""
+        item = await self.queue.get()
+        if self._waiting or self._paused:
+            self._refill()
+        return item
+
+    def _refill(self) -> None:
+        while self._waiting and not self.queue.full():
+            self.queue.put_nowait(self._waiting.popleft())
+        if self._paused and not self._waiting and self.queue.qsize() <= self._resume_at:
+            paused, self._paused = self._paused, []
+            for pump in paused:
+                pump.resume()
+
+    def end(self) -> None:
+        """Drop what nobody read if that makes room, then the end marker, for every reader."""
+        self._paused.clear()
+        while self._waiting and not self.queue.full():
+            self.queue.put_nowait(self._waiting.popleft())
+        self._waiting.clear()
+        while self.queue.full():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
+
+class Pump:
+    """Reads one socket from the event loop and hands each message to `deliver`."""
+
+    def __init__(
+        self,
+        sock: Socket,
+        deliver: Deliver,
+        failed: Callable[[str, Exception], None],
+        *,
+        inbox: Inbox[Any] | None = None,
+        frame_first: bool = False,
+    ) -> None:
+        self.sock = sock
+        self._deliver = deliver
+        self._failed = failed  # ("recv" or "message", the exception); logs and counts
+        self._inbox = inbox  # None: never pauses (monitors)
+        self._copy_first = not frame_first  # a zmq.Frame first, to read its User-Id
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.FD
+        self._get: Callable[[int], Any] = sock.get
+        self._poked = self._paused = self._stopped = False
+        self._loop.add_reader(self._fd, self._drain)
+        self.poke()  # messages may be waiting already, their edge gone
+
+    def poke(self) -> None:
+        """Look at the socket again soon; after a send, which can consume the FD's edge."""
+        if not self._poked and not self._stopped:
+            self._poked = True
+            self._loop.call_soon(self._drain)
+
+    def resume(self) -> None:
+        if self._paused and not self._stopped:
+            self._paused = False
+            self._loop.add_reader(self._fd, self._drain)
+            self.poke()
+
+    def stop(self) -> None:
+        """Stop reading for good; before the socket closes, as its FD goes with it."""
+        if not self._stopped:
+            self._stopped = True
+            if not self._paused:
+                self._loop.remove_reader(self._fd)
+
+    def _drain(self) -> None:
+        self._poked = False
+        sock, get, inbox, deliver = self.sock, self._get, self._inbox, self._deliver
+        for _ in range(BATCH):
+            if self._stopped or self._paused:
+                return
+            try:
+                if not get(_EVENTS) & _POLLIN:
+                    return
+            except zmq.ZMQError as exc:
+                self._broken(exc)
+                return
+            if inbox is not None and not inbox.room():
+                self._paused = True
+                self._loop.remove_reader(self._fd)
+                inbox.pause(self)
+                return
+            try:
+                frames, count = self._recv(sock)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                self._broken(exc)
+                return
+            try:
+                deliver(frames, count)
+            except Exception as exc:  # one message never ends the reading (SECURITY.md §0.8)
+                self._failed("message", exc)
+        self.poke()  # more may be waiting: let the rest of the loop run first
+
+    def _recv(self, sock: Socket) -> tuple[list[Any], int]:
+        frames: list[Any] = [sock.recv(_NOBLOCK, copy=self._copy_first)]
+        count = 1
+        while sock.get(_RCVMORE):
+            frame = sock.recv(_NOBLOCK)
+            count += 1
+            if count <= KEEP_FRAMES:
+                frames.append(frame)
+        return frames, count
+
+    def _broken(self, exc: zmq.ZMQError) -> None:
+        if self.sock.closed or exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
+            self.stop()
+        else:  # EINTR, say: look again on the next turn of the loop
+            self._failed("recv", exc)
+            self.poke()
+
+
+def close_socket(sock: Socket, monitor: Socket | None, linger_ms: int) -> None:
+    if monitor is not None:
+        if not sock.closed:
+            sock.disable_monitor()
+        monitor.close(linger=0)
+    sock.close(linger=linger_ms)
+
+
+class ZmqClient(ClientTransport):
+    """A client's CURVE link to one cell's api endpoint, with the cell's key pinned."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        server_key: str,
+        keypair: tuple[str, str],
+        *,
+        connect_timeout_s: float = 5.0,
+        options: SocketOptions | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.server_key = server_key
+        self.options = options or SocketOptions()
+        self.connect_timeout_s = connect_timeout_s
+        self._keypair = keypair
+        self._ctx: zmq.Context[Socket] | None = None
+        self._socket: Socket | None = None
+        self._monitor: Socket | None = None
+        self._pumps: list[Pump] = []
+        self._inbox: Inbox[list[bytes] | FrameError] = Inbox(self.options.hwm)
+        self._state = "connecting"
+        self._failure = ""
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    async def connect(self) -> None:
+        """Dial and wait for the handshake: `AccessDenied` if refused, `CellUnreachable` if none."""
+        if self._closed:
+            raise TransportClosed(f"the client of {self.endpoint} is closed")
+        if self._socket is not None:
+            return
+        check_environment()
+        self._state, self._failure = "connecting", ""
+        self._inbox = Inbox(self.options.hwm)
+        self._ctx = zmq.Context()
+        self._socket = sock = self._ctx.socket(zmq.DEALER)
+        try:
+            self.options.dialler(sock, self.server_key, self._keypair)
+            self._monitor = sock.get_monitor_socket(MONITORED)
+            self._pumps.append(Pump(self._monitor, self._on_monitor, self._failed))
+            self._pumps.append(Pump(sock, self._on_message, self._failed, inbox=self._inbox))
+            sock.connect(self.endpoint)
+            async with asyncio.timeout(self.connect_timeout_s):
+                while self._state not in ("up", "refused"):
+                    self._changed.clear()
+                    await self._changed.wait()
+            if self._state == "refused":
+                raise AccessDenied(f"the cell at {self.endpoint} refused this client's key")
+        except BaseException as exc:
+            self._teardown()
+            if isinstance(exc, TimeoutError):
+                why = f" ({self._failure})" if self._failure else ""
+                raise CellUnreachable(
+                    f"no handshake with the cell at {self.endpoint} within "
+                    f"{self.connect_timeout_s} s{why}"
+                ) from None
+            if isinstance(exc, zmq.ZMQError | UnicodeError):
+                raise TransportBroken(f"cannot dial {self.endpoint}: {exc}") from exc
+            raise
+
+    def _on_monitor(self, frames: list[Any], count: int) -> None:
+        change = next_state(self._state, monitor_event(frames, count))
+        if change is not None:
+            self._state = change[0]
+            self._failure = change[1] if change[0] == "failed" else self._failure
+            self._changed.set()
+
+    def _on_message(self, frames: list[Any], count: int) -> None:
+        if count != codec.FRAMES_PER_MESSAGE:
+            expected = codec.FRAMES_PER_MESSAGE
+            self._inbox.put(FrameError(f"expected {expected} frames, got {count}"))
+        else:
+            self._inbox.put(frames)
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        logs.event(
+            log,
+            logging.ERROR,
+            f"client.{what}_failed",
+            where=self.endpoint,
+            error=type(exc).__name__,
+        )
+
+    def _live(self) -> Socket:
+        if self._closed:
+            raise TransportClosed(f"the client of {self.endpoint} is closed")
+        if self._socket is None:
+            raise CellUnreachable(f"not connected to {self.endpoint}")
+        return self._socket
+
+    async def send(self, message: Message) -> None:
+        sock = self._live()
+        try:
+            send_now(sock, codec.encode(message))
+        except zmq.Again:
+            if self._state != "up":
+                raise CellUnreachable(f"no live link to {self.endpoint}") from None
+            raise Busy(f"the queue to {self.endpoint} is full") from None
+        except zmq.ZMQError as exc:
+            raise TransportBroken(f"sending to {self.endpoint} failed: {exc.strerror}") from exc
+        finally:
+            self._pumps[-1].poke()
+
+    async def recv(self) -> Message:
+        self._live()
+        inbox = self._inbox
+        frames = await inbox.get()
+        if frames is None:  # closed under us: leave the marker for the next reader too
+            inbox.queue.put_nowait(None)
+            raise TransportClosed(f"the client of {self.endpoint} closed")
+        if isinstance(frames, FrameError):
+            raise frames
+        return codec.decode(frames, self.options.max_frame_bytes)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._teardown()
+            self._inbox.end()
+
+    def _teardown(self) -> None:
+        for pump in self._pumps:
+            pump.stop()
+        if self._socket is not None:
+            close_socket(self._socket, self._monitor, self.options.linger_ms)
+        if self._ctx is not None:
+            self._ctx.destroy(linger=self.options.linger_ms)
+        self._ctx = self._socket = self._monitor = None
+        self._pumps = []
+        self._state = "closed"
