@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import functools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,13 +34,39 @@ from zcells.sockets.transport import ZmqClient
 Tree = Mapping[str, "Tree"]
 
 
+def _port_span() -> tuple[int, int]:
+    """Ports outgoing connections never use: below the kernel's ephemeral range."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return 10000, max(10001, min(low, 65536))
+
+
 def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on right now (bound and released by the kernel)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
+    """Ports nothing listens on now, taken below the ephemeral range.
+
+    Kernel-chosen ports come from the range outgoing connections use too, so
+    one could be taken before the cell binds it. Parallel test workers draw
+    from separate slices, so they never race each other for a port.
+    """
+    start, end = _port_span()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and worker[2:].isdigit():
+        slice_size = max(200, (end - start) // 16)
+        start += (int(worker[2:]) % 16) * slice_size
+        end = min(end, start + slice_size)
+    ports: list[int] = []
+    for port in random.sample(range(start, end), end - start):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise OSError(f"no {count} free ports between {start} and {end}")
 
 
 def wait_until(
