@@ -43,6 +43,9 @@ def _port_span() -> tuple[int, int]:
     return 10000, max(10001, min(low, 65536))
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_ports(count: int) -> list[int]:
     """Ports nothing listens on now, taken below the ephemeral range.
 
@@ -58,6 +61,8 @@ def free_ports(count: int) -> list[int]:
         end = min(end, start + slice_size)
     ports: list[int] = []
     for port in random.sample(range(start, end), end - start):
+        if port in _HANDED_OUT:  # given to a cell that may not have bound it yet
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
@@ -65,6 +70,7 @@ def free_ports(count: int) -> list[int]:
                 continue
         ports.append(port)
         if len(ports) == count:
+            _HANDED_OUT.update(ports)
             return ports
     raise OSError(f"no {count} free ports between {start} and {end}")
 

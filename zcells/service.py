@@ -197,7 +197,6 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
 async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
     config = cell.config
     transport = make_transport(config, cell.keys)
-    await transport.start()
     try:
         node: Node | None = None
         diag = DiagHandlers(
@@ -205,7 +204,10 @@ async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
         )
         node = Node(node_settings(config), transport, build_methods(diag))
         watch = RegistryWatch(cell.db, node, config.cells.db_check_interval_s)
+        # The keyring must be in place before the endpoints are bound: a child
+        # refused during a gap would not be redialled by ZeroMQ for a while.
         await watch.load()
+        await transport.start()
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _on_sighup, watch)
         logs.event(
             log,

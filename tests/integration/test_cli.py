@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import zmq
 import zmq.auth
 
 from tests.cli_helpers import ZCELLS, Result, run, run_process, write_config
+from zcells.devtree import free_ports
 
 Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 
@@ -440,6 +444,15 @@ class Served:
             self._log_handle.close()
 
 
+@pytest.fixture
+def default_ports() -> Iterator[None]:
+    """The embedded default binds the fixed default ports: one such test at a time."""
+    with open(Path(tempfile.gettempdir()) / "zcells-default-ports.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.mark.usefixtures("default_ports")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_serve_embedded_default_starts_and_stops_cleanly(tmp_path: Path, signum: int) -> None:
     state_dir = tmp_path / "state"
@@ -464,16 +477,29 @@ def test_serve_embedded_default_starts_and_stops_cleanly(tmp_path: Path, signum:
     assert not pid_file.exists()
 
 
-def test_serve_replaces_a_stale_pid_file(tmp_path: Path) -> None:
-    state_dir = tmp_path / "state"
-    state_dir.mkdir()
+def test_serve_replaces_a_stale_pid_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cells_port, api_port = free_ports(2)
+    config = write_config(
+        tmp_path,
+        "api",
+        transport={
+            "keys_dir": "keys",
+            "cells_endpoint": f"tcp://127.0.0.1:{cells_port}",
+            "api_endpoint": f"tcp://127.0.0.1:{api_port}",
+        },
+    )
+    key(capsys, tmp_path / "keys", "api")
+    assert run(capsys, "--config", str(config), "db", "sync").code == 0
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (state_dir / "api.pid").write_text(f"{dead.pid}\n")
-    served = Served(tmp_path / "serve.log", {"ZCELLS_STATE_DIR": str(state_dir)})
+    pid_file = tmp_path / "api" / "api.pid"
+    pid_file.write_text(f"{dead.pid}\n")
+    served = Served(tmp_path / "serve.log", {}, "--config", str(config))
     try:
         served.wait_started()
-        assert (state_dir / "api.pid").read_text().strip() == str(served.proc.pid)
+        assert pid_file.read_text().strip() == str(served.proc.pid)
     finally:
         code = served.stop()
     assert code == 0
