@@ -35,6 +35,7 @@ from zcells.errors import (
     Forbidden,
     InternalError,
     InvalidRequest,
+    SenderMismatch,
     StaleMessage,
     TransportClosed,
     TransportError,
@@ -485,9 +486,15 @@ class Node:
             self._answer(peer, message.id, message.path, (result,), 0.0)
 
     def _here_for(self, peer: Peer, message: Request) -> str:
-        """This cell's full path as the sender of `message` sees it."""
-        if peer.role is Role.PARENT and message.path:
-            return f"{message.path[-1]}!{self.settings.name}"
+        """This cell's full path as the sender of `message` knows it.
+
+        Under a parent, that is the parent's path as the parent said in its hello,
+        not whatever the (possibly refused) message claims.
+        """
+        if peer.role is Role.PARENT:
+            parent_path = self.view.parents.get(peer.name)
+            if parent_path is not None:
+                return f"{parent_path}!{self.settings.name}"
         return self._here()
 
     def _run_handler(
@@ -523,6 +530,10 @@ class Node:
         )
         started = self.clock()
         if not method.is_coroutine:
+            if started > deadline:  # no time left: do not start what cannot finish
+                error = CallTimeout(f"{stamped.method} arrived after its deadline", here)
+                done(CellResult(here, Outcome.ERROR, error=error))
+                return
             try:
                 value = method.handler(call)
             except Exception as exc:
@@ -751,6 +762,9 @@ class Node:
                 reply_to=response.reply_to.hex(),
             )
             return
+        if not self._plausible_answer(relay, response):
+            self._refuse_answer(peer, relay)
+            return
         if relay.future is not None and not relay.future.done():
             relay.future.set_result(response)
         if relay.requester is not None:
@@ -761,6 +775,24 @@ class Node:
                 response.results,
                 (self.clock() - relay.started) * 1000.0,
             )
+
+    def _plausible_answer(self, relay: _Relay, response: Response) -> bool:
+        """One result, and from a child only for a cell in that child's subtree."""
+        if len(response.results) != 1:
+            return False
+        if relay.via.role is Role.CHILD:
+            child_path = f"{self._here()}!{relay.via.name}"
+            return routing.is_below(response.results[0].cell, child_path)
+        return True
+
+    def _refuse_answer(self, peer: Peer, relay: _Relay) -> None:
+        error = SenderMismatch(f"{peer} answered for cells it does not hold", self._here())
+        self._on_bad_message(peer, error)
+        if relay.future is not None and not relay.future.done():
+            relay.future.set_exception(error)
+        if relay.requester is not None:
+            result = CellResult(self._here(), Outcome.ERROR, error=error)
+            self._answer(relay.requester, relay.request_id, (), (result,), 0.0)
 
     # -- calls this cell makes itself ---------------------------------------------------------
 
@@ -812,7 +844,7 @@ class Node:
 
     def statistics(self) -> dict[str, Any]:
         return {
-            "cell": self.settings.name,
+            "cell": self._here(),
             "path": self._known_path(),
             "relays": len(self._relays),
             "gathers": len(self._gathers),

@@ -19,9 +19,11 @@ from zcells.errors import (
     CallTimeout,
     CellUnreachable,
     Forbidden,
+    SenderMismatch,
     UnknownCell,
 )
 from zcells.messages import (
+    CellResult,
     Direction,
     Kind,
     Outcome,
@@ -401,6 +403,36 @@ def test_two_clients_may_use_the_same_message_id() -> None:
             done = await asyncio.gather(*answers)
             assert all(r.results[0].ok for r in done)
             assert tree.nodes["c1"].counters["duplicates"] == 0
+        await tree.stop()
+
+    run(main())
+
+
+def test_a_child_cannot_answer_for_a_cell_outside_its_subtree() -> None:
+    async def main() -> None:
+        tree = MemoryTree(TREE, rogues={"r": "api"})
+        await tree.start()
+        await tree.placed()
+        rogue = Rogue(tree)
+        async with tree.client() as client:
+            asked = asyncio.ensure_future(client.ping("api!r", timeout_s=2))
+            async with asyncio.timeout(5):
+                while True:  # the rogue reads the ping api forwarded to it
+                    event = await rogue.transport.recv()
+                    if isinstance(event, Received) and isinstance(event.message, Targeted):
+                        request = event.message
+                        break
+            forged = Response(
+                id=new_message_id(),
+                reply_to=request.id,
+                path=request.path,
+                sent_at=time.time(),
+                results=(CellResult("api!c1", Outcome.OK, {"cell": "api!c1"}),),
+            )
+            rogue.transport.send(rogue.parent, forged)
+            with pytest.raises(SenderMismatch):
+                await asked
+            assert (await client.ping("api!c1")).ok
         await tree.stop()
 
     run(main())
