@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from zcells import logs, routing
@@ -41,7 +41,7 @@ from zcells.errors import (
     TransportError,
     WireError,
 )
-from zcells.liveness import Liveness, Tracker
+from zcells.liveness import Liveness
 from zcells.messages import (
     Broadcast,
     CellResult,
@@ -57,9 +57,10 @@ from zcells.messages import (
     new_message_id,
 )
 from zcells.methods import Call, Method, MethodTable
+from zcells.neighbours import Neighbourhood
 from zcells.peer import Peer, Role
 from zcells.records import Client, Neighbour
-from zcells.transport import LinkChange, ParentLink, Received, Topology, Transport
+from zcells.transport import LinkChange, Received, Transport
 
 log = logs.get_logger("node")
 
@@ -124,10 +125,13 @@ class Node:
         self.methods = methods
         self.clock = clock
         self.wall_clock = wall_clock
-        self.view = routing.View(settings.name, max_hop_count=settings.max_hop_count)
-        self._clients: dict[str, Client] = {}
-        self._neighbours: dict[str, Neighbour] = {}
-        self._liveness: dict[Peer, Tracker] = {}
+        self.neighbours = Neighbourhood(
+            settings.name,
+            settings.cell_type,
+            max_hop_count=settings.max_hop_count,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            mute_after_s=settings.mute_after_s,
+        )
         self._relays: dict[tuple[Peer, bytes], _Relay] = {}
         self._gathers: dict[bytes, _Gather] = {}
         self._in_flight: Counter[Peer] = Counter()
@@ -140,29 +144,11 @@ class Node:
 
     def apply_registry(self, neighbours: list[Neighbour], clients: list[Client]) -> None:
         """Take a fresh read of the cells and clients tables: keyring, parents, view."""
-        self._neighbours = {n.name: n for n in neighbours}
-        self._clients = {c.name: c for c in clients}
-        parents = {n.name: n for n in neighbours if n.kind == "parent"}
-        children = {n.name: n for n in neighbours if n.kind == "child"}
-        self.transport.apply(
-            Topology(
-                parents={n: ParentLink(p.endpoint, p.public_key) for n, p in parents.items()},
-                children={n: c.public_key for n, c in children.items()},
-                clients={c.name: c.public_key for c in clients},
-            )
-        )
-        known = {n: self.view.parents.get(n) for n in parents}
-        self.view = replace(self.view, parents=known, children=frozenset(children))
-        now = self.clock()
-        wanted = {Peer(Role.PARENT, n) for n in parents} | {Peer(Role.CHILD, n) for n in children}
-        for peer in wanted - self._liveness.keys():
-            self._liveness[peer] = Tracker(
-                late_after_s=3 * self.settings.heartbeat_interval_s,
-                mute_after_s=self.settings.mute_after_s,
-                since=now,
-            )
-        for peer in self._liveness.keys() - wanted:
-            del self._liveness[peer]
+        self.transport.apply(self.neighbours.apply(neighbours, clients, self.clock()))
+
+    @property
+    def view(self) -> routing.View:
+        return self.neighbours.view
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -218,11 +204,7 @@ class Node:
             self._on_link(event)
             return
         peer = event.peer
-        tracker = self._liveness.get(peer)
-        if tracker is not None:
-            before = tracker.state
-            if tracker.heard(self.clock()) is not before:
-                logs.event(log, logging.INFO, "neighbour.alive", peer=peer, was=before)
+        self.neighbours.heard(peer, self.clock())
         if event.error is not None:
             self._on_bad_message(peer, event.error)
             return
@@ -232,9 +214,11 @@ class Node:
         elif isinstance(message, Response):
             self._on_response(peer, message)
         elif isinstance(message, Hello):
-            self._on_hello(peer, message)
+            self._send_all(self.neighbours.on_hello(peer, message, self.wall_clock()))
         elif isinstance(message, Heartbeat):
-            self._learn_paths(peer, message.path, message.your_path)
+            self._send_all(
+                self.neighbours.learn(peer, message.path, message.your_path, self.wall_clock())
+            )
 
     def _on_bad_message(self, peer: Peer, error: WireError) -> None:
         self.counters[f"refused_{error.code}"] += 1
@@ -259,58 +243,16 @@ class Node:
             reason=change.reason,
         )
         if change.up and change.peer.role is Role.PARENT:
-            self._send_soon(change.peer, self._hello(change.peer))
+            self._send_soon(change.peer, self.neighbours.hello_for(change.peer, self.wall_clock()))
 
-    def _hello(self, peer: Peer) -> Hello:
-        here = self._known_path()
-        your = f"{here}!{peer.name}" if here and peer.role is Role.CHILD else None
-        return Hello(
-            id=new_message_id(),
-            sent_at=self.wall_clock(),
-            cell_type=self.settings.cell_type,
-            path=here,
-            your_path=your,
-        )
-
-    def _on_hello(self, peer: Peer, hello: Hello) -> None:
-        if peer.role is Role.PARENT:
-            self._learn_paths(peer, hello.path, hello.your_path)
-            return
-        self._send_soon(peer, self._hello(peer))  # tell a child or client where it sits
-
-    def _learn_paths(self, peer: Peer, path: str | None, your_path: str | None) -> None:
-        """A parent says where it sits; that fixes where this cell sits under it."""
-        if peer.role is not Role.PARENT or path is None or peer.name not in self.view.parents:
-            return
-        if your_path != f"{path}!{self.settings.name}" or routing.last_name(path) != peer.name:
-            logs.event(
-                log,
-                logging.WARNING,
-                "hello.inconsistent",
-                peer=peer,
-                path=path,
-                your_path=your_path,
-            )
-            return
-        if self.view.parents.get(peer.name) != path:
-            self.view = replace(self.view, parents={**self.view.parents, peer.name: path})
-            logs.event(
-                log,
-                logging.INFO,
-                "cell.placed",
-                cell=self.settings.name,
-                path=your_path,
-                parent=peer,
-            )
-            for child in sorted(self.view.children):  # tell children where they sit now
-                self._send_soon(Peer(Role.CHILD, child), self._hello(Peer(Role.CHILD, child)))
-
-    def _known_path(self) -> str | None:
-        paths = self.view.paths
-        return paths[0] if paths else None
+    def _send_all(
+        self, outgoing: list[tuple[Peer, Hello | Heartbeat]], quiet: bool = False
+    ) -> None:
+        for peer, message in outgoing:
+            self._send_soon(peer, message, quiet=quiet)
 
     def _here(self) -> str:
-        return self._known_path() or self.settings.name
+        return self.neighbours.here
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -319,31 +261,10 @@ class Node:
 
     def beat(self) -> None:
         """Send heartbeats to every neighbour and move liveness on by the silence so far."""
-        now = self.clock()
-        here = self._known_path()
-        for peer, tracker in self._liveness.items():
-            your = f"{here}!{peer.name}" if here and peer.role is Role.CHILD else None
-            self._send_soon(
-                peer,
-                Heartbeat(
-                    id=new_message_id(), sent_at=self.wall_clock(), path=here, your_path=your
-                ),
-                quiet=True,
-            )
-            before = tracker.state
-            after = tracker.check(now)
-            if after is not before:
-                logs.event(
-                    log,
-                    logging.WARNING,
-                    f"neighbour.{after.value}",
-                    peer=peer,
-                    silent_s=round(tracker.silent_for(now) or now - tracker.since, 1),
-                )
+        self._send_all(self.neighbours.beat(self.clock(), self.wall_clock()), quiet=True)
 
     def liveness(self) -> dict[Peer, Liveness]:
-        now = self.clock()
-        return {peer: tracker.check(now) for peer, tracker in self._liveness.items()}
+        return self.neighbours.liveness(self.clock())
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -398,7 +319,7 @@ class Node:
 
     def _caller(self, peer: Peer) -> str:
         if peer.role is Role.CLIENT:
-            client = self._clients.get(peer.name)
+            client = self.neighbours.clients.get(peer.name)
             if client is None:
                 raise Forbidden(f"client {peer.name} is not registered", self._here())
             return client.role
@@ -454,7 +375,7 @@ class Node:
             self._fan_out(peer, message, fanout, caller, method, started, deadline)
 
     def _as_client_request(self, peer: Peer, role: str, message: Request) -> Request:
-        client = self._clients[peer.name]
+        client = self.neighbours.clients[peer.name]
         context = RequestContext(
             request_id=str(uuid.UUID(bytes=message.id)),
             client=peer.name,
@@ -845,7 +766,7 @@ class Node:
     def statistics(self) -> dict[str, Any]:
         return {
             "cell": self._here(),
-            "path": self._known_path(),
+            "path": self.neighbours.known_path,
             "relays": len(self._relays),
             "gathers": len(self._gathers),
             "in_flight": sum(self._in_flight.values()),

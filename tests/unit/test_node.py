@@ -289,8 +289,8 @@ def test_heartbeats_drive_liveness_on_an_injected_clock() -> None:
         await tree.placed()
         api = tree.nodes["api"]
         api.clock = lambda: now[0]
-        api._liveness[Peer(Role.CHILD, "c1")].since = now[0]
-        api._liveness[Peer(Role.CHILD, "c1")].last_heard = now[0]
+        api.neighbours.trackers[Peer(Role.CHILD, "c1")].since = now[0]
+        api.neighbours.trackers[Peer(Role.CHILD, "c1")].last_heard = now[0]
         child = Peer(Role.CHILD, "c1")
         assert api.liveness()[child].value in ("alive", "unknown")
         now[0] += 10_000  # c1 silent well past the mute interval
