@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zcells import logs, routing
+from zcells.dispatch import Dispatcher
 from zcells.errors import (
     Busy,
     CallTimeout,
     CellUnreachable,
     Forbidden,
-    InternalError,
     InvalidRequest,
     SenderMismatch,
     StaleMessage,
@@ -56,7 +56,7 @@ from zcells.messages import (
     evolve,
     new_message_id,
 )
-from zcells.methods import Call, Method, MethodTable
+from zcells.methods import Method, MethodTable
 from zcells.neighbours import Neighbourhood
 from zcells.peer import Peer, Role
 from zcells.records import Client, Neighbour
@@ -138,6 +138,7 @@ class Node:
         self._recent: OrderedDict[tuple[Peer, bytes], Response | None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self.counters: Counter[str] = Counter()
+        self.dispatch = Dispatcher(methods, clock, self._spawn, self.counters)
         self.started_at = clock()
 
     # -- the registry -----------------------------------------------------------------------
@@ -418,92 +419,6 @@ class Node:
                 return f"{parent_path}!{self.settings.name}"
         return self._here()
 
-    def _run_handler(
-        self,
-        stamped: Request,
-        peer: Peer,
-        caller: str,
-        method: Method,
-        deadline: float,
-        done: Callable[[CellResult], None],
-    ) -> None:
-        """Check the arguments, run the method here and hand its result to `done`.
-
-        Only the cell that runs a method decodes and checks the request body.
-        A plain-function handler runs inline, at once; a coroutine handler runs
-        as a task under the request's deadline.
-        """
-        here = stamped.path[-1]
-        try:
-            args = self.methods.arguments(method, stamped.body)
-        except WireError as exc:
-            exc.cell = exc.cell or here
-            done(CellResult(here, Outcome.ERROR, error=exc))
-            return
-        call = Call(
-            method=stamped.method,
-            args=args,
-            sender=peer,
-            caller=caller,
-            context=stamped.context,
-            cell=here,
-            deadline=deadline,
-        )
-        started = self.clock()
-        if not method.is_coroutine:
-            if started > deadline:  # no time left: do not start what cannot finish
-                error = CallTimeout(f"{stamped.method} arrived after its deadline", here)
-                done(CellResult(here, Outcome.ERROR, error=error))
-                return
-            try:
-                value = method.handler(call)
-            except Exception as exc:
-                done(self._failed(stamped, here, exc))
-                return
-            done(self._succeeded(here, value, started))
-            return
-
-        async def run_async() -> None:
-            try:
-                async with asyncio.timeout(max(0.0, deadline - started)):
-                    value = await method.handler(call)
-            except TimeoutError:
-                error = CallTimeout(f"{stamped.method} did not finish in time", here)
-                done(CellResult(here, Outcome.ERROR, error=error))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                done(self._failed(stamped, here, exc))
-            else:
-                done(self._succeeded(here, value, started))
-
-        self._spawn(run_async(), peer)
-
-    def _succeeded(self, here: str, value: Any, started: float) -> CellResult:
-        self.counters["handled"] += 1
-        return CellResult(here, Outcome.OK, value=value, rtt_ms=(self.clock() - started) * 1e3)
-
-    def _failed(self, stamped: Request, here: str, exc: Exception) -> CellResult:
-        if isinstance(exc, WireError):
-            exc.cell = exc.cell or here
-            return CellResult(here, Outcome.ERROR, error=exc)
-        incident = uuid.uuid4().hex[:12]
-        log.error(
-            "handler.failed id=%s method=%s incident=%s",
-            stamped.id.hex(),
-            stamped.method,
-            incident,
-            exc_info=exc,
-        )
-        self.counters["handler_errors"] += 1
-        return CellResult(
-            here,
-            Outcome.ERROR,
-            error=InternalError(
-                f"{stamped.method} failed; see the cell log for incident {incident}", here
-            ),
-        )
-
     def _deliver(
         self,
         peer: Peer,
@@ -521,7 +436,7 @@ class Node:
                     peer, message.id, stamped.path, (result,), (self.clock() - started) * 1000.0
                 )
 
-        self._run_handler(stamped, peer, caller, method, deadline, answer)
+        self.dispatch.run(stamped, peer, caller, method, deadline, answer)
 
     def _forward(
         self,
@@ -635,7 +550,7 @@ class Node:
                     if gather.aggregation.done:
                         self._finish_gather(outgoing.id)
 
-            self._run_handler(stamped, peer, caller, method, deadline, local_done)
+            self.dispatch.run(stamped, peer, caller, method, deadline, local_done)
         elif gather.aggregation.done:
             self._finish_gather(outgoing.id)
 
