@@ -13,6 +13,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from zcells.db import migrate
 from zcells.db.engine import Database
 
@@ -80,8 +81,8 @@ def print_table(
             table.add_column(column, no_wrap=True, min_width=40)
         else:
             table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+    for row in rows:  # plain text: Z85 keys hold '[' and ']', which are rich markup
+        table.add_row(*(Text("" if v is None else str(v)) for v in row))
     out = stdout if stdout.is_terminal else Console(width=WIDE, file=sys.stdout)
     out.print(table)
 

@@ -314,6 +314,46 @@ def test_client_add_rejects_invalid_input(
     assert run(capsys, "--config", str(cell), "client", "list", "--json").json() == []
 
 
+def test_listings_print_keys_exactly_even_with_markup_characters(
+    cell: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Z85 uses '[', ']' and more: a table must never read them as rich markup
+    tricky = "[b]" + "0" * 33 + "[/b]"
+    c = ("--config", str(cell))
+    assert (
+        run(
+            capsys,
+            *c,
+            "cell",
+            "add",
+            "eu",
+            "--kind",
+            "child",
+            "--endpoint",
+            "tcp://127.0.0.1:1",
+            "--public-key",
+            tricky,
+        ).code
+        == 0
+    )
+    assert (
+        run(
+            capsys,
+            *c,
+            "client",
+            "add",
+            "ops",
+            "--role",
+            "admin",
+            "--public-key",
+            "[red]" + "1" * 29 + "[/red]",
+        ).code
+        == 0
+    )
+    assert tricky in run(capsys, *c, "cell", "list").out
+    assert "[red]" + "1" * 29 + "[/red]" in run(capsys, *c, "client", "list").out
+
+
 def test_client_key_cannot_reuse_a_cell_key(
     cell: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
