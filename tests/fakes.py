@@ -122,15 +122,7 @@ class MemoryTree:
 
     async def stop_cell(self, name: str) -> None:
         await self.transports[name].close()
-        task = self._tasks.pop(name)
-        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 5)
-
-    def freeze(self, name: str) -> list[object]:
-        """The cell stops handling anything (like SIGSTOP); its links stay up."""
-        held: list[object] = []
-        self.transports[name].listen(held.append)
-        self._tasks[name].cancel()  # its loop is gone too: stopping it must not wait on it
-        return held
+        await asyncio.wait_for(self._tasks.pop(name), 5)
 
     async def stop(self) -> None:
         for name in list(self._tasks):

@@ -37,6 +37,7 @@ from zcells.errors import (
     InvalidRequest,
     SenderMismatch,
     StaleMessage,
+    TransportClosed,
     TransportError,
     WireError,
 )
@@ -155,23 +156,17 @@ class Node:
     async def run(self) -> None:
         """Serve until cancelled or the transport closes."""
         heartbeats = asyncio.create_task(self._heartbeat_loop(), name="heartbeats")
-        closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def on_event(event: Received | LinkChange | None) -> None:
-            if event is None:
-                if not closed.done():
-                    closed.set_result(None)
-                return
-            try:
-                self._on_event(event)
-            except Exception:  # a bug while handling one event must not stop the cell
-                self.counters["internal_errors"] += 1
-                log.exception("event.failed")
-
-        # Events come straight from the transport's reader callback: no queue hop.
-        self.transport.listen(on_event)
         try:
-            await closed
+            while True:
+                try:
+                    event = await self.transport.recv()
+                except TransportClosed:
+                    return
+                try:
+                    self._on_event(event)
+                except Exception:  # a bug while handling one event must not stop the cell
+                    self.counters["internal_errors"] += 1
+                    log.exception("event.failed")
         finally:
             heartbeats.cancel()
             for task in list(self._tasks):

@@ -108,14 +108,6 @@ class Transport(ABC):
         """The next event; raises `TransportClosed` once closed."""
 
     @abstractmethod
-    def listen(self, handler: Callable[[Event | None], None]) -> None:
-        """Hand every event to `handler` as it arrives, instead of through `recv()`.
-
-        `None` means the transport closed. Events queued before are handed
-        over first, in order. The handler must not block.
-        """
-
-    @abstractmethod
     async def close(self) -> None:
         """Close every socket; pending sends are dropped after a short linger."""
 
@@ -184,7 +176,6 @@ class MemoryTransport(Transport):
         self._accepted: dict[tuple[str, str], _Conn] = {}  # (domain, name) -> conn
         self._dialled: dict[str, _Conn] = {}  # parent name -> our conn on its listener
         self._closed = False
-        self._handler: Callable[[Event | None], None] | None = None
         self.counters: Counter[str] = Counter()
 
     # listening side
@@ -281,19 +272,10 @@ class MemoryTransport(Transport):
     # both
 
     def _emit(self, event: Event) -> None:
-        if self._handler is not None:
-            # Deferred, so an in-memory send never re-enters the receiver's handler.
-            asyncio.get_running_loop().call_soon(self._handler, event)
-            return
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
             self.counters["dropped_queue_full"] += 1
-
-    def listen(self, handler: Callable[[Event | None], None]) -> None:
-        self._handler = handler
-        while not self._queue.empty():
-            handler(self._queue.get_nowait())
 
     def _receive(self, peer: Peer, frames: list[bytes]) -> None:
         if self._closed:
@@ -335,8 +317,6 @@ class MemoryTransport(Transport):
         if self._closed:
             return
         self._closed = True
-        if self._handler is not None:
-            asyncio.get_running_loop().call_soon(self._handler, None)
         while self._queue.full():  # what nobody read before the close is dropped
             self._queue.get_nowait()
         self._queue.put_nowait(None)

@@ -616,21 +616,3 @@ async def test_statistics_count_traffic(w: World) -> None:
     assert after["received"] == before.get("received", 0) + 1
     assert after["sent"] == before.get("sent", 0) + 1
     assert w.c.statistics()["parents_up"] == ["T"]
-
-
-# -- 10. listening ------------------------------------------------------------------------
-
-
-@conformance
-async def test_listen_hands_every_event_to_a_handler(w: World) -> None:
-    await w.connect_child()
-    got: list[object] = []
-    w.t.listen(got.append)
-    w.c.send(Peer(Role.PARENT, "T"), heartbeat())
-
-    def heard() -> bool:
-        return any(isinstance(e, Received) and e.peer == Peer(Role.CHILD, "C") for e in got)
-
-    await until(heard, "the handler got C's heartbeat")
-    await w.t.close()
-    await until(lambda: None in got, "the handler was told of the close")

@@ -112,35 +112,16 @@ class Inbox(Generic[T]):
         self._waiting: deque[T] = deque()  # must-keep items behind a full queue, in order
         self._paused: list[Pump] = []
         self._resume_at = size // 2
-        self._handler: Callable[[T | None], None] | None = None
-
-    def listen(self, handler: Callable[[T | None], None]) -> None:
-        """From now on hand every item straight to `handler` (None: the inbox ended).
-
-        What was queued before is handed over first, in order. The handler runs
-        inside the pump's reader callback, so a message costs no queue, future
-        or task wake-up; it must not block.
-        """
-        self._handler = handler
-        while not self.queue.empty():
-            handler(self.queue.get_nowait())
-        while self._waiting:
-            handler(self._waiting.popleft())
-        paused, self._paused = self._paused, []
-        for pump in paused:
-            pump.resume()
 
     def room(self) -> bool:
-        return self._handler is not None or (not self._waiting and not self.queue.full())
+        return not self._waiting and not self.queue.full()
 
     def size(self) -> int:
         return self.queue.qsize() + len(self._waiting)
 
     def put(self, item: T) -> None:
         """Queue an item, or hold it behind a full queue; never dropped, never waited on."""
-        if self._handler is not None:
-            self._handler(item)
-        elif self.room():
+        if self.room():
             self.queue.put_nowait(item)
         else:
             self._waiting.append(item)
@@ -166,9 +147,6 @@ class Inbox(Generic[T]):
     def end(self) -> None:
         """Drop what nobody read if that makes room, then the end marker, for every reader."""
         self._paused.clear()
-        if self._handler is not None:
-            self._handler(None)
-            return
         while self._waiting and not self.queue.full():
             self.queue.put_nowait(self._waiting.popleft())
         self._waiting.clear()

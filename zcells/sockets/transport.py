@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
@@ -255,9 +254,6 @@ class ZmqTransport(Transport):
         self._zap = self._ctx = None
 
     # -- events -------------------------------------------------------------------------
-
-    def listen(self, handler: Callable[[Event | None], None]) -> None:
-        self._inbox.listen(handler)
 
     async def recv(self) -> Event:
         event = None if self._closed and self._inbox.queue.empty() else await self._inbox.get()
