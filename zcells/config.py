@@ -20,15 +20,15 @@ Rules kept here:
 from __future__ import annotations
 
 import configparser
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from zcells.errors import ConfigError, ValidationError
-from zcells.names import check_endpoint, check_name
+from zcells import config_values as parsers
+from zcells.config_values import parse_capabilities
+from zcells.errors import ConfigError
 
 CONFIG_ENV: Final = "ZCELLS_CONFIG"
 STATE_DIR_ENV: Final = "ZCELLS_STATE_DIR"
@@ -59,7 +59,7 @@ NOVA_ONLY_KEYS: Final = frozenset(
 )
 
 
-Parser = Callable[[str], Any]
+Parser = parsers.Parser
 
 
 @dataclass(frozen=True)
@@ -79,90 +79,6 @@ class Option:
         return self.attr or self.key
 
 
-# -- value parsers: each takes the raw text and returns the typed value or raises
-#    ValueError whose text says what was expected.
-
-
-def _int(low: int, high: int | None = None) -> Parser:
-    def parse(text: str) -> int:
-        value = int(text.strip())
-        if value < low or (high is not None and value > high):
-            raise ValueError
-        return value
-
-    return parse
-
-
-def _float(low: float, high: float | None = None) -> Parser:
-    def parse(text: str) -> float:
-        value = float(text.strip())
-        if not math.isfinite(value) or value < low or (high is not None and value > high):
-            raise ValueError
-        return value
-
-    return parse
-
-
-def _choice(choices: tuple[str, ...]) -> Parser:
-    def parse(text: str) -> str:
-        value = text.strip().lower()
-        if value not in choices:
-            raise ValueError
-        return value
-
-    return parse
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError
-
-
-def _name(text: str) -> str:
-    try:
-        return check_name("cell name", text.strip())
-    except ValidationError:
-        raise ValueError from None
-
-
-def _endpoint(text: str) -> str:
-    try:
-        return check_endpoint("endpoint", text.strip(), bind=True)
-    except ValidationError:
-        raise ValueError from None
-
-
-def _text(text: str) -> str:
-    value = text.strip()
-    if not value:
-        raise ValueError
-    return value
-
-
-def _path(text: str) -> Path:
-    return Path(_text(text)).expanduser()
-
-
-def parse_capabilities(text: str) -> Mapping[str, tuple[str, ...]]:
-    """``hypervisor=kvm;xen, os=linux`` -> ``{"hypervisor": ("kvm", "xen"), "os": ("linux",)}``."""
-    result: dict[str, tuple[str, ...]] = {}
-    for raw in text.split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        key, sep, values = item.partition("=")
-        key = key.strip()
-        parts = tuple(v.strip() for v in values.split(";") if v.strip())
-        if not sep or not key or not parts or key in result:
-            raise ValueError
-        result[key] = parts
-    return result
-
-
 _SECONDS = "a number of seconds"
 
 OPTIONS: Final[tuple[Option, ...]] = (
@@ -170,7 +86,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "cells",
         "name",
-        _name,
+        parsers.name_value,
         "api",
         "a cell name: letters, digits, '_', '.', '-' (1-64)",
         "This cell's own name; its full name is its parents' names and this, joined by '!'.",
@@ -178,7 +94,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "cells",
         "cell_type",
-        _choice(CELL_TYPES),
+        parsers.choice_value(CELL_TYPES),
         "api",
         "api or compute",
         "api: the top cell that takes client requests; compute: a cell with hosts.",
@@ -194,7 +110,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "cells",
         "call_timeout",
-        _float(0.001),
+        parsers.float_value(0.001),
         60.0,
         _SECONDS,
         "How long a call to another cell waits for its response.",
@@ -203,7 +119,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "cells",
         "max_hop_count",
-        _int(1, 64),
+        parsers.int_value(1, 64),
         10,
         "an integer from 1 to 64",
         "A message that has crossed this many cells is failed, not forwarded.",
@@ -211,7 +127,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "cells",
         "reserve_percent",
-        _float(0.0, 100.0),
+        parsers.float_value(0.0, 100.0),
         10.0,
         "a percentage from 0 to 100",
         "Share of RAM and disk kept out of the capacity this cell announces.",
@@ -219,7 +135,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "cells",
         "mute_child_interval",
-        _float(0.001),
+        parsers.float_value(0.001),
         300.0,
         _SECONDS,
         "A neighbour not heard from for this long is shown and weighed as mute.",
@@ -228,7 +144,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "cells",
         "heartbeat_interval",
-        _float(0.001),
+        parsers.float_value(0.001),
         5.0,
         _SECONDS,
         "How often each link sends a heartbeat.",
@@ -237,7 +153,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "cells",
         "max_clock_skew",
-        _float(1.0),
+        parsers.float_value(1.0),
         300.0,
         _SECONDS,
         "A request stamped further than this from this cell's clock is refused as stale.",
@@ -246,7 +162,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "cells",
         "db_check_interval",
-        _float(0.001),
+        parsers.float_value(0.001),
         60.0,
         _SECONDS,
         "How often the cells and clients tables are re-read for changes.",
@@ -255,7 +171,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "cells",
         "scheduler_retries",
-        _int(0),
+        parsers.int_value(0),
         10,
         "an integer >= 0",
         "How many more cells a build tries after the first one fails.",
@@ -263,7 +179,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "cells",
         "scheduler_retry_delay",
-        _float(0.0),
+        parsers.float_value(0.0),
         2.0,
         _SECONDS,
         "Pause between build attempts in different cells.",
@@ -272,7 +188,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "cells",
         "instance_updated_at_threshold",
-        _float(0.0),
+        parsers.float_value(0.0),
         3600.0,
         _SECONDS,
         "The periodic heal resends instances changed within this window.",
@@ -281,7 +197,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "cells",
         "instance_update_num_instances",
-        _int(0),
+        parsers.int_value(0),
         1,
         "an integer >= 0",
         "How many instances the periodic heal resends per run.",
@@ -290,7 +206,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "transport",
         "cells_endpoint",
-        _endpoint,
+        parsers.endpoint_value,
         "tcp://127.0.0.1:7750",
         "a bind endpoint",
         "Where children connect (ROUTER, CURVE server).",
@@ -298,7 +214,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "transport",
         "api_endpoint",
-        _endpoint,
+        parsers.endpoint_value,
         "tcp://127.0.0.1:7751",
         "a bind endpoint",
         "Where clients connect (ROUTER, CURVE server).",
@@ -306,7 +222,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "transport",
         "keys_dir",
-        _path,
+        parsers.path_value,
         None,
         "a directory path",
         "Directory of CURVE key files, mode 0700. Default: STATE_DIR/keys.",
@@ -314,7 +230,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "transport",
         "max_message_bytes",
-        _int(1024, 64 << 20),
+        parsers.int_value(1024, 64 << 20),
         1 << 20,
         "an integer from 1024 to 67108864",
         "Largest frame a peer may send.",
@@ -322,7 +238,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "transport",
         "max_in_flight",
-        _int(1, 100_000),
+        parsers.int_value(1, 100_000),
         256,
         "an integer from 1 to 100000",
         "Requests one peer may have in progress here before it gets E_BUSY.",
@@ -330,7 +246,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "transport",
         "handshake_timeout",
-        _float(0.1, 600.0),
+        parsers.float_value(0.1, 600.0),
         5.0,
         _SECONDS,
         "A connection that has not finished its CURVE handshake by then is closed.",
@@ -340,7 +256,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "database",
         "connection",
-        _text,
+        parsers.text_value,
         None,
         "an SQLAlchemy URL",
         "The cell's own database. Default: sqlite:///STATE_DIR/NAME.db.",
@@ -348,7 +264,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "database",
         "busy_timeout",
-        _float(0.0),
+        parsers.float_value(0.0),
         5.0,
         _SECONDS,
         "How long a write waits for a locked SQLite database.",
@@ -358,7 +274,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "compute",
         "driver",
-        _choice(COMPUTE_DRIVERS),
+        parsers.choice_value(COMPUTE_DRIVERS),
         "fake",
         "fake",
         "How hosts are driven; 'fake' simulates hosts inside the cell process.",
@@ -366,7 +282,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "compute",
         "fake_hosts",
-        _int(0, 100_000),
+        parsers.int_value(0, 100_000),
         4,
         "an integer from 0 to 100000",
         "Number of simulated hosts in this cell.",
@@ -374,7 +290,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "compute",
         "fake_host_ram_mb",
-        _int(1),
+        parsers.int_value(1),
         65536,
         "an integer >= 1",
         "RAM of each simulated host.",
@@ -382,7 +298,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "compute",
         "fake_host_disk_gb",
-        _int(1),
+        parsers.int_value(1),
         1000,
         "an integer >= 1",
         "Disk of each simulated host.",
@@ -390,7 +306,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "compute",
         "fake_host_vcpus",
-        _int(1),
+        parsers.int_value(1),
         32,
         "an integer >= 1",
         "vCPUs of each simulated host.",
@@ -398,7 +314,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "compute",
         "fake_build_seconds",
-        _float(0.0),
+        parsers.float_value(0.0),
         1.0,
         _SECONDS,
         "How long a simulated build takes.",
@@ -408,7 +324,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "service",
         "state_dir",
-        _path,
+        parsers.path_value,
         None,
         "a directory path",
         "Where the cell keeps its pid file, SQLite database and keys. "
@@ -417,7 +333,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "service",
         "log_level",
-        _choice(LOG_LEVELS),
+        parsers.choice_value(LOG_LEVELS),
         "info",
         "debug, info, warning or error",
         "Least severe log level written.",
