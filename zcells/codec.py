@@ -236,6 +236,19 @@ _CTX_KEYS: Final = {
 }
 
 
+_KINDS: Final = {kind.value: kind for kind in Kind}
+_DIRECTIONS: Final = {direction.value: direction for direction in Direction}
+# Per kind: the fields checked by exact type alone, and those needing a check of their own.
+_PLAIN_TYPES: Final = {_is_int: int, _is_str: str, _is_bin: bytes, _is_bool: bool, _is_float: float}
+_FAST_CHECKS: Final = {
+    kind: (
+        tuple((k, _PLAIN_TYPES[check]) for k, (check, _) in spec.items() if check in _PLAIN_TYPES),
+        tuple((k, check) for k, (check, _) in spec.items() if check not in _PLAIN_TYPES),
+    )
+    for kind, spec in HEADER_KEYS.items()
+}
+
+
 def _check_header(header: Any) -> tuple[Kind, dict[str, Any]]:
     if type(header) is not dict:
         raise SchemaError("header: expected a map")
@@ -246,12 +259,11 @@ def _check_header(header: Any) -> tuple[Kind, dict[str, Any]]:
         raise VersionMismatch(
             f"protocol version {version} is not supported (this cell speaks {PROTOCOL_VERSION})"
         )
-    try:
-        kind = Kind(str(header.get("kind")))
-    except ValueError:
+    kind = _KINDS.get(header.get("kind"))  # type: ignore[arg-type]
+    if kind is None:
         raise SchemaError(
             "header: field 'kind': expected one of " + ", ".join(k.value for k in Kind)
-        ) from None
+        )
     spec = HEADER_KEYS[kind]
     if header.keys() != spec.keys():
         for key in header:
@@ -259,9 +271,13 @@ def _check_header(header: Any) -> tuple[Kind, dict[str, Any]]:
                 raise SchemaError(f"header: unexpected field {str(key)[:40]!r}")
         missing = next(k for k in spec if k not in header)
         raise SchemaError(f"header: missing field {missing!r}")
-    for key, (check, expected) in spec.items():
+    plain, special = _FAST_CHECKS[kind]
+    for key, expected_type in plain:
+        if type(header[key]) is not expected_type:
+            raise SchemaError(f"header: field {key!r}: expected {spec[key][1]}")
+    for key, check in special:
         if not check(header[key]):
-            raise SchemaError(f"header: field {key!r}: expected {expected}")
+            raise SchemaError(f"header: field {key!r}: expected {spec[key][1]}")
     return kind, header
 
 
@@ -392,10 +408,9 @@ def _request_id(raw: Any) -> bytes | None:
 
 def _build(kind: Kind, h: dict[str, Any], body_frame: bytes) -> Message:
     if kind is Kind.TARGETED or kind is Kind.BROADCAST:
-        try:
-            direction = Direction(h["dir"])
-        except ValueError:
-            raise SchemaError("header: field 'dir': expected up or down") from None
+        direction = _DIRECTIONS.get(h["dir"])
+        if direction is None:
+            raise SchemaError("header: field 'dir': expected up or down")
         common: dict[str, Any] = dict(
             id=h["id"],
             method=h["method"],

@@ -16,7 +16,6 @@ Rules kept here:
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import os
@@ -101,6 +100,15 @@ def _valid_cell_path(value: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)
+def _valid_name(value: str) -> bool:
+    try:
+        check_name("name", value)
+    except ValidationError:
+        return False
+    return True
+
+
 def _check_cell(value: object, field_name: str) -> None:
     if type(value) is not str or not _valid_cell_path(value):
         raise SchemaError(f"field {field_name!r}: expected a cell path like api!eu")
@@ -139,11 +147,8 @@ class RequestContext:
         )
         for name in ("client", "project"):
             value = getattr(self, name)
-            if value is not None:
-                try:
-                    check_name(name, value)
-                except Exception:
-                    raise SchemaError(f"field 'ctx.{name}': expected a name") from None
+            if value is not None and (type(value) is not str or not _valid_name(value)):
+                raise SchemaError(f"field 'ctx.{name}': expected a name")
         _require(
             type(self.roles) is tuple
             and len(self.roles) <= 8
@@ -330,7 +335,8 @@ class Heartbeat:
 Request = Targeted | Broadcast
 Message = Targeted | Broadcast | Response | Hello | Heartbeat
 MessageT = TypeVar(
-    "MessageT", bound=Targeted | Broadcast | Response | Hello | Heartbeat | CellResult
+    "MessageT",
+    bound=Targeted | Broadcast | Response | Hello | Heartbeat | CellResult | RequestContext,
 )
 
 
@@ -340,7 +346,8 @@ def evolve(message: MessageT, **changes: Any) -> MessageT:
     Only for changes this cell computes itself (the next hop's path, hop count,
     direction, id, time budget), never for anything taken from the wire.
     """
-    new = copy.copy(message)
-    for name, value in changes.items():
-        object.__setattr__(new, name, value)
+    new = object.__new__(type(message))
+    fields = new.__dict__  # frozen dataclasses forbid setattr, not their own __dict__
+    fields.update(message.__dict__)
+    fields.update(changes)
     return new

@@ -15,6 +15,7 @@ Rules kept here:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -62,7 +63,7 @@ class Method:
     allowed: frozenset[str]
     params: Mapping[str, Param] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property  # asked once per request
     def is_coroutine(self) -> bool:
         return inspect.iscoroutinefunction(self.handler)
 

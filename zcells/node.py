@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -137,6 +136,8 @@ class Node:
         self._in_flight: Counter[Peer] = Counter()
         self._recent: OrderedDict[tuple[Peer, bytes], Response | None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        # (client, project, role) -> the context its requests carry, less the request id
+        self._contexts: dict[tuple[str, str | None, str], RequestContext] = {}
         self.counters: Counter[str] = Counter()
         self.dispatch = Dispatcher(methods, clock, self._spawn, self.counters)
         self.started_at = clock()
@@ -146,6 +147,7 @@ class Node:
     def apply_registry(self, neighbours: list[Neighbour], clients: list[Client]) -> None:
         """Take a fresh read of the cells and clients tables: keyring, parents, view."""
         self.transport.apply(self.neighbours.apply(neighbours, clients, self.clock()))
+        self._contexts.clear()
 
     @property
     def view(self) -> routing.View:
@@ -377,13 +379,20 @@ class Node:
 
     def _as_client_request(self, peer: Peer, role: str, message: Request) -> Request:
         client = self.neighbours.clients[peer.name]
-        context = RequestContext(
-            request_id=str(uuid.UUID(bytes=message.id)),
-            client=peer.name,
-            project=client.project,
-            roles=(role,),
+        key = (peer.name, client.project, role)
+        context = self._contexts.get(key)
+        if context is None:  # checked once per client, not once per request
+            context = RequestContext(
+                request_id="-", client=peer.name, project=client.project, roles=(role,)
+            )
+            self._contexts[key] = context
+        hex_id = message.id.hex()  # the request id reads as the uuid of the client's message id
+        request_id = f"{hex_id[:8]}-{hex_id[8:12]}-{hex_id[12:16]}-{hex_id[16:20]}-{hex_id[20:]}"
+        return evolve(
+            message,
+            context=evolve(context, request_id=request_id),
+            max_hops=self.settings.max_hop_count,
         )
-        return evolve(message, context=context, max_hops=self.settings.max_hop_count)
 
     def _budget_s(self, message: Request) -> float:
         return min(message.timeout_ms / 1000.0, self.settings.call_timeout_s)

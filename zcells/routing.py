@@ -212,13 +212,17 @@ def route_targeted(view: View, message: Targeted, sender: Peer | None) -> Delive
         child = target[len(here) + 1 :].split(PATH_SEPARATOR, 1)[0]
         if child not in view.children:
             raise UnknownCell(f"cell {here} has no child {child!r} (routing to {target})", here)
-        return Forward(Peer(Role.CHILD, child), evolve(message, direction=Direction.DOWN))
+        return Forward(Peer(Role.CHILD, child), _heading(message, Direction.DOWN))
     if sender is not None and sender.role is Role.PARENT:
         raise RoutingInconsistency(f"a parent sent {target} to {here}, outside its subtree", here)
     parent = _parent_towards(view, here, target)
     if parent is None:
         raise UnknownCell(f"no cell {target} in the tree (routing stopped at {here})", here)
-    return Forward(Peer(Role.PARENT, parent), evolve(message, direction=Direction.UP))
+    return Forward(Peer(Role.PARENT, parent), _heading(message, Direction.UP))
+
+
+def _heading(message: Targeted, direction: Direction) -> Targeted:
+    return message if message.direction is direction else evolve(message, direction=direction)
 
 
 def _parent_towards(view: View, here: str, target: str) -> str | None:

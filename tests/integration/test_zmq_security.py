@@ -160,9 +160,11 @@ def test_keyring_admits_each_key_in_its_own_domain_only() -> None:
     assert not ring.callback("cells", stranger.encode()) and not ring.callback("nope", b"\xff")
     user = ring.user_id(child.encode())
     assert user == f"cell:A:{child}" and parse_user_id(user) == ("cell", "A", child)
-    assert ring.is_current(user)
-    assert not Keyring.from_topology(Topology(children={"A": stranger})).is_current(user)
-    assert not Keyring.from_topology(Topology(clients={"A": child})).is_current(user)
+    assert ring.peer(user) == Peer(Role.CHILD, "A")
+    assert ring.peer(f"api:K:{client}") == Peer(Role.CLIENT, "K")
+    assert ring.peer(f"cell:X:{shared}") is None and ring.peer(f"api:A:{child}") is None
+    assert Keyring.from_topology(Topology(children={"A": stranger})).peer(user) is None
+    assert Keyring.from_topology(Topology(clients={"A": child})).peer(user) is None
     assert parse_user_id("api:K:" + ":" * 40) == ("api", "K", ":" * 40)  # ':' is Z85 too
     for bad in ("", "cell:A", f"cell:A!B:{child}", f"root:A:{child}", "cell:A:short"):
         assert parse_user_id(bad) is None

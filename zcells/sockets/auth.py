@@ -7,7 +7,7 @@ Rules kept here (SECURITY.md §0 rules 1-3, §1.2):
   that shows up under two names is admitted under neither.
 * The User-Id handed to libzmq is ``cell:<name>:<z85 key>`` or
   ``api:<name>:<z85 key>``. The key is part of it so the transport's
-  per-message check can tell a key that was removed, or replaced under the
+  per-message check (`Keyring.peer`) can tell a key that was removed, or replaced under the
   same name, from one that is still registered.
 * The ZAP callback and `ZapHandler.curve_user_id` never raise and never block:
   they read an immutable in-memory `Keyring`, swapped whole (one attribute
@@ -43,6 +43,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from zcells import codec, logs
+from zcells.peer import Peer, Role
 from zcells.transport import Topology
 
 log = logs.get_logger("sockets.auth")
@@ -129,6 +130,8 @@ class Keyring:
     """An immutable snapshot of the keys this cell admits: z85 key -> User-Id."""
 
     by_key: Mapping[bytes, str] = field(default_factory=lambda: MappingProxyType({}))
+    # User-Id -> who it is, parsed once per keyring rather than once per message.
+    by_user: Mapping[str, Peer] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def from_topology(cls, topology: Topology) -> Keyring:
@@ -148,7 +151,11 @@ class Keyring:
         for raw in claimed_twice:
             del entries[raw]
             logs.event(log, logging.ERROR, "keyring.duplicate_key", key=raw.decode("ascii"))
-        return cls(MappingProxyType(entries))
+        users = {}
+        for user_id in entries.values():
+            prefix, name, _ = user_id.split(":", 2)
+            users[user_id] = Peer(Role.CHILD if prefix == "cell" else Role.CLIENT, name)
+        return cls(MappingProxyType(entries), MappingProxyType(users))
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -166,13 +173,13 @@ class Keyring:
         except Exception:  # never raise into the ZAP loop
             return False
 
-    def is_current(self, user_id: str) -> bool:
-        """True if the key inside `user_id` (its last 40 characters) still maps to exactly it.
+    def peer(self, user_id: str) -> Peer | None:
+        """Who `user_id` is, if its key still maps to exactly it; None for a stale one.
 
-        Cheap enough for every message: one slice, one lookup, one comparison.
+        One lookup, cheap enough for every message: a key removed, or replaced
+        under the same name, no longer matches.
         """
-        key = user_id[-Z85_KEY_LENGTH:].encode("ascii", "replace")
-        return self.by_key.get(key) == user_id
+        return self.by_user.get(user_id)
 
 
 class _CurrentKeyring:

@@ -284,20 +284,25 @@ class ZmqTransport(Transport):
 
     def _from_router(self, listener: _Listener, frames: list[Any], count: int) -> None:
         user_id = _user_id(frames[0])
+        peer = None if user_id is None else self._keyring.peer(user_id)
+        if peer is None or peer.role is not listener.role:
+            self._stranger(listener, user_id)
+            return
+        listener.routes[peer.name] = frames[0].bytes
+        self._inbox.put(self._frames_in(peer, frames[1:], count - 1))
+
+    def _stranger(self, listener: _Listener, user_id: str | None) -> None:
+        """A message whose User-Id is not a current key of this endpoint's role."""
         parsed = None if user_id is None else parse_user_id(user_id)
         if user_id is None or parsed is None or parsed[0] != DOMAIN_PREFIX[listener.domain]:
             self.counters["unauthenticated"] += 1
             _log(logging.WARNING, "transport.unauthenticated", domain=listener.domain)
             return
         peer = Peer(listener.role, parsed[1])
-        if not self._keyring.is_current(user_id):
-            self.counters["revoked"] += 1
-            _log(logging.WARNING, "transport.revoked", peer=peer, key=parsed[2])
-            error = KeyRevoked(f"the key of {peer} is no longer registered", self.identity.name)
-            self._inbox.put(Received(peer, error=error))
-            return
-        listener.routes[peer.name] = frames[0].bytes
-        self._inbox.put(self._frames_in(peer, frames[1:], count - 1))
+        self.counters["revoked"] += 1
+        _log(logging.WARNING, "transport.revoked", peer=peer, key=parsed[2])
+        error = KeyRevoked(f"the key of {peer} is no longer registered", self.identity.name)
+        self._inbox.put(Received(peer, error=error))
 
     def _from_parent(self, peer: Peer, frames: list[bytes], count: int) -> None:
         self._inbox.put(self._frames_in(peer, frames, count))
