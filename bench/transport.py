@@ -10,6 +10,12 @@ processes and measures:
   messages per second handled at c1. The casts are encoded beforehand and
   sent by a raw DEALER, so the figure is the cells' rate, not the sender's.
 
+For scale it also measures a bare Python forwarder: a process that takes
+each message off a CURVE ROUTER, unpacks and repacks its header with the
+next hop stamped, and sends it on over a CURVE DEALER, checking nothing.
+No Python cell can forward faster than that on the same machine, so its
+ratio to raw throughput shows how much of the gap is Python's, not zcells'.
+
 Every figure is the median of three rounds.
 
 Targets: 1-hop ping p50 within 2.5x of the raw round trip; forwarding
@@ -25,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import zmq
@@ -83,6 +90,97 @@ def _raw_server(
 
 
 ROUNDS = 3
+
+
+def _count_sink(endpoint: str, secret: bytes, ready: Any, casts: int, rates: Any) -> None:
+    """A raw ROUTER that unpacks each message and reports messages/s for each batch of casts."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.curve_server = True
+    sock.curve_secretkey = secret
+    sock.rcvhwm = 0
+    sock.bind(endpoint)
+    ready.set()
+    for _ in range(ROUNDS):
+        _, header, _ = sock.recv_multipart()
+        started = time.perf_counter()
+        for _ in range(casts - 1):
+            _, header, _ = sock.recv_multipart()
+            msgpack.unpackb(header)
+        rates.put((casts - 1) / (time.perf_counter() - started))
+    sock.close(0)
+    ctx.term()
+
+
+def _bare_forwarder(
+    listen: str, secret: bytes, sink: str, sink_public: bytes, ready: Any, casts: int
+) -> None:
+    """Take each message off a ROUTER, stamp the next hop on its header, send it on."""
+    ctx = zmq.Context()
+    inbound = ctx.socket(zmq.ROUTER)
+    inbound.curve_server = True
+    inbound.curve_secretkey = secret
+    inbound.rcvhwm = 0
+    inbound.bind(listen)
+    outbound = ctx.socket(zmq.DEALER)
+    outbound.curve_serverkey = sink_public
+    outbound.curve_publickey, outbound.curve_secretkey = zmq.curve_keypair()
+    outbound.sndhwm = 0
+    outbound.connect(sink)
+    ready.set()
+    for _ in range(ROUNDS * casts):
+        _, header, body = inbound.recv_multipart()
+        fields = msgpack.unpackb(header)
+        fields["hops"] += 1
+        fields["path"].append("api")
+        fields["id"] = os.urandom(16)
+        fields["ts"] = time.time()
+        outbound.send_multipart([msgpack.packb(fields), body])
+    inbound.close(0)
+    outbound.close(linger=10_000)  # the last round is still on its way to the sink
+    ctx.term()
+
+
+def bare_forwarder(report: Report, raw_rate: float) -> None:
+    """Casts through the bare Python forwarder to a raw sink: the ceiling for any Python hop."""
+    sink_public, sink_secret = zmq.curve_keypair()
+    public, secret = zmq.curve_keypair()
+    sink_at, listen = (f"tcp://127.0.0.1:{port}" for port in free_ports(2))
+    ready_sink, ready_forwarder = multiprocessing.Event(), multiprocessing.Event()
+    rates: Any = multiprocessing.Queue()
+    procs = [
+        multiprocessing.Process(
+            target=_count_sink, args=(sink_at, sink_secret, ready_sink, CASTS, rates)
+        ),
+        multiprocessing.Process(
+            target=_bare_forwarder,
+            args=(listen, secret, sink_at, sink_public, ready_forwarder, CASTS),
+        ),
+    ]
+    for proc in procs:
+        proc.start()
+    samples = []
+    ctx = zmq.Context()
+    try:
+        if not (ready_sink.wait(10) and ready_forwarder.wait(10)):
+            raise SystemExit("the bare forwarder did not start")
+        sock = ctx.socket(zmq.DEALER)
+        sock.curve_serverkey = public
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+        sock.sndhwm = 0
+        sock.connect(listen)
+        for _ in range(ROUNDS):
+            for message in _casts(CASTS, "api!c1"):
+                sock.send_multipart(message)
+            samples.append(rates.get(timeout=120))
+        sock.close(0)
+    finally:
+        ctx.term()
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+    report.figure("bare_python_forward_msgs_per_s", _median(samples), "msg/s", raw_rate)
 
 
 def _median(values: list[float]) -> float:
@@ -233,6 +331,7 @@ def main() -> None:
     report = Report("transport")
     print(f"round trips: {ROUND_TRIPS}, casts: {CASTS}, cpus: {os.cpu_count()}", flush=True)
     raw_p50, raw_rate = raw_baseline(report)
+    bare_forwarder(report, raw_rate)
     with tempfile.TemporaryDirectory(prefix="zcells-bench-") as tmp:
         tree = CellTree(
             {"api": {"c1": {"g1": {}}}},

@@ -38,6 +38,8 @@ The tree::
         ├── Busy                      E_BUSY           too many requests in flight
         ├── InvalidRequest            E_INVALID        the arguments make no sense
         ├── NotFoundRemote            E_NOT_FOUND      the thing asked for does not exist
+        ├── Conflict                  E_CONFLICT       not allowed in the current state
+        ├── NoValidHost               E_NO_VALID_HOST  no host or cell can take the instance
         ├── InternalError             E_INTERNAL       a handler failed (log has the id)
         └── TransportError            local only, never sent
             ├── TransportClosed       E_CLOSED         we closed it
@@ -254,6 +256,14 @@ class NotFoundRemote(WireError):
     code = "E_NOT_FOUND"
 
 
+class Conflict(WireError):
+    code = "E_CONFLICT"
+
+
+class NoValidHost(WireError):
+    code = "E_NO_VALID_HOST"
+
+
 class InternalError(WireError):
     code = "E_INTERNAL"
 
@@ -293,6 +303,8 @@ WIRE_ERRORS: dict[str, type[WireError]] = {
         Busy,
         InvalidRequest,
         NotFoundRemote,
+        Conflict,
+        NoValidHost,
         InternalError,
         TransportClosed,
         TransportBroken,

@@ -75,6 +75,56 @@ class Flavor:
         }
 
 
+@dataclass(frozen=True)
+class Host:
+    """A compute host of this cell: its size and what instances have claimed of it."""
+
+    name: str
+    enabled: bool
+    memory_mb: int
+    disk_gb: int
+    vcpus: int
+    memory_mb_used: int = 0
+    disk_gb_used: int = 0
+    vcpus_used: int = 0
+
+    @property
+    def free(self) -> Resources:
+        return Resources(
+            self.memory_mb - self.memory_mb_used,
+            self.disk_gb - self.disk_gb_used,
+            self.vcpus - self.vcpus_used,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "enabled": self.enabled,
+            "memory_mb": self.memory_mb,
+            "memory_mb_used": self.memory_mb_used,
+            "disk_gb": self.disk_gb,
+            "disk_gb_used": self.disk_gb_used,
+            "vcpus": self.vcpus,
+            "vcpus_used": self.vcpus_used,
+        }
+
+
+@dataclass(frozen=True)
+class Resources:
+    """An amount of RAM (MB), disk (GB) and vCPUs: what a flavor needs, what a host has free."""
+
+    memory_mb: int
+    disk_gb: int
+    vcpus: int
+
+    def fits_in(self, other: Resources) -> bool:
+        return (
+            self.memory_mb <= other.memory_mb
+            and self.disk_gb <= other.disk_gb
+            and self.vcpus <= other.vcpus
+        )
+
+
 # The classic flavors an API cell starts with: name, RAM (MB), disk (GB), vCPUs.
 DEFAULT_FLAVORS: tuple[Flavor, ...] = (
     Flavor("m1.tiny", 512, 1, 1),

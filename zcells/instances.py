@@ -1,0 +1,441 @@
+"""Instances: the record every cell keeps, its states, and how actions move it.
+
+Pure: no I/O and no clock of its own (every change is given `now`).
+
+Rules kept here:
+
+* States are nova's three: `vm_state` (what the instance is), `task_state`
+  (what is being done to it, or None) and `power_state` (what the hypervisor
+  says). The status a user sees (BUILD, ACTIVE, ...) is derived from them.
+* Only the owning cell changes an instance, and every change raises its
+  `version` by one. A parent keeps whatever it holds unless an update carries
+  a higher version, so updates may arrive twice or out of order.
+* A delete is a tombstone: the record stays, `vm_state` deleted, with a
+  version, so that the delete itself flows up like any other change.
+* An action starts only from the states nova allows it from (`Conflict`
+  otherwise), and one action runs at a time.
+* Anything taken from the wire goes through `Instance.from_wire`, which
+  checks every field and refuses extra ones (`SchemaError`).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid as uuid_module
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any, Final
+
+from zcells.errors import Conflict, SchemaError, ValidationError
+from zcells.names import check_cell_path, check_name
+
+MAX_TEXT_LENGTH: Final = 255
+MAX_METADATA_ITEMS: Final = 64
+
+
+class VmState(StrEnum):
+    BUILDING = "building"
+    ACTIVE = "active"
+    STOPPED = "stopped"
+    ERROR = "error"
+    DELETED = "deleted"
+
+
+class TaskState(StrEnum):
+    SCHEDULING = "scheduling"
+    SPAWNING = "spawning"
+    POWERING_OFF = "powering-off"
+    POWERING_ON = "powering-on"
+    REBOOTING = "rebooting"
+    DELETING = "deleting"
+
+
+class PowerState(StrEnum):
+    NOSTATE = "nostate"
+    RUNNING = "running"
+    SHUTDOWN = "shutdown"
+
+
+class Action(StrEnum):
+    STOP = "stop"
+    START = "start"
+    REBOOT = "reboot"
+    DELETE = "delete"
+
+
+STATUSES: Final = ("BUILD", "ACTIVE", "SHUTOFF", "REBOOT", "ERROR", "DELETED")
+
+# action -> (vm states it may start from, the task it sets)
+_STARTS: Final[Mapping[Action, tuple[frozenset[VmState], TaskState]]] = {
+    Action.STOP: (frozenset({VmState.ACTIVE}), TaskState.POWERING_OFF),
+    Action.START: (frozenset({VmState.STOPPED}), TaskState.POWERING_ON),
+    Action.REBOOT: (frozenset({VmState.ACTIVE}), TaskState.REBOOTING),
+    Action.DELETE: (
+        frozenset({VmState.BUILDING, VmState.ACTIVE, VmState.STOPPED, VmState.ERROR}),
+        TaskState.DELETING,
+    ),
+}
+# task being finished -> (vm state, power state) once it is done
+_FINISHES: Final[Mapping[TaskState, tuple[VmState, PowerState]]] = {
+    TaskState.SPAWNING: (VmState.ACTIVE, PowerState.RUNNING),
+    TaskState.POWERING_OFF: (VmState.STOPPED, PowerState.SHUTDOWN),
+    TaskState.POWERING_ON: (VmState.ACTIVE, PowerState.RUNNING),
+    TaskState.REBOOTING: (VmState.ACTIVE, PowerState.RUNNING),
+    TaskState.DELETING: (VmState.DELETED, PowerState.NOSTATE),
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Why an instance is in error: a wire error code, its message, and the cell that said so."""
+
+    code: str
+    message: str
+    cell: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "cell": self.cell}
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One instance as a cell holds it. Times are seconds since the epoch (UTC)."""
+
+    uuid: str
+    name: str
+    project: str
+    user: str
+    flavor: str
+    memory_mb: int
+    disk_gb: int
+    vcpus: int
+    image: str
+    vm_state: VmState
+    task_state: TaskState | None
+    power_state: PowerState
+    cell: str | None
+    host: str | None
+    version: int
+    created_at: float
+    updated_at: float
+    deleted_at: float | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    fault: Fault | None = None
+
+    @property
+    def deleted(self) -> bool:
+        return self.vm_state is VmState.DELETED
+
+    @property
+    def status(self) -> str:
+        """The status a user sees, as nova derives it."""
+        if self.vm_state is VmState.ACTIVE and self.task_state is TaskState.REBOOTING:
+            return "REBOOT"
+        return _STATUS[self.vm_state]
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack-ready form that crosses the wire and fills the outbox."""
+        return {
+            "uuid": self.uuid,
+            "name": self.name,
+            "project": self.project,
+            "user": self.user,
+            "flavor": self.flavor,
+            "memory_mb": self.memory_mb,
+            "disk_gb": self.disk_gb,
+            "vcpus": self.vcpus,
+            "image": self.image,
+            "vm_state": self.vm_state.value,
+            "task_state": None if self.task_state is None else self.task_state.value,
+            "power_state": self.power_state.value,
+            "cell": self.cell,
+            "host": self.host,
+            "version": self.version,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "deleted_at": self.deleted_at,
+            "metadata": dict(self.metadata),
+            "fault": None if self.fault is None else self.fault.to_wire(),
+        }
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Instance:
+        """An instance from its wire form; `SchemaError` naming the first bad field."""
+        if type(raw) is not dict:
+            raise SchemaError("instance: expected a map")
+        if raw.keys() != _WIRE_FIELDS:
+            extra = sorted(str(k)[:40] for k in raw.keys() - _WIRE_FIELDS)
+            missing = sorted(_WIRE_FIELDS - raw.keys())
+            raise SchemaError(f"instance: unexpected fields {extra}, missing {missing}")
+        return cls(
+            uuid=_uuid(raw["uuid"]),
+            name=_text(raw["name"], "name"),
+            project=_name(raw["project"], "project"),
+            user=_name(raw["user"], "user"),
+            flavor=_name(raw["flavor"], "flavor"),
+            memory_mb=_count(raw["memory_mb"], "memory_mb"),
+            disk_gb=_count(raw["disk_gb"], "disk_gb"),
+            vcpus=_count(raw["vcpus"], "vcpus"),
+            image=_text(raw["image"], "image"),
+            vm_state=_enum(VmState, raw["vm_state"], "vm_state"),
+            task_state=None
+            if raw["task_state"] is None
+            else _enum(TaskState, raw["task_state"], "task_state"),
+            power_state=_enum(PowerState, raw["power_state"], "power_state"),
+            cell=None if raw["cell"] is None else _cell(raw["cell"], "cell"),
+            host=None if raw["host"] is None else _text(raw["host"], "host"),
+            version=_count(raw["version"], "version"),
+            created_at=_time(raw["created_at"], "created_at"),
+            updated_at=_time(raw["updated_at"], "updated_at"),
+            deleted_at=None
+            if raw["deleted_at"] is None
+            else _time(raw["deleted_at"], "deleted_at"),
+            metadata=check_metadata(raw["metadata"]),
+            fault=None if raw["fault"] is None else _fault(raw["fault"]),
+        )
+
+    def view(self) -> dict[str, Any]:
+        """What a user is shown for a server (`server show --json`)."""
+        shown: dict[str, Any] = {
+            "uuid": self.uuid,
+            "name": self.name,
+            "status": self.status,
+            "vm_state": self.vm_state.value,
+            "task_state": None if self.task_state is None else self.task_state.value,
+            "power_state": self.power_state.value,
+            "cell": self.cell,
+            "host": self.host,
+            "flavor": self.flavor,
+            "image": self.image,
+            "project": self.project,
+            "user": self.user,
+            "metadata": dict(self.metadata),
+            "version": self.version,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+        if self.fault is not None:
+            shown["fault"] = self.fault.to_wire()
+        return shown
+
+
+_STATUS: Final = {
+    VmState.BUILDING: "BUILD",
+    VmState.ACTIVE: "ACTIVE",
+    VmState.STOPPED: "SHUTOFF",
+    VmState.ERROR: "ERROR",
+    VmState.DELETED: "DELETED",
+}
+_WIRE_FIELDS: Final = frozenset(
+    {
+        "uuid",
+        "name",
+        "project",
+        "user",
+        "flavor",
+        "memory_mb",
+        "disk_gb",
+        "vcpus",
+        "image",
+        "vm_state",
+        "task_state",
+        "power_state",
+        "cell",
+        "host",
+        "version",
+        "created_at",
+        "updated_at",
+        "deleted_at",
+        "metadata",
+        "fault",
+    }
+)
+
+
+# -- life cycle ---------------------------------------------------------------------------
+
+
+def new_instance(
+    *,
+    uuid: str,
+    name: str,
+    project: str,
+    user: str,
+    flavor: str,
+    memory_mb: int,
+    disk_gb: int,
+    vcpus: int,
+    image: str,
+    metadata: Mapping[str, str],
+    now: float,
+) -> Instance:
+    """A server as the API cell first records it: building, waiting for a cell."""
+    return Instance(
+        uuid=_uuid(uuid),
+        name=_text(name, "name"),
+        project=_name(project, "project"),
+        user=_name(user, "user"),
+        flavor=_name(flavor, "flavor"),
+        memory_mb=_count(memory_mb, "memory_mb"),
+        disk_gb=_count(disk_gb, "disk_gb"),
+        vcpus=_count(vcpus, "vcpus"),
+        image=_text(image, "image"),
+        vm_state=VmState.BUILDING,
+        task_state=TaskState.SCHEDULING,
+        power_state=PowerState.NOSTATE,
+        cell=None,
+        host=None,
+        version=0,
+        created_at=now,
+        updated_at=now,
+        metadata=check_metadata(dict(metadata)),
+    )
+
+
+def _changed(instance: Instance, now: float, **changes: Any) -> Instance:
+    return replace(instance, version=instance.version + 1, updated_at=now, **changes)
+
+
+def placed(instance: Instance, cell: str, host: str, now: float) -> Instance:
+    """The owning cell took a scheduling instance onto `host`: now it spawns there."""
+    if instance.vm_state is not VmState.BUILDING or instance.task_state is not (
+        TaskState.SCHEDULING
+    ):
+        raise Conflict(f"instance {instance.uuid} is not waiting to be placed")
+    return _changed(instance, now, cell=cell, host=host, task_state=TaskState.SPAWNING)
+
+
+def begin(instance: Instance, action: Action, now: float) -> Instance:
+    """Start `action`: its task is set, or `Conflict` if the instance's state forbids it."""
+    allowed, task = _STARTS[action]
+    if instance.vm_state not in allowed:
+        raise Conflict(
+            f"cannot {action.value} instance {instance.uuid} while it is {instance.vm_state.value}"
+        )
+    if instance.task_state is not None and action is not Action.DELETE:
+        raise Conflict(
+            f"cannot {action.value} instance {instance.uuid} while it is "
+            f"{instance.task_state.value}"
+        )
+    if instance.task_state is TaskState.DELETING:
+        raise Conflict(f"instance {instance.uuid} is being deleted already")
+    return _changed(instance, now, task_state=task)
+
+
+def finish(instance: Instance, now: float) -> Instance:
+    """Complete the task in progress: spawning, powering off or on, rebooting, deleting."""
+    if instance.task_state is None or instance.task_state not in _FINISHES:
+        raise Conflict(f"instance {instance.uuid} has no task to finish")
+    vm_state, power_state = _FINISHES[instance.task_state]
+    deleted_at = now if vm_state is VmState.DELETED else instance.deleted_at
+    return _changed(
+        instance,
+        now,
+        vm_state=vm_state,
+        power_state=power_state,
+        task_state=None,
+        deleted_at=deleted_at,
+    )
+
+
+def failed(instance: Instance, fault: Fault, now: float) -> Instance:
+    """The instance went to error; `fault` says why."""
+    return _changed(
+        instance,
+        now,
+        vm_state=VmState.ERROR,
+        task_state=None,
+        power_state=PowerState.NOSTATE,
+        fault=fault,
+    )
+
+
+def newer(update: Instance, held: Instance | None) -> bool:
+    """Whether a parent holding `held` should take `update` in its place."""
+    return held is None or update.version > held.version
+
+
+# -- field checks ---------------------------------------------------------------------------
+
+
+def check_metadata(value: Any) -> dict[str, str]:
+    """User metadata: at most 64 string pairs, keys and values of 1-255 characters."""
+    if type(value) is not dict or len(value) > MAX_METADATA_ITEMS:
+        raise SchemaError(f"instance: metadata must be a map of at most {MAX_METADATA_ITEMS}")
+    for key, item in value.items():
+        _text(key, "metadata key")
+        if type(item) is not str or len(item) > MAX_TEXT_LENGTH:
+            raise SchemaError(f"instance: metadata value of {str(key)[:40]!r} is not a string")
+    return dict(value)
+
+
+def _uuid(value: Any) -> str:
+    if type(value) is str and len(value) == 36:
+        try:
+            if str(uuid_module.UUID(value)) == value:
+                return value
+        except ValueError:
+            pass
+    raise SchemaError("instance: field 'uuid': expected a lower-case uuid")
+
+
+def _text(value: Any, what: str) -> str:
+    if (
+        type(value) is not str
+        or not 0 < len(value) <= MAX_TEXT_LENGTH
+        or not value.isprintable()
+        or value != value.strip()
+    ):
+        raise SchemaError(
+            f"instance: field {what!r}: expected 1-{MAX_TEXT_LENGTH} printable characters"
+        )
+    return value
+
+
+def _name(value: Any, what: str) -> str:
+    try:
+        return check_name(what, value)
+    except ValidationError:
+        raise SchemaError(f"instance: field {what!r}: expected a name") from None
+
+
+def _cell(value: Any, what: str) -> str:
+    try:
+        check_cell_path(value)
+    except ValidationError:
+        raise SchemaError(f"instance: field {what!r}: expected a cell path") from None
+    return str(value)
+
+
+def _count(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value < 1 << 62:
+        raise SchemaError(f"instance: field {what!r}: expected a non-negative integer")
+    return value
+
+
+def _time(value: Any, what: str) -> float:
+    if type(value) is int:
+        value = float(value)
+    if type(value) is not float or not math.isfinite(value) or value < 0:
+        raise SchemaError(f"instance: field {what!r}: expected seconds since the epoch")
+    return value
+
+
+def _enum(kind: type[Any], value: Any, what: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(member.value for member in kind)
+        raise SchemaError(f"instance: field {what!r}: expected one of {allowed}") from None
+
+
+def _fault(raw: Any) -> Fault:
+    if type(raw) is not dict or raw.keys() != {"code", "message", "cell"}:
+        raise SchemaError("instance: fault must be a map of code, message and cell")
+    code, message, cell = raw["code"], raw["message"], raw["cell"]
+    if type(code) is not str or not code.startswith("E_") or len(code) > 64:
+        raise SchemaError("instance: fault code must be an error code like E_NO_VALID_HOST")
+    if type(message) is not str or len(message) > 4096:
+        raise SchemaError("instance: fault message must be a string")
+    return Fault(code, message, None if cell is None else _cell(cell, "fault.cell"))
