@@ -118,9 +118,17 @@ class CellTree:
         log_level: str = "debug",
         idle: tuple[str, ...] = (),
         extra_clients: tuple[str, ...] = (),
+        compute: Mapping[str, Any] | None = None,
+        cell_compute: Mapping[str, Mapping[str, Any]] | None = None,
         **cells_options: Any,
     ) -> None:
-        """`idle` cells are registered and given keys but never started."""
+        """`idle` cells are registered and given keys but never started.
+
+        `compute` is the `[compute]` section of every compute cell, and
+        `cell_compute` overrides it per cell (say, a cell with no hosts).
+        """
+        self.compute = {"fake_hosts": 2, "fake_build_seconds": 0.05, **(compute or {})}
+        self.cell_compute = cell_compute or {}
         self.root = root
         self.log_level = log_level
         self.idle = idle
@@ -155,16 +163,21 @@ class CellTree:
 
     def _write(self, cell: CellProc) -> None:
         options = "\n".join(f"{k} = {v}" for k, v in self.options.items())
+        compute = {**self.compute, **self.cell_compute.get(cell.name, {})}
+        compute_section = "".join(f"{k} = {v}\n" for k, v in compute.items())
         cell.config.write_text(
             f"[cells]\nname = {cell.name}\n"
             f"cell_type = {'api' if cell.parent is None else 'compute'}\n{options}\n"
             f"[transport]\ncells_endpoint = tcp://127.0.0.1:{cell.cells_port}\n"
             f"api_endpoint = {cell.api_endpoint}\nkeys_dir = keys\n"
             f"[service]\nstate_dir = state\nlog_level = {self.log_level}\n"
+            + (f"[compute]\n{compute_section}" if cell.parent is not None else "")
         )
         with Database(f"sqlite:///{cell.directory / 'state' / cell.name}.db") as db:
             migrate.sync(db)
-            if cell.parent is not None:
+            if cell.parent is None:
+                registry.seed_default_flavors(db)
+            else:
                 parent = self.cells[cell.parent]
                 registry.add_cell(
                     db,

@@ -46,6 +46,7 @@ class Neighbourhood:
         self.mute_after_s = mute_after_s
         self.view = routing.View(name, max_hop_count=max_hop_count)
         self.clients: dict[str, Client] = {}
+        self.disabled: frozenset[str] = frozenset()  # children the cell scheduler skips
         self.trackers: dict[Peer, Tracker] = {}
 
     # -- the registry -------------------------------------------------------------------
@@ -55,6 +56,7 @@ class Neighbourhood:
         self.clients = {c.name: c for c in clients}
         parents = {n.name: n for n in neighbours if n.kind == "parent"}
         children = {n.name: n for n in neighbours if n.kind == "child"}
+        self.disabled = frozenset(n for n, c in children.items() if c.disabled)
         known = {n: self.view.parents.get(n) for n in parents}
         self.view = replace(self.view, parents=known, children=frozenset(children))
         wanted = {Peer(Role.PARENT, n) for n in parents} | {Peer(Role.CHILD, n) for n in children}

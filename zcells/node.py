@@ -99,12 +99,13 @@ class _Relay:
 class _Gather:
     """A broadcast this hop fanned out, collecting its subtree's answers."""
 
-    sender: Peer
+    sender: Peer | None  # None for this cell's own broadcast
     request: Broadcast
     aggregation: routing.Aggregation
     started: float
     sent_at: dict[Peer, float] = field(default_factory=dict)
     handle: asyncio.TimerHandle | None = None
+    future: asyncio.Future[tuple[CellResult, ...]] | None = None
 
 
 class Node:
@@ -141,6 +142,11 @@ class Node:
         self.counters: Counter[str] = Counter()
         self.dispatch = Dispatcher(methods, clock, self._spawn, self.counters)
         self.started_at = clock()
+
+    def install(self, methods: MethodTable) -> None:
+        """Serve `methods` from now on (handlers that call through this node come after it)."""
+        self.methods = methods
+        self.dispatch.methods = methods
 
     # -- the registry -----------------------------------------------------------------------
 
@@ -539,18 +545,8 @@ class Node:
             started=started,
             aggregation=routing.Aggregation(stamped.path[-1], fanout.to, fanout.local),
         )
-        self._gathers[outgoing.id] = gather
         self._hold(peer)
-        gather.handle = asyncio.get_running_loop().call_later(
-            max(0.0, deadline - self.clock()), self._finish_gather, outgoing.id
-        )
-        for neighbour in fanout.to:
-            gather.sent_at[neighbour] = self.clock()
-
-            def failed(error: WireError, neighbour: Peer = neighbour) -> None:
-                gather.aggregation.fail(neighbour, error)
-
-            self._send_soon(neighbour, outgoing, on_error=failed)
+        self._start_gather(gather, outgoing, fanout.to, deadline)
         if fanout.local:
 
             def local_done(result: CellResult) -> None:
@@ -563,6 +559,22 @@ class Node:
         elif gather.aggregation.done:
             self._finish_gather(outgoing.id)
 
+    def _start_gather(
+        self, gather: _Gather, outgoing: Request, to: tuple[Peer, ...], deadline: float
+    ) -> None:
+        """Send a broadcast on to `to`, collecting their answers until `deadline`."""
+        self._gathers[outgoing.id] = gather
+        gather.handle = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - self.clock()), self._finish_gather, outgoing.id
+        )
+        for neighbour in to:
+            gather.sent_at[neighbour] = self.clock()
+
+            def failed(error: WireError, neighbour: Peer = neighbour) -> None:
+                gather.aggregation.fail(neighbour, error)
+
+            self._send_soon(neighbour, outgoing, on_error=failed)
+
     def _finish_gather(self, message_id: bytes) -> None:
         gather = self._gathers.pop(message_id, None)
         if gather is None:
@@ -571,7 +583,9 @@ class Node:
             gather.handle.cancel()
         self._release(gather.sender)
         results = gather.aggregation.finish()
-        if gather.request.want_response:
+        if gather.future is not None and not gather.future.done():
+            gather.future.set_result(results)
+        if gather.sender is not None and gather.request.want_response:
             self._answer(
                 gather.sender,
                 gather.request.id,
@@ -686,6 +700,45 @@ class Node:
             raise
         response = await future
         return response.results[0]
+
+    async def broadcast(
+        self, method: str, body: Mapping[str, Any], timeout_s: float | None = None
+    ) -> tuple[CellResult, ...]:
+        """A broadcast from this cell to every cell below it (not itself): one result each.
+
+        A child that does not answer in time is a `timed_out` result; the others are kept.
+        """
+        timeout_s = self.settings.call_timeout_s if timeout_s is None else timeout_s
+        here = self.view.home_path()
+        message = Broadcast(
+            id=new_message_id(),
+            method=method,
+            body=dict(body),
+            direction=Direction.DOWN,
+            path=(here,),
+            hops=1,
+            max_hops=self.settings.max_hop_count,
+            want_response=True,
+            timeout_ms=int(timeout_s * 1000),
+            sent_at=self.wall_clock(),
+            context=None,
+            run_locally=False,
+        )
+        started = self.clock()
+        fanout = routing.route_broadcast(self.view, message)
+        outgoing = evolve(self._outgoing(message, started + timeout_s), run_locally=True)
+        future: asyncio.Future[tuple[CellResult, ...]] = asyncio.get_running_loop().create_future()
+        gather = _Gather(
+            sender=None,
+            request=message,
+            started=started,
+            aggregation=routing.Aggregation(here, fanout.to, False),
+            future=future,
+        )
+        self._start_gather(gather, outgoing, fanout.to, started + timeout_s)
+        if gather.aggregation.done:
+            self._finish_gather(outgoing.id)
+        return await future
 
     def statistics(self) -> dict[str, Any]:
         return {

@@ -16,24 +16,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from zcells import logs
+from zcells.builds import Placer, TopBuilds
+from zcells.cellsched import RandomCellScheduler
+from zcells.compute import FakeDriver, fake_hosts
 from zcells.config import Config
+from zcells.db import instances as store
 from zcells.db import migrate, registry
 from zcells.db.engine import Database
+from zcells.dbrunner import DbRunner
 from zcells.errors import DatabaseError
 from zcells.handlers import build_methods
+from zcells.handlers.compute import ComputeHandlers
 from zcells.handlers.diag import DiagHandlers
+from zcells.handlers.servers import ServerHandlers
+from zcells.handlers.state import StateHandlers, resync_children
+from zcells.methods import MethodTable
 from zcells.node import Node, NodeSettings
 from zcells.pidfile import PidFile
 from zcells.records import Client, Neighbour
 from zcells.sockets.keys import KeyPair, check_environment, generate_keypair, load_keypair
 from zcells.sockets.transport import ZmqTransport
 from zcells.transport import Identity
+from zcells.upstream import Upstream
 
 log = logs.get_logger("service")
 
@@ -194,15 +205,75 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
             loop.remove_signal_handler(signum)
 
 
+@dataclass
+class Services:
+    """The parts of a running cell beyond its message loop, wired to one another."""
+
+    runner: DbRunner
+    upstream: Upstream
+    driver: FakeDriver | None
+    builds: TopBuilds | None
+    methods: MethodTable
+
+
+def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
+    """Handlers, the fake driver and the upward stream of one cell, sharing one DB runner."""
+    config = cell.config
+    runner = DbRunner(cell.db)
+    top = config.cells.cell_type == "api"
+    upstream: Upstream | None = None
+
+    def changed() -> None:  # new outbox rows
+        if upstream is not None:
+            upstream.wake()
+
+    has_hosts = not top and config.compute.fake_hosts > 0
+    driver = FakeDriver(runner, config.compute.fake_build_s, changed) if has_hosts else None
+    placer = Placer(node, runner, RandomCellScheduler(random.Random()), driver, changed)  # noqa: S311 (placement, not secrets)
+    state = StateHandlers(node, runner, applies=top, changed=changed)
+    upstream = Upstream(node, runner, resync_children=lambda: resync_children(node))
+    builds = TopBuilds(
+        placer,
+        runner,
+        retries=config.cells.scheduler_retries,
+        retry_delay_s=config.cells.scheduler_retry_delay_s,
+    )
+    servers = ServerHandlers(node, runner, builds, top=top)
+    compute = ComputeHandlers(runner, placer, driver, changed)
+    methods = build_methods(diag, state, compute, servers)
+    return Services(runner, upstream, driver, builds if top else None, methods)
+
+
+async def _prepare(cell: Cell, services: Services) -> None:
+    """Hosts from the config, then pick up whatever a previous run left unfinished."""
+    compute = cell.config.compute
+    if services.driver is not None:
+        hosts = fake_hosts(
+            compute.fake_hosts,
+            compute.fake_host_ram_mb,
+            compute.fake_host_disk_gb,
+            compute.fake_host_vcpus,
+        )
+        await services.runner.write(store.sync_hosts, hosts)
+        await services.driver.resume()
+    if services.builds is not None:
+        resumed = await services.builds.resume()
+        if resumed:
+            logs.event(log, logging.INFO, "builds.resumed", count=resumed)
+
+
 async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
     config = cell.config
     transport = make_transport(config, cell.keys)
+    services: Services | None = None
     try:
         node: Node | None = None
         diag = DiagHandlers(
             config.cells.cell_type, lambda: node.statistics() if node is not None else {}
         )
         node = Node(node_settings(config), transport, build_methods(diag))
+        services = build_services(cell, node, diag)
+        node.install(services.methods)
         watch = RegistryWatch(cell.db, node, config.cells.db_check_interval_s)
         # The keyring must be in place before the endpoints are bound: a child
         # refused during a gap would not be redialled by ZeroMQ for a while.
@@ -228,13 +299,21 @@ async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
             running = [
                 tasks.create_task(node.run(), name="node"),
                 tasks.create_task(watch.run(), name="registry"),
+                tasks.create_task(services.upstream.run(), name="upstream"),
             ]
+            await _prepare(cell, services)
             await stop.wait()
             logs.event(log, logging.INFO, "cell.stopping", cell=config.cells.name)
             for task in running:
                 task.cancel()
     finally:
+        if services is not None and services.driver is not None:
+            await services.driver.close()
+        if services is not None and services.builds is not None:
+            await services.builds.close()
         await transport.close()
+        if services is not None:
+            services.runner.close()
 
 
 def _on_sighup(watch: RegistryWatch) -> None:

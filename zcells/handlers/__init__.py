@@ -7,12 +7,20 @@ test checks both directions.
 
 from __future__ import annotations
 
+from typing import Protocol
+
+from zcells.handlers.compute import ComputeHandlers
 from zcells.handlers.diag import DiagHandlers
+from zcells.handlers.servers import ServerHandlers
+from zcells.handlers.state import StateHandlers
 from zcells.methods import Method, MethodTable
 
-HANDLER_CLASSES = (DiagHandlers,)
+HANDLER_CLASSES = (DiagHandlers, StateHandlers, ComputeHandlers, ServerHandlers)
 
 
-def build_methods(diag: DiagHandlers) -> MethodTable:
-    methods: list[Method] = [*diag.methods()]
-    return MethodTable(methods)
+class Handlers(Protocol):
+    def methods(self) -> list[Method]: ...
+
+
+def build_methods(*handlers: Handlers) -> MethodTable:
+    return MethodTable(method for group in handlers for method in group.methods())

@@ -1,0 +1,255 @@
+"""Build routing: where an instance goes, one cell level at a time (DESIGN.md §5).
+
+Rules kept here:
+
+* At each level the cell scheduler orders the candidates: this cell's
+  enabled, reachable children, and the cell itself when it has hosts. The
+  first candidate that takes the build wins; every other failure is noted
+  and the next candidate is tried.
+* A candidate takes the build only once it has persisted the instance and
+  claimed a host for it: `build` is a targeted call acknowledged after that
+  transaction, never before.
+* Taking the build here means the host scheduler orders the hosts and the
+  claim, the instance row and its outbox row are one transaction.
+* The top cell retries rounds of candidates `scheduler_retries` times,
+  `scheduler_retry_delay` apart; lower cells try each candidate once and
+  let the failure go back up so the level above can try elsewhere.
+* When every try failed, the error says why for each cell tried:
+  `NoValidHost` when every cell lacked a host, else `NoCellsAvailable`.
+* A child's acknowledgement is checked: the same instance, placed in that
+  child's subtree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from zcells import logs
+from zcells.cellsched import (
+    HERE,
+    MAX_RETRIES,
+    BuildAttempts,
+    Candidate,
+    CellScheduler,
+    retry_plan,
+)
+from zcells.compute import FakeDriver
+from zcells.db import instances as store
+from zcells.dbrunner import DbRunner
+from zcells.errors import (
+    InvalidRequest,
+    NoCellsAvailable,
+    NoValidHost,
+    SchemaError,
+    SenderMismatch,
+    WireError,
+)
+from zcells.hostsched import choose_hosts, no_valid_host
+from zcells.instances import Fault, Instance, failed, placed
+from zcells.liveness import Liveness
+from zcells.node import Node
+from zcells.peer import Peer, Role
+from zcells.records import Resources
+from zcells.routing import is_below
+
+log = logs.get_logger("builds")
+
+HINTS = frozenset({"target_cell"})
+_REACHABLE = frozenset({Liveness.ALIVE, Liveness.LATE})
+
+
+def check_hints(hints: Mapping[str, Any]) -> dict[str, str]:
+    """Scheduler hints a build accepts: `target_cell` (a full cell path) only."""
+    unknown = sorted(str(k)[:40] for k in hints if k not in HINTS)
+    if unknown:
+        raise InvalidRequest(f"unknown scheduler hints {unknown}; known: {sorted(HINTS)}")
+    for key, value in hints.items():
+        if type(value) is not str or not value:
+            raise InvalidRequest(f"hint {key!r} must be a non-empty string")
+    return dict(hints)
+
+
+class Placer:
+    """Places instances from this cell: here on a host, or through one of its children."""
+
+    def __init__(
+        self,
+        node: Node,
+        db: DbRunner,
+        scheduler: CellScheduler,
+        driver: FakeDriver | None,
+        changed: Callable[[], None],
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.node = node
+        self.db = db
+        self.scheduler = scheduler
+        self.driver = driver  # None: this cell has no hosts of its own
+        self._changed = changed
+        self._clock = wall_clock
+
+    def candidates(self, here: str, hints: Mapping[str, str]) -> list[Candidate]:
+        target = hints.get("target_cell")
+        liveness = self.node.liveness()
+        found = []
+        for child in sorted(self.node.view.children):
+            path = f"{here}!{child}"
+            if target is not None and not is_below(target, path):
+                continue
+            found.append(
+                Candidate(
+                    child,
+                    enabled=child not in self.node.neighbours.disabled,
+                    reachable=liveness.get(Peer(Role.CHILD, child)) in _REACHABLE,
+                )
+            )
+        if self.driver is not None and (target is None or target == here):
+            found.append(Candidate(HERE, enabled=True, reachable=True))
+        return found
+
+    async def place(
+        self,
+        instance: Instance,
+        hints: Mapping[str, str],
+        request_id: str,
+        here: str,
+        plan: Sequence[float],
+        wanted: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Instance:
+        """The instance as placed in this cell's subtree; `NoValidHost`/`NoCellsAvailable` if not.
+
+        `plan` holds the pause before each round of tries; `wanted`, if given,
+        is asked before each round whether the build should go on at all.
+        """
+        attempts = BuildAttempts()
+        for delay in plan:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if wanted is not None and not await wanted():
+                raise InvalidRequest(f"instance {instance.uuid} was deleted while scheduling")
+            for name in self.scheduler.order(self.candidates(here, hints), exclude=()):
+                try:
+                    if name == HERE:
+                        return await self._place_here(instance, request_id, here)
+                    return await self._place_below(instance, hints, request_id, here, name)
+                except WireError as exc:
+                    attempts.tried(name, exc.code, exc.message)
+                    logs.event(
+                        log,
+                        logging.INFO,
+                        "build.refused",
+                        uuid=instance.uuid,
+                        candidate=name,
+                        code=exc.code,
+                        error=exc.message,
+                    )
+        reason = attempts.summary()
+        if attempts.all_no_valid_host():
+            raise NoValidHost(reason, here)
+        raise NoCellsAvailable(reason, here)
+
+    async def _place_here(self, instance: Instance, request_id: str, here: str) -> Instance:
+        assert self.driver is not None
+        need = Resources(instance.memory_mb, instance.disk_gb, instance.vcpus)
+        hosts = await self.db.read(store.list_hosts)
+        order = choose_hosts(hosts, need)
+        if not order:
+            raise no_valid_host(hosts, need, here)
+        now = self._clock()
+        taken = await self.db.write(
+            store.place, order, lambda host: placed(instance, here, host, now), request_id
+        )
+        if taken is None:  # every fitting host was claimed by a concurrent build
+            raise no_valid_host(await self.db.read(store.list_hosts), need, here)
+        self._changed()
+        self.driver.schedule(taken)
+        return taken
+
+    async def _place_below(
+        self,
+        instance: Instance,
+        hints: Mapping[str, str],
+        request_id: str,
+        here: str,
+        child: str,
+    ) -> Instance:
+        child_path = f"{here}!{child}"
+        body = {"instance": instance.to_wire(), "hints": dict(hints), "request_id": request_id}
+        answer = (await self.node.call("build", body, target=child_path)).unwrap()
+        try:
+            taken = Instance.from_wire(answer.get("instance") if isinstance(answer, dict) else None)
+        except SchemaError as exc:
+            raise SchemaError(f"{child_path} acknowledged a build badly: {exc.message}") from None
+        if (
+            taken.uuid != instance.uuid
+            or taken.cell is None
+            or not is_below(taken.cell, child_path)
+        ):
+            raise SenderMismatch(f"{child_path} acknowledged a build it does not hold", here)
+        return taken
+
+
+class TopBuilds:
+    """The API cell's builds: each runs in the background until placed, failed or deleted."""
+
+    def __init__(
+        self,
+        placer: Placer,
+        db: DbRunner,
+        *,
+        retries: int,
+        retry_delay_s: float,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.placer = placer
+        self.db = db
+        self.plan = retry_plan(min(retries, MAX_RETRIES), retry_delay_s)
+        self._clock = wall_clock
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, instance: Instance, hints: Mapping[str, str] | None = None) -> None:
+        """Build `instance` unless it is placed, deleted, or its build is running already."""
+        if instance.cell is not None or instance.deleted or instance.uuid in self._running:
+            return
+        task = asyncio.create_task(self._build(instance, dict(hints or {})))
+        self._running[instance.uuid] = task
+        task.add_done_callback(lambda _: self._running.pop(instance.uuid, None))
+
+    async def resume(self) -> int:
+        """After a restart: build again every instance the index holds unplaced."""
+        pending = await self.db.read(store.list_instances, statuses=["BUILD"], limit=10_000_000)
+        waiting = [i for i in pending if i.cell is None]
+        for instance in waiting:
+            self.start(instance)
+        return len(waiting)
+
+    async def _build(self, instance: Instance, hints: dict[str, str]) -> None:
+        here = self.placer.node.view.home_path()
+
+        async def wanted() -> bool:
+            held = await self.db.read(store.get, instance.uuid)
+            return held is not None and not held.deleted and held.cell is None
+
+        try:
+            taken = await self.placer.place(
+                instance, hints, f"build-{instance.uuid}", here, self.plan, wanted
+            )
+        except (NoValidHost, NoCellsAvailable) as exc:
+            held = await self.db.read(store.get, instance.uuid)
+            if held is not None and held.cell is None and not held.deleted:
+                fault = Fault(exc.code, exc.message, exc.cell or here)
+                await self.db.write(store.index_put, failed(held, fault, self._clock()))
+                logs.event(log, logging.WARNING, "build.failed", uuid=instance.uuid, code=exc.code)
+            return
+        except InvalidRequest:
+            return  # deleted while it waited for a cell
+        await self.db.write(store.index_put, taken)
+
+    async def close(self) -> None:
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)

@@ -1,0 +1,139 @@
+"""The receiving end of upward state: `progress`, `updates`, and `resync` of a subtree.
+
+Rules kept here (DESIGN.md §4):
+
+* A child may speak only for its own subtree: every instance it sends must
+  name a cell at or below it (`SenderMismatch` otherwise, nothing applied).
+* The API cell applies a child's batch to its index; any other cell stores
+  the batch in its own outbox (store and forward). Either way the child's
+  applied sequence moves in the same transaction, and only then is the
+  batch acknowledged.
+* An instance reported by a cell other than the one the index holds it
+  under is an orphan of a build that was retried elsewhere: that cell is
+  told to delete it, once (the request id makes repeats free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from zcells import logs
+from zcells.db import instances as store
+from zcells.dbrunner import DbRunner
+from zcells.errors import SchemaError, WireError
+from zcells.messages import Kind
+from zcells.methods import Call, Method, Param
+from zcells.node import Node
+
+log = logs.get_logger("state")
+
+MAX_ROWS = 2000
+
+
+def check_rows(raw: Any) -> list[tuple[int, str, bytes]]:
+    """Outbox rows from the wire: a list of [seq, kind, payload] in rising order."""
+    if type(raw) is not list or not 0 < len(raw) <= MAX_ROWS:
+        raise SchemaError(f"updates: rows must be a list of 1 to {MAX_ROWS} rows")
+    rows: list[tuple[int, str, bytes]] = []
+    previous = 0
+    for row in raw:
+        if (
+            type(row) is not list
+            or len(row) != 3
+            or type(row[0]) is not int
+            or type(row[1]) is not str
+            or type(row[2]) is not bytes
+        ):
+            raise SchemaError("updates: each row is [seq, kind, payload]")
+        if row[0] <= previous:
+            raise SchemaError("updates: sequence numbers must rise")
+        previous = row[0]
+        rows.append((row[0], row[1], row[2]))
+    return rows
+
+
+class StateHandlers:
+    """Takes children's outbox batches; resyncs a subtree on request."""
+
+    def __init__(
+        self, node: Node, db: DbRunner, *, applies: bool, changed: Callable[[], None]
+    ) -> None:
+        self.node = node
+        self.db = db
+        self.applies = applies  # the API cell applies; other cells store and forward
+        self._changed = changed
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def progress(self, call: Call) -> dict[str, Any]:
+        """The highest sequence of the calling child applied (or stored) here."""
+        return {"applied": await self.db.read(store.applied_seq, call.sender.name)}
+
+    async def updates(self, call: Call) -> dict[str, Any]:
+        """Apply or store one batch of a child's outbox; the child's new applied sequence."""
+        rows = check_rows(call.args["rows"])
+        child = call.sender.name
+        result = await self.db.write(
+            store.apply_updates,
+            child,
+            f"{call.cell}!{child}",
+            rows,
+            store_forward=not self.applies,
+        )
+        if not self.applies:
+            self._changed()
+        if result.gap:
+            logs.event(log, logging.WARNING, "state.gap", child=child, applied=result.applied_seq)
+        for uuid, cell in result.conflicts:
+            self._spawn(self._delete_orphan(uuid, cell))
+        return {"applied": result.applied_seq}
+
+    async def resync(self, call: Call) -> dict[str, Any]:
+        """Queue every instance of this cell and of its subtree for the parents again."""
+        count = await self.db.write(store.requeue, None)
+        self._changed()
+        children = await resync_children(self.node, call.cell)
+        return {"requeued": count, "children": children}
+
+    async def _delete_orphan(self, uuid: str, cell: str) -> None:
+        logs.event(log, logging.WARNING, "state.orphan", uuid=uuid, cell=cell)
+        body = {"uuid": uuid, "action": "delete", "request_id": f"orphan-{uuid}"}
+        try:
+            (await self.node.call("instance_action", body, target=cell)).unwrap()
+        except WireError as exc:
+            logs.event(log, logging.WARNING, "state.orphan_failed", uuid=uuid, code=exc.code)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def methods(self) -> list[Method]:
+        targeted = frozenset({Kind.TARGETED})
+        return [
+            Method("progress", self.progress, kinds=targeted, allowed=frozenset({"child"})),
+            Method(
+                "updates",
+                self.updates,
+                kinds=targeted,
+                allowed=frozenset({"child"}),
+                params={"rows": Param(list)},
+            ),
+            Method("resync", self.resync, kinds=targeted, allowed=frozenset({"parent", "admin"})),
+        ]
+
+
+async def resync_children(node: Node, here: str | None = None) -> dict[str, Any]:
+    """Ask each child to resync its subtree; what each said (or its error)."""
+    here = here or node.view.home_path()
+    names = sorted(node.view.children)
+
+    async def ask(name: str) -> Any:
+        try:
+            return (await node.call("resync", {}, target=f"{here}!{name}")).unwrap()
+        except WireError as exc:
+            return {"error": exc.code, "message": exc.message}
+
+    return dict(zip(names, await asyncio.gather(*map(ask, names)), strict=True))

@@ -1,0 +1,172 @@
+"""State that flows up: each cell streams its outbox to every parent, resuming where it left off.
+
+Rules kept here (DESIGN.md §4):
+
+* The outbox is the only source: a change and its outbox row are written in
+  one transaction by whoever changed the instance (or stored a child's rows,
+  in a middle cell), and this module only reads, sends and trims.
+* On every (re)connect, and after any failure, the streamer first asks the
+  parent which sequence it has applied (`progress`) and resumes right after
+  it. The parent applies a batch and records the sequence in one
+  transaction, so a crash of either side at any point loses nothing and
+  applies nothing twice.
+* One batch in flight per parent, in sequence order.
+* A row is trimmed only once every parent has applied it.
+* If the rows a parent needs were trimmed already (its database was restored
+  from an old backup, or it is a new parent), the cell requeues the current
+  record of every instance it holds and asks its children to do the same, so
+  the parent converges on the whole subtree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from zcells import logs
+from zcells.db import instances as store
+from zcells.dbrunner import DbRunner
+from zcells.errors import DatabaseError, SchemaError, WireError
+from zcells.node import Node
+
+log = logs.get_logger("upstream")
+
+BATCH_ROWS = 500
+
+
+class Upstream:
+    """Streams this cell's outbox to each of its parents."""
+
+    def __init__(
+        self,
+        node: Node,
+        db: DbRunner,
+        *,
+        resync_children: Callable[[], Awaitable[Any]],
+        batch_rows: int = BATCH_ROWS,
+        idle_s: float = 1.0,
+        retry_s: float = 1.0,
+    ) -> None:
+        self.node = node
+        self.db = db
+        self.batch_rows = batch_rows
+        self.idle_s = idle_s
+        self.retry_s = retry_s
+        self._resync_children = resync_children
+        self._streams: dict[str, asyncio.Task[None]] = {}
+        self._bells: dict[str, asyncio.Event] = {}
+        self.acked: dict[str, int] = {}  # parent -> highest sequence it applied
+        self.sent = 0
+
+    def wake(self) -> None:
+        """New rows are in the outbox: stop waiting for them."""
+        for bell in self._bells.values():
+            bell.set()
+
+    async def run(self) -> None:
+        """Keep one stream per parent that has said hello; follow registry changes."""
+        try:
+            while True:
+                parents = set(self.node.view.parents)
+                for name in parents - self._streams.keys():
+                    self._bells[name] = asyncio.Event()
+                    self._streams[name] = asyncio.create_task(
+                        self._stream(name), name=f"upstream-{name}"
+                    )
+                for name in self._streams.keys() - parents:
+                    self._streams.pop(name).cancel()
+                    self._bells.pop(name, None)
+                    self.acked.pop(name, None)
+                await asyncio.sleep(self.retry_s)
+        finally:
+            for task in self._streams.values():
+                task.cancel()
+            await asyncio.gather(*self._streams.values(), return_exceptions=True)
+
+    async def _stream(self, parent: str) -> None:
+        applied: int | None = None
+        while True:
+            path = self.node.view.parents.get(parent)
+            if path is None:
+                await asyncio.sleep(self.retry_s)
+                continue
+            try:
+                if applied is None:
+                    applied = await self._progress(parent, path)
+                    await self._check_gap(parent, applied)
+                applied = await self._send_batch(parent, path, applied)
+            except (WireError, DatabaseError) as exc:
+                logs.event(
+                    log,
+                    logging.WARNING,
+                    "upstream.retry",
+                    parent=parent,
+                    code=getattr(exc, "code", type(exc).__name__),
+                    error=str(exc),
+                )
+                applied = None
+                await asyncio.sleep(self.retry_s)
+
+    async def _progress(self, parent: str, path: str) -> int:
+        answer = (await self.node.call("progress", {}, target=path)).unwrap()
+        applied = _sequence(answer)
+        self.acked[parent] = applied
+        logs.event(log, logging.INFO, "upstream.resume", parent=parent, after=applied)
+        return applied
+
+    async def _send_batch(self, parent: str, path: str, applied: int) -> int:
+        """Send the rows after `applied`, or wait for some; the parent's new sequence."""
+        bell = self._bells[parent]
+        bell.clear()
+        rows = await self.db.read(store.read_outbox, applied, self.batch_rows)
+        if not rows:
+            try:
+                async with asyncio.timeout(self.idle_s):
+                    await bell.wait()
+            except TimeoutError:
+                pass
+            return applied
+        answer = (
+            await self.node.call("updates", {"rows": [list(row) for row in rows]}, target=path)
+        ).unwrap()
+        new = _sequence(answer)
+        self.sent += len(rows)
+        self.acked[parent] = new
+        await self._trim()
+        return new
+
+    async def _check_gap(self, parent: str, applied: int) -> None:
+        """Whether rows the parent has not applied were trimmed already; if so, requeue all."""
+        last = await self.db.read(store.last_seq)  # first: rows may be added meanwhile
+        rows = await self.db.read(store.read_outbox, applied, 1)
+        first = rows[0][0] if rows else last + 1
+        if first > applied + 1:
+            await self._requeue_everything(parent, applied, first)
+
+    async def _requeue_everything(self, parent: str, applied: int, first: int) -> None:
+        logs.event(
+            log,
+            logging.WARNING,
+            "upstream.gap",
+            parent=parent,
+            applied=applied,
+            oldest_kept=first,
+            action="requeue every instance of the subtree",
+        )
+        await self.db.write(store.requeue, None)
+        await self._resync_children()
+
+    async def _trim(self) -> None:
+        parents = set(self.node.view.parents)
+        if parents and parents <= self.acked.keys():
+            upto = min(self.acked[name] for name in parents)
+            await self.db.write(store.trim_outbox, upto)
+
+
+def _sequence(answer: Any) -> int:
+    value = answer.get("applied") if isinstance(answer, dict) else None
+    if type(value) is not int or value < 0:
+        raise SchemaError("the parent's answer has no applied sequence")
+    return value
