@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -118,6 +119,7 @@ class InstanceRow(Base):
     __tablename__ = "instances"
     __table_args__ = (
         Index("ix_instances_project_id_created_at", "project_id", "created_at"),
+        Index("ix_instances_created_at_uuid", "created_at", "uuid"),
         Index("ix_instances_cell_name", "cell_name"),
         Index("ix_instances_updated_at", "updated_at"),
     )
@@ -142,18 +144,26 @@ class InstanceRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The latest fault, kept on the row so that a page of instances is one query.
+    fault_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    fault_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    fault_cell: Mapped[str | None] = mapped_column(String(1024), nullable=True)
 
 
 class InstanceFaultRow(Base):
+    """Every fault an instance went through, once per instance version."""
+
     __tablename__ = "instance_faults"
+    __table_args__ = (UniqueConstraint("instance_uuid", "version"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     instance_uuid: Mapped[str] = mapped_column(
         String(UUID_LENGTH), ForeignKey("instances.uuid", ondelete="CASCADE"), index=True
     )
+    version: Mapped[int] = mapped_column(BigInteger)
     code: Mapped[str] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(Text)
-    cell_name: Mapped[str] = mapped_column(String(1024))
+    cell_name: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -174,16 +184,30 @@ class HostRow(Base):
 
 
 class OutboxRow(Base):
-    """An upward update not yet known to be applied by every parent, in sequence order."""
+    """An upward update not yet known to be applied by every parent, in sequence order.
+
+    `seq` is not a database sequence: it is taken from the ``outbox`` counter in
+    the writing transaction, so sequence numbers are gap-free, committed in
+    order and never reused after a trim, on every backend.
+    """
 
     __tablename__ = "outbox"
 
     seq: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False
     )
     kind: Mapped[str] = mapped_column(String(32))
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class CounterRow(Base):
+    """A named counter moved inside the transaction that uses it (``outbox``: last seq)."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
 
 
 class ChildProgressRow(Base):

@@ -1,0 +1,910 @@
+"""Instances, hosts, the outbox and the parent's index: a cell's instance state.
+
+One table holds both a compute cell's own full records and the API cell's
+index of the instances of every cell. The module is longer than most because
+its callers use it as one store; the owner side, the hosts, the outbox and
+the parent side share the row mapping, the outbox and the request log.
+
+Rules kept here:
+
+* Every call that writes is one transaction; a call that raises wrote nothing.
+* A change to an instance and its outbox row are written in the same
+  transaction. The outbox seq is taken from the ``outbox`` counter moved in
+  that transaction, so sequence numbers are gap-free, committed in seq order
+  and never reused after a trim, on SQLite and PostgreSQL alike.
+* A request id answers its first result again: the result is stored in the
+  request log by the transaction that did the work. On PostgreSQL the
+  transactions of one request id (and the batches of one child) are serialised
+  by an advisory lock, as SQLite's ``BEGIN IMMEDIATE`` serialises every writer.
+* Resources are claimed by a conditional UPDATE of the host, so two placements
+  never overcommit it; a delete frees them, never below zero; `sync_hosts`
+  recomputes usage from the instances, which heals a crash in between.
+* A parent takes an update only if its version is newer than what it holds and
+  it holds the instance under no cell or the same cell; another cell is a
+  conflict, reported and not applied. A child speaks only for its own subtree:
+  one update naming a cell outside it rejects the whole batch.
+* The latest fault is kept on the instance row, so a page of instances is one
+  query; instance_faults keeps each new fault once per (instance, version).
+* Times are epoch seconds (floats) outside and UTC timestamps inside, kept to
+  the microsecond. What is written is rounded first, so what a call returns
+  equals what a later read returns.
+* Callers get `zcells.instances.Instance` and `zcells.records.Host`, never rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgpack  # type: ignore[import-untyped]
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from zcells.db.engine import Database
+from zcells.db.models import (
+    Base,
+    ChildProgressRow,
+    CounterRow,
+    HostRow,
+    InstanceFaultRow,
+    InstanceRow,
+    OutboxRow,
+    RequestLogRow,
+    utcnow,
+)
+
+from zcells.errors import (
+    Conflict,
+    DecodeError,
+    InvalidRequest,
+    NotFoundRemote,
+    SchemaError,
+    SenderMismatch,
+    ValidationError,
+)
+from zcells.instances import STATUSES, Fault, Instance, PowerState, TaskState, VmState
+from zcells.names import PATH_SEPARATOR
+from zcells.records import Host
+
+INSTANCE_KIND: Final = "instance"
+REQUEUE_BATCH: Final = 1000
+
+_OUTBOX_COUNTER: Final = "outbox"
+_REQUEST_ID_LENGTH: Final = 64
+_IN_LIMIT: Final = 500  # uuids in one IN (...) list
+_UNFINISHED: Final = (
+    TaskState.SPAWNING,
+    TaskState.POWERING_OFF,
+    TaskState.POWERING_ON,
+    TaskState.REBOOTING,
+    TaskState.DELETING,
+)
+
+_instances: Final = Base.metadata.tables[InstanceRow.__tablename__]
+_faults: Final = Base.metadata.tables[InstanceFaultRow.__tablename__]
+_hosts: Final = Base.metadata.tables[HostRow.__tablename__]
+_outbox: Final = Base.metadata.tables[OutboxRow.__tablename__]
+_counters: Final = Base.metadata.tables[CounterRow.__tablename__]
+_progress: Final = Base.metadata.tables[ChildProgressRow.__tablename__]
+_requests: Final = Base.metadata.tables[RequestLogRow.__tablename__]
+
+_i = _instances.c
+# Set when an instance is created and never changed: an update leaves them (and their
+# indexes) alone.
+_IMMUTABLE: Final = frozenset({"uuid", "project_id", "user_id", "created_at"})
+# The status a user filters on, as SQL: the same derivation as `Instance.status`.
+_STATUS_WHERE: Final[dict[str, ColumnElement[bool]]] = {
+    "BUILD": _i.vm_state == VmState.BUILDING.value,
+    "ACTIVE": and_(
+        _i.vm_state == VmState.ACTIVE.value,
+        or_(_i.task_state.is_(None), _i.task_state != TaskState.REBOOTING.value),
+    ),
+    "SHUTOFF": _i.vm_state == VmState.STOPPED.value,
+    "REBOOT": and_(_i.vm_state == VmState.ACTIVE.value, _i.task_state == TaskState.REBOOTING.value),
+    "ERROR": _i.vm_state == VmState.ERROR.value,
+    "DELETED": _i.vm_state == VmState.DELETED.value,
+}
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What one batch of a child's outbox did here."""
+
+    applied_seq: int  # the child's highest seq applied here, after this batch
+    applied: int  # rows that changed something (or were stored to forward)
+    skipped: int  # seq applied before, version not newer, or a kind not known here
+    conflicts: tuple[tuple[str, str], ...]  # (uuid, cell) held here under another cell
+    gap: bool  # some seq was never seen: the child's outbox lost rows we lack
+
+
+# -- owner side ---------------------------------------------------------------------------
+
+
+def place(
+    db: Database, candidates: list[str], make: Callable[[str], Instance], request_id: str
+) -> Instance | None:
+    """Claim the first candidate host with room and record `make(host)` on it.
+
+    A repeat of `request_id` answers the instance placed the first time. None if
+    no candidate has room (nothing is written); `Conflict` if the uuid exists.
+    """
+    _check_request_id(request_id)
+    with db.write() as session:
+        conn = session.connection()
+        logged = _logged(conn, request_id, "build")
+        if logged is not None:
+            return _decode_instance(logged)
+        for host in candidates:
+            instance = _exact(make(host))
+            _ensure_new(conn, instance.uuid)
+            if not _claim(conn, host, instance):
+                continue
+            conn.execute(insert(_instances), _values(instance))
+            _record_faults(conn, [instance])
+            payload = _pack(instance.to_wire())
+            _append_outbox(conn, [(INSTANCE_KIND, payload)])
+            _log(conn, request_id, "build", payload)
+            return instance
+        return None
+
+
+def change(
+    db: Database,
+    uuid: str,
+    fn: Callable[[Instance], Instance],
+    *,
+    request_id: str | None,
+    method: str,
+) -> Instance:
+    """Replace an instance with `fn(instance)` and queue the new record upward.
+
+    `fn` may raise (`Conflict` when the state forbids the action): nothing is
+    written. A delete frees the host's resources. A repeat of `request_id`
+    answers the record stored the first time.
+    """
+    if request_id is not None:
+        _check_request_id(request_id)
+    with db.write() as session:
+        conn = session.connection()
+        if request_id is not None:
+            logged = _logged(conn, request_id, method)
+            if logged is not None:
+                return _decode_instance(logged)
+        row = conn.execute(select(_instances).where(_i.uuid == uuid).with_for_update()).first()
+        if row is None:
+            raise NotFoundRemote(f"no instance {uuid}")
+        old = _instance(row)
+        new = _exact(fn(old))
+        conn.execute(update(_instances).where(_i.uuid == uuid).values(_values(new)))
+        if new.deleted and not old.deleted and old.host is not None:
+            _release(conn, old.host, old)
+        if new.fault is not None and new.fault != old.fault:
+            _record_faults(conn, [new])
+        payload = _pack(new.to_wire())
+        _append_outbox(conn, [(INSTANCE_KIND, payload)])
+        if request_id is not None:
+            _log(conn, request_id, method, payload)
+        return new
+
+
+def get(db: Database, uuid: str) -> Instance | None:
+    with db.read() as session:
+        row = session.connection().execute(select(_instances).where(_i.uuid == uuid)).first()
+        return None if row is None else _instance(row)
+
+
+def list_instances(
+    db: Database,
+    *,
+    project: str | None = None,
+    statuses: Collection[str] | None = None,
+    cell: str | None = None,
+    name: str | None = None,
+    limit: int = 1000,
+    marker: str | None = None,
+    include_deleted: bool = False,
+) -> list[Instance]:
+    """One page of instances in (created_at, uuid) order, after `marker` if given.
+
+    `cell` takes that cell and every cell below it; `name` is a case-insensitive
+    substring (ASCII only on SQLite); filtering on DELETED includes deleted ones.
+    """
+    if type(limit) is not int or limit < 0:
+        raise InvalidRequest(f"limit must be a whole number >= 0, not {limit!r}")
+    where: list[ColumnElement[bool]] = []
+    if project is not None:
+        where.append(_i.project_id == project)
+    if statuses is not None:
+        unknown = sorted(set(statuses) - _STATUS_WHERE.keys())
+        if unknown:
+            raise InvalidRequest(f"unknown status {unknown[0]!r}: one of {', '.join(STATUSES)}")
+        where.append(or_(false(), *(_STATUS_WHERE[status] for status in sorted(set(statuses)))))
+        include_deleted = include_deleted or "DELETED" in statuses
+    if not include_deleted:
+        where.append(_i.deleted == false())
+    if cell is not None:
+        below = cell + PATH_SEPARATOR
+        where.append(or_(_i.cell_name == cell, func.substr(_i.cell_name, 1, len(below)) == below))
+    if name is not None:
+        where.append(_i.name.icontains(name, autoescape=True))
+    with db.read() as session:
+        conn = session.connection()
+        if marker is not None:
+            where.append(_after(conn, marker, project))
+        rows = conn.execute(
+            select(_instances).where(*where).order_by(_i.created_at, _i.uuid).limit(limit)
+        )
+        return [_instance(row) for row in rows]
+
+
+def unfinished(db: Database) -> list[Instance]:
+    """Instances a task was running on, to resume after a restart."""
+    tasks = [task.value for task in _UNFINISHED]
+    with db.read() as session:
+        rows = session.connection().execute(
+            select(_instances).where(_i.task_state.in_(tasks)).order_by(_i.created_at, _i.uuid)
+        )
+        return [_instance(row) for row in rows]
+
+
+def counts(db: Database) -> dict[str, int]:
+    """Instances that are not deleted, by status (every such status, zero included)."""
+    shown = [status for status in STATUSES if status != "DELETED"]
+    each = [func.count().filter(_STATUS_WHERE[status]) for status in shown]
+    with db.read() as session:
+        row = session.connection().execute(select(*each).where(_i.deleted == false())).one()
+    return {status: int(count) for status, count in zip(shown, row, strict=True)}
+
+
+# -- hosts --------------------------------------------------------------------------------
+
+
+def sync_hosts(db: Database, hosts: list[Host]) -> None:
+    """Make the hosts table what the driver reports, then recount what is used.
+
+    Listed hosts are created or get the listed size and enabled flag; hosts not
+    listed are disabled, never deleted (instances name them). Usage is summed
+    again from the instances that are not deleted.
+    """
+    for host in hosts:
+        _check_host(host)
+    now = utcnow()
+    with db.write() as session:
+        conn = session.connection()
+        if hosts:
+            upsert = _dialect_insert(conn, _hosts)
+            conn.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=[_hosts.c.name],
+                    set_={
+                        column: upsert.excluded[column]
+                        for column in ("enabled", "memory_mb", "disk_gb", "vcpus", "updated_at")
+                    },
+                ),
+                [asdict(host) | {"updated_at": now} for host in hosts],
+            )
+        conn.execute(
+            update(_hosts)
+            .where(_hosts.c.name.not_in([host.name for host in hosts]))
+            .values(enabled=False, updated_at=now)
+        )
+        _recount(conn, now)
+
+
+def list_hosts(db: Database) -> list[Host]:
+    columns = [_hosts.c[field.name] for field in fields(Host)]  # same names, same order
+    with db.read() as session:
+        rows = session.connection().execute(select(*columns).order_by(_hosts.c.name))
+        return [Host(*row) for row in rows]
+
+
+# -- outbox -------------------------------------------------------------------------------
+
+
+def read_outbox(db: Database, after: int, limit: int) -> list[tuple[int, str, bytes]]:
+    """Up to `limit` outbox rows with seq > `after`, in seq order."""
+    o = _outbox.c
+    with db.read() as session:
+        rows = session.connection().execute(
+            select(o.seq, o.kind, o.payload).where(o.seq > after).order_by(o.seq).limit(limit)
+        )
+        return [(row.seq, row.kind, bytes(row.payload)) for row in rows]
+
+
+def trim_outbox(db: Database, upto: int) -> int:
+    """Forget outbox rows with seq <= `upto` (every parent has them); how many went."""
+    with db.write() as session:
+        return session.connection().execute(delete(_outbox).where(_outbox.c.seq <= upto)).rowcount
+
+
+def outbox_backlog(db: Database) -> tuple[int, float | None]:
+    """How many outbox rows wait, and when the oldest was written."""
+    o = _outbox.c
+    with db.read() as session:
+        waiting, oldest = (
+            session.connection().execute(select(func.count(), func.min(o.created_at))).one()
+        )
+    return waiting, None if oldest is None else oldest.timestamp()
+
+
+def requeue(db: Database, uuids: Collection[str] | None) -> int:
+    """Queue the current record of these instances (all when None) again; how many.
+
+    For the periodic heal and a forced resync. One transaction per batch of
+    `REQUEUE_BATCH`, so other writers wait for a batch, never for all of it.
+    """
+    queued = 0
+    if uuids is None:
+        after = ""
+        while True:
+            count, last = _requeue_batch(db, _i.uuid > after, REQUEUE_BATCH)
+            queued += count
+            if last is None:
+                return queued
+            after = last
+    for chunk in _chunks(sorted(set(uuids)), REQUEUE_BATCH):
+        queued += _requeue_batch(db, _i.uuid.in_(chunk), len(chunk))[0]
+    return queued
+
+
+def last_seq(db: Database) -> int:
+    """The highest outbox seq ever used, trimmed or not (0 before the first)."""
+    with db.read() as session:
+        value = session.connection().scalar(
+            select(_counters.c.value).where(_counters.c.name == _OUTBOX_COUNTER)
+        )
+    return 0 if value is None else int(value)
+
+
+# -- parent side --------------------------------------------------------------------------
+
+
+def applied_seq(db: Database, child: str) -> int:
+    """The highest seq of `child`'s outbox applied here (0 for a child never heard)."""
+    with db.read() as session:
+        return _applied_seq(session.connection(), child)
+
+
+def apply_updates(
+    db: Database,
+    child: str,
+    child_path: str,
+    rows: list[tuple[int, str, bytes]],
+    *,
+    store_forward: bool,
+) -> Applied:
+    """Take one batch of `child`'s outbox rows (seq, kind, payload) in one transaction.
+
+    Rows at or below the child's applied seq are skipped. A middle cell
+    (`store_forward`) appends the rest unchanged to its own outbox; the API cell
+    applies instance records to its index. Either way every instance record
+    must name `child_path` or a cell below it (`SenderMismatch`, nothing
+    written), and the child's applied seq moves in the same transaction.
+    """
+    with db.write() as session:
+        conn = session.connection()
+        _serialise(conn, f"child:{child}")
+        start = _applied_seq(conn, child)
+        fresh, skipped, gap = _fresh(rows, start)
+        if not fresh:
+            return Applied(start, 0, skipped, (), False)
+        records = [_from_child(child_path, kind, payload) for _, kind, payload in fresh]
+        conflicts: list[Instance] = []
+        if store_forward:
+            _append_outbox(conn, [(kind, payload) for _, kind, payload in fresh])
+            applied = len(fresh)
+        else:
+            updates = [record for record in records if record is not None]
+            applied, stale, conflicts = _merge(conn, updates)
+            skipped += stale + len(records) - len(updates)
+        end = fresh[-1][0]
+        _set_applied_seq(conn, child, end)
+        return Applied(
+            applied_seq=end,
+            applied=applied,
+            skipped=skipped,
+            conflicts=tuple(dict.fromkeys((u.uuid, u.cell or child_path) for u in conflicts)),
+            gap=gap,
+        )
+
+
+def index_create(db: Database, instances: list[Instance], request_id: str) -> list[Instance]:
+    """Record new instances in the API cell's index; a repeat answers their records now."""
+    _check_request_id(request_id)
+    created = [_exact(instance) for instance in instances]
+    uuids = [instance.uuid for instance in created]
+    with db.write() as session:
+        conn = session.connection()
+        logged = _logged(conn, request_id, "server_create")
+        if logged is not None:
+            return _current(conn, _decode_uuids(logged))
+        if len(set(uuids)) != len(uuids):
+            twice = next(uuid for uuid in uuids if uuids.count(uuid) > 1)
+            raise Conflict(f"instance {twice} is named twice")
+        if uuids:
+            for chunk in _chunks(uuids, _IN_LIMIT):
+                _ensure_new(conn, *chunk)
+            conn.execute(insert(_instances), [_values(instance) for instance in created])
+            _record_faults(conn, created)
+        _log(conn, request_id, "server_create", _pack(uuids))
+        return created
+
+
+def index_put(db: Database, instance: Instance) -> bool:
+    """Take one record into the index if it is newer and held under no or the same cell."""
+    with db.write() as session:
+        applied, _, _ = _merge(session.connection(), [instance])
+        return applied == 1
+
+
+def trim_request_log(db: Database, older_than: float) -> int:
+    """Forget request results recorded before `older_than`; how many went."""
+    before = _when(older_than)
+    with db.write() as session:
+        return (
+            session.connection()
+            .execute(delete(_requests).where(_requests.c.created_at < before))
+            .rowcount
+        )
+
+
+# -- rows and records ---------------------------------------------------------------------
+
+
+def _when(seconds: float) -> datetime:
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, OSError, ValueError):
+        raise SchemaError(f"instance: time {seconds!r} is out of range") from None
+
+
+def _exact(instance: Instance) -> Instance:
+    """`instance` with its times rounded to the microsecond, as the database keeps them."""
+    deleted_at = instance.deleted_at
+    return replace(
+        instance,
+        created_at=_when(instance.created_at).timestamp(),
+        updated_at=_when(instance.updated_at).timestamp(),
+        deleted_at=None if deleted_at is None else _when(deleted_at).timestamp(),
+    )
+
+
+def _values(instance: Instance) -> dict[str, Any]:
+    fault = instance.fault
+    deleted_at = instance.deleted_at
+    return {
+        "uuid": instance.uuid,
+        "name": instance.name,
+        "project_id": instance.project,
+        "user_id": instance.user,
+        "flavor_name": instance.flavor,
+        "memory_mb": instance.memory_mb,
+        "disk_gb": instance.disk_gb,
+        "vcpus": instance.vcpus,
+        "image": instance.image,
+        "vm_state": instance.vm_state.value,
+        "task_state": None if instance.task_state is None else instance.task_state.value,
+        "power_state": instance.power_state.value,
+        "cell_name": instance.cell,
+        "host": instance.host,
+        "version": instance.version,
+        "deleted": instance.deleted,
+        "metadata": dict(instance.metadata),
+        "created_at": _when(instance.created_at),
+        "updated_at": _when(instance.updated_at),
+        "deleted_at": None if deleted_at is None else _when(deleted_at),
+        "fault_code": None if fault is None else fault.code,
+        "fault_message": None if fault is None else fault.message,
+        "fault_cell": None if fault is None else fault.cell,
+    }
+
+
+def _instance(row: Row[Any]) -> Instance:
+    return Instance(
+        uuid=row.uuid,
+        name=row.name,
+        project=row.project_id,
+        user=row.user_id,
+        flavor=row.flavor_name,
+        memory_mb=row.memory_mb,
+        disk_gb=row.disk_gb,
+        vcpus=row.vcpus,
+        image=row.image,
+        vm_state=VmState(row.vm_state),
+        task_state=None if row.task_state is None else TaskState(row.task_state),
+        power_state=PowerState(row.power_state),
+        cell=row.cell_name,
+        host=row.host,
+        version=row.version,
+        created_at=row.created_at.timestamp(),
+        updated_at=row.updated_at.timestamp(),
+        deleted_at=None if row.deleted_at is None else row.deleted_at.timestamp(),
+        metadata=row.metadata,
+        fault=_fault(row.fault_code, row.fault_message, row.fault_cell),
+    )
+
+
+def _fault(code: str | None, message: str | None, cell: str | None) -> Fault | None:
+    return None if code is None else Fault(code, message or "", cell)
+
+
+def _current(conn: Connection, uuids: Sequence[str]) -> list[Instance]:
+    """The records of `uuids` as held now, in that order."""
+    found: dict[str, Instance] = {}
+    for chunk in _chunks(uuids, _IN_LIMIT):
+        rows = conn.execute(select(_instances).where(_i.uuid.in_(chunk)))
+        found.update((row.uuid, _instance(row)) for row in rows)
+    return [found[uuid] for uuid in uuids if uuid in found]
+
+
+def _ensure_new(conn: Connection, *uuids: str) -> None:
+    taken = conn.scalar(select(_i.uuid).where(_i.uuid.in_(uuids)).limit(1))
+    if taken is not None:
+        raise Conflict(f"instance {taken} exists already")
+
+
+def _after(conn: Connection, marker: str, project: str | None) -> ColumnElement[bool]:
+    """Rows after the marker instance in listing order; it must be one the caller may see."""
+    where = [_i.uuid == marker]
+    if project is not None:
+        where.append(_i.project_id == project)
+    created_at = conn.scalar(select(_i.created_at).where(*where))
+    if created_at is None:
+        raise InvalidRequest(f"marker {marker} is not a known instance")
+    return or_(_i.created_at > created_at, and_(_i.created_at == created_at, _i.uuid > marker))
+
+
+def _record_faults(conn: Connection, instances: Sequence[Instance]) -> None:
+    """Add the fault each instance carries to its history, once per instance version."""
+    rows = [
+        {
+            "instance_uuid": instance.uuid,
+            "version": instance.version,
+            "code": instance.fault.code,
+            "message": instance.fault.message,
+            "cell_name": instance.fault.cell,
+            "created_at": _when(instance.updated_at),
+        }
+        for instance in instances
+        if instance.fault is not None
+    ]
+    if rows:
+        add = _dialect_insert(conn, _faults).on_conflict_do_nothing(
+            index_elements=[_faults.c.instance_uuid, _faults.c.version]
+        )
+        conn.execute(add, rows)
+
+
+# -- merging into the index ---------------------------------------------------------------
+
+
+def _merge(conn: Connection, updates: Sequence[Instance]) -> tuple[int, int, list[Instance]]:
+    """Write the updates the index should take, in order; (applied, stale, conflicting).
+
+    Decided in memory against what is held, as if applied one by one, then
+    written once per instance. The upsert repeats the rule as its condition,
+    so a concurrent writer on PostgreSQL cannot make it overwrite a newer row.
+    """
+    held = _held(conn, {update.uuid for update in updates})
+    latest: dict[str, Instance] = {}
+    faulted: list[Instance] = []
+    conflicts: list[Instance] = []
+    applied = stale = 0
+    for record in updates:
+        version, cell, fault = held.get(record.uuid, (-1, None, None))
+        if cell is not None and cell != record.cell:
+            conflicts.append(record)
+        elif record.version <= version:
+            stale += 1
+        else:
+            held[record.uuid] = (record.version, record.cell, record.fault)
+            latest[record.uuid] = record
+            if record.fault is not None and record.fault != fault:
+                faulted.append(record)
+            applied += 1
+    if latest:
+        upsert = _dialect_insert(conn, _instances)
+        newer = and_(
+            _i.version < upsert.excluded.version,
+            or_(_i.cell_name.is_(None), _i.cell_name == upsert.excluded.cell_name),
+        )
+        conn.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[_i.uuid],
+                set_={
+                    column.name: upsert.excluded[column.name]
+                    for column in _instances.c
+                    if column.name not in _IMMUTABLE
+                },
+                where=newer,
+            ),
+            [_values(record) for record in latest.values()],
+        )
+    _record_faults(conn, faulted)
+    return applied, stale, conflicts
+
+
+def _held(
+    conn: Connection, uuids: Collection[str]
+) -> dict[str, tuple[int, str | None, Fault | None]]:
+    """Version, cell and latest fault of the instances held here (locked on PostgreSQL)."""
+    held: dict[str, tuple[int, str | None, Fault | None]] = {}
+    for chunk in _chunks(sorted(uuids), _IN_LIMIT):
+        rows = conn.execute(
+            select(
+                _i.uuid, _i.version, _i.cell_name, _i.fault_code, _i.fault_message, _i.fault_cell
+            )
+            .where(_i.uuid.in_(chunk))
+            .with_for_update()
+        )
+        for row in rows:
+            fault = _fault(row.fault_code, row.fault_message, row.fault_cell)
+            held[row.uuid] = (row.version, row.cell_name, fault)
+    return held
+
+
+def _fresh(
+    rows: Iterable[tuple[int, str, bytes]], start: int
+) -> tuple[list[tuple[int, str, bytes]], int, bool]:
+    """The rows not applied yet in seq order, how many were, and whether a seq is missing."""
+    fresh: list[tuple[int, str, bytes]] = []
+    skipped = 0
+    gap = False
+    last = start
+    for row in sorted(rows, key=lambda row: row[0]):
+        if row[0] <= last:
+            skipped += 1
+            continue
+        gap = gap or row[0] != last + 1
+        fresh.append(row)
+        last = row[0]
+    return fresh, skipped, gap
+
+
+def _from_child(child_path: str, kind: str, payload: bytes) -> Instance | None:
+    """The instance record a child sent, checked to be of its subtree (None: another kind)."""
+    if kind != INSTANCE_KIND:
+        return None
+    record = _decode_instance(payload)
+    cell = record.cell
+    if cell is None or (cell != child_path and not cell.startswith(child_path + PATH_SEPARATOR)):
+        raise SenderMismatch(
+            f"cell {child_path} sent instance {record.uuid} of "
+            f"{'no cell' if cell is None else 'cell ' + cell}"
+        )
+    return record
+
+
+def _applied_seq(conn: Connection, child: str) -> int:
+    value = conn.scalar(select(_progress.c.applied_seq).where(_progress.c.child_name == child))
+    return 0 if value is None else int(value)
+
+
+def _set_applied_seq(conn: Connection, child: str, seq: int) -> None:
+    now = utcnow()
+    upsert = _dialect_insert(conn, _progress).values(
+        child_name=child, applied_seq=seq, updated_at=now
+    )
+    conn.execute(
+        upsert.on_conflict_do_update(
+            index_elements=[_progress.c.child_name],
+            set_={"applied_seq": seq, "updated_at": now},
+        )
+    )
+
+
+# -- hosts and claims ---------------------------------------------------------------------
+
+
+def _check_host(host: Host) -> None:
+    if not isinstance(host.name, str) or not 0 < len(host.name) <= 255:
+        raise ValidationError("host name", host.name, "1-255 characters")
+    for field, value in (
+        ("RAM (MB)", host.memory_mb),
+        ("disk (GB)", host.disk_gb),
+        ("vCPUs", host.vcpus),
+    ):
+        if type(value) is not int or value < 0:
+            raise ValidationError(f"host {host.name} {field}", value, "a whole number >= 0")
+
+
+def _claim(conn: Connection, host: str, need: Instance) -> bool:
+    """Take `need`'s resources on `host` if it is enabled and has room for all of them."""
+    h = _hosts.c
+    claimed = conn.execute(
+        update(_hosts)
+        .where(
+            h.name == host,
+            h.enabled == true(),
+            h.memory_mb_used + need.memory_mb <= h.memory_mb,
+            h.disk_gb_used + need.disk_gb <= h.disk_gb,
+            h.vcpus_used + need.vcpus <= h.vcpus,
+        )
+        .values(
+            memory_mb_used=h.memory_mb_used + need.memory_mb,
+            disk_gb_used=h.disk_gb_used + need.disk_gb,
+            vcpus_used=h.vcpus_used + need.vcpus,
+            updated_at=utcnow(),
+        )
+    )
+    return claimed.rowcount == 1
+
+
+def _release(conn: Connection, host: str, held: Instance) -> None:
+    """Give back `held`'s resources on `host`, never below zero."""
+    h = _hosts.c
+    conn.execute(
+        update(_hosts)
+        .where(h.name == host)
+        .values(
+            memory_mb_used=_minus(h.memory_mb_used, held.memory_mb),
+            disk_gb_used=_minus(h.disk_gb_used, held.disk_gb),
+            vcpus_used=_minus(h.vcpus_used, held.vcpus),
+            updated_at=utcnow(),
+        )
+    )
+
+
+def _minus(column: ColumnElement[int], amount: int) -> ColumnElement[int]:
+    return case((column > amount, column - amount), else_=0)
+
+
+def _recount(conn: Connection, now: datetime) -> None:
+    """Set every host's usage to the sum of its instances that are not deleted."""
+    used = {
+        row.host: row
+        for row in conn.execute(
+            select(
+                _i.host,
+                func.sum(_i.memory_mb).label("memory_mb"),
+                func.sum(_i.disk_gb).label("disk_gb"),
+                func.sum(_i.vcpus).label("vcpus"),
+            )
+            .where(_i.deleted == false(), _i.host.is_not(None))
+            .group_by(_i.host)
+        )
+    }
+    names = conn.scalars(select(_hosts.c.name)).all()
+    if not names:
+        return
+    conn.execute(
+        update(_hosts)
+        .where(_hosts.c.name == bindparam("host_name"))
+        .values(
+            memory_mb_used=bindparam("ram_used"),
+            disk_gb_used=bindparam("disk_used"),
+            vcpus_used=bindparam("cpu_used"),
+            updated_at=now,
+        ),
+        [
+            {
+                "host_name": name,
+                "ram_used": int(used[name].memory_mb) if name in used else 0,
+                "disk_used": int(used[name].disk_gb) if name in used else 0,
+                "cpu_used": int(used[name].vcpus) if name in used else 0,
+            }
+            for name in names
+        ],
+    )
+
+
+# -- outbox, request log, plumbing --------------------------------------------------------
+
+
+def _append_outbox(conn: Connection, entries: Sequence[tuple[str, bytes]]) -> None:
+    """Append (kind, payload) rows under the next seqs, taken from the counter."""
+    if not entries:
+        return
+    counted = _dialect_insert(conn, _counters).values(name=_OUTBOX_COUNTER, value=len(entries))
+    last = conn.execute(
+        counted.on_conflict_do_update(
+            index_elements=[_counters.c.name],
+            set_={"value": _counters.c.value + len(entries)},
+        ).returning(_counters.c.value)
+    ).scalar_one()
+    first = last - len(entries) + 1
+    now = utcnow()
+    conn.execute(
+        insert(_outbox),
+        [
+            {"seq": first + offset, "kind": kind, "payload": payload, "created_at": now}
+            for offset, (kind, payload) in enumerate(entries)
+        ],
+    )
+
+
+def _requeue_batch(db: Database, where: ColumnElement[bool], limit: int) -> tuple[int, str | None]:
+    """Queue up to `limit` current records matching `where`; (how many, last uuid)."""
+    with db.write() as session:
+        conn = session.connection()
+        rows = conn.execute(select(_instances).where(where).order_by(_i.uuid).limit(limit)).all()
+        _append_outbox(conn, [(INSTANCE_KIND, _pack(_instance(row).to_wire())) for row in rows])
+    return len(rows), rows[-1].uuid if rows else None
+
+
+def _check_request_id(request_id: str) -> None:
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= _REQUEST_ID_LENGTH:
+        raise InvalidRequest(f"a request id is 1-{_REQUEST_ID_LENGTH} characters")
+
+
+def _logged(conn: Connection, request_id: str, method: str) -> bytes | None:
+    """The stored result of `request_id`, or None the first time it is seen."""
+    _serialise(conn, f"request:{request_id}")
+    row = conn.execute(
+        select(_requests.c.method, _requests.c.result).where(_requests.c.request_id == request_id)
+    ).first()
+    if row is None:
+        return None
+    if row.method != method:
+        raise InvalidRequest(f"request {request_id} was a {row.method}, not a {method}")
+    return bytes(row.result)
+
+
+def _log(conn: Connection, request_id: str, method: str, result: bytes) -> None:
+    conn.execute(
+        insert(_requests).values(
+            request_id=request_id, method=method, result=result, created_at=utcnow()
+        )
+    )
+
+
+def _serialise(conn: Connection, key: str) -> None:
+    """PostgreSQL: hold `key` until commit; SQLite's BEGIN IMMEDIATE holds everything."""
+    if conn.dialect.name != "postgresql":
+        return
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    conn.execute(select(func.pg_advisory_xact_lock(int.from_bytes(digest, "big", signed=True))))
+
+
+def _dialect_insert(conn: Connection, table: Table) -> sqlite.Insert | postgresql.Insert:
+    """An INSERT that can say ON CONFLICT on this backend."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _unpack(payload: bytes) -> Any:
+    try:
+        return msgpack.unpackb(payload, raw=False)
+    except (ValueError, TypeError) as exc:  # every msgpack decode error is a ValueError
+        raise DecodeError(f"payload is not valid msgpack ({type(exc).__name__})") from None
+    except RecursionError:
+        raise DecodeError("payload nests too deeply") from None
+
+
+def _decode_instance(payload: bytes) -> Instance:
+    return Instance.from_wire(_unpack(payload))
+
+
+def _decode_uuids(payload: bytes) -> list[str]:
+    uuids = _unpack(payload)
+    if type(uuids) is not list or not all(type(uuid) is str for uuid in uuids):
+        raise SchemaError("request log: expected a list of instance uuids")
+    return uuids
