@@ -655,13 +655,11 @@ class Node:
 
     # -- calls this cell makes itself ---------------------------------------------------------
 
-    async def call(
-        self, method: str, body: Mapping[str, Any], target: str, timeout_s: float | None = None
-    ) -> CellResult:
-        """A targeted call from this cell; the result of the target cell."""
-        timeout_s = self.settings.call_timeout_s if timeout_s is None else timeout_s
-        here = self.view.home_path(target)
-        message = Targeted(
+    def _own_fields(
+        self, method: str, body: Mapping[str, Any], here: str, timeout_s: float
+    ) -> dict[str, Any]:
+        """The fields of a request this cell starts: sent from `here`, down, wanting an answer."""
+        return dict(
             id=new_message_id(),
             method=method,
             body=dict(body),
@@ -673,8 +671,15 @@ class Node:
             timeout_ms=int(timeout_s * 1000),
             sent_at=self.wall_clock(),
             context=None,
-            target=target,
         )
+
+    async def call(
+        self, method: str, body: Mapping[str, Any], target: str, timeout_s: float | None = None
+    ) -> CellResult:
+        """A targeted call from this cell; the result of the target cell."""
+        timeout_s = self.settings.call_timeout_s if timeout_s is None else timeout_s
+        here = self.view.home_path(target)
+        message = Targeted(**self._own_fields(method, body, here, timeout_s), target=target)
         decision = routing.route_targeted(self.view, message, None)
         if not isinstance(decision, routing.Forward):
             raise InvalidRequest("a cell does not call itself", here)
@@ -710,20 +715,7 @@ class Node:
         """
         timeout_s = self.settings.call_timeout_s if timeout_s is None else timeout_s
         here = self.view.home_path()
-        message = Broadcast(
-            id=new_message_id(),
-            method=method,
-            body=dict(body),
-            direction=Direction.DOWN,
-            path=(here,),
-            hops=1,
-            max_hops=self.settings.max_hop_count,
-            want_response=True,
-            timeout_ms=int(timeout_s * 1000),
-            sent_at=self.wall_clock(),
-            context=None,
-            run_locally=False,
-        )
+        message = Broadcast(**self._own_fields(method, body, here, timeout_s), run_locally=False)
         started = self.clock()
         fanout = routing.route_broadcast(self.view, message)
         outgoing = evolve(self._outgoing(message, started + timeout_s), run_locally=True)
