@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -168,3 +169,10 @@ def map_error(exc: SQLAlchemyError) -> DatabaseError:
         if state in _PG_FULL:
             return DatabaseFull(f"database or disk is full: {message}")
     return DatabaseError(f"database error: {message}")
+
+
+def dialect_insert(conn: Connection, table: Table) -> sqlite.Insert | postgresql.Insert:
+    """An INSERT that can say ON CONFLICT on this backend."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)

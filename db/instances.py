@@ -1,9 +1,9 @@
-"""Instances, hosts, the outbox and the parent's index: a cell's instance state.
+"""Instances, the outbox and the parent's index: a cell's instance state.
 
 One table holds both a compute cell's own full records and the API cell's
 index of the instances of every cell. The module is longer than most because
-its callers use it as one store; the owner side, the hosts, the outbox and
-the parent side share the row mapping, the outbox and the request log.
+its callers use it as one store; the owner side, the outbox and the parent
+side share the row mapping, the outbox and the request log.
 
 Rules kept here:
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -44,21 +44,17 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Row,
-    Table,
     and_,
-    bindparam,
-    case,
     delete,
     false,
     func,
     insert,
     or_,
     select,
-    true,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from zcells.db.engine import Database
+from zcells.db.engine import Database, dialect_insert
+from zcells.db.hosts import claim, release
 from zcells.db.models import (
     Base,
     ChildProgressRow,
@@ -78,11 +74,9 @@ from zcells.errors import (
     NotFoundRemote,
     SchemaError,
     SenderMismatch,
-    ValidationError,
 )
 from zcells.instances import STATUSES, Fault, Instance, PowerState, TaskState, VmState
 from zcells.names import PATH_SEPARATOR
-from zcells.records import Host
 
 INSTANCE_KIND: Final = "instance"
 REQUEUE_BATCH: Final = 1000
@@ -155,7 +149,7 @@ def place(
         for host in candidates:
             instance = _exact(make(host))
             _ensure_new(conn, instance.uuid)
-            if not _claim(conn, host, instance):
+            if not claim(conn, host, instance):
                 continue
             conn.execute(insert(_instances), _values(instance))
             _record_faults(conn, [instance])
@@ -195,7 +189,7 @@ def change(
         new = _exact(fn(old))
         conn.execute(update(_instances).where(_i.uuid == uuid).values(_values(new)))
         if new.deleted and not old.deleted and old.host is not None:
-            _release(conn, old.host, old)
+            release(conn, old.host, old)
         if new.fault is not None and new.fault != old.fault:
             _record_faults(conn, [new])
         payload = _pack(new.to_wire())
@@ -272,48 +266,6 @@ def counts(db: Database) -> dict[str, int]:
     with db.read() as session:
         row = session.connection().execute(select(*each).where(_i.deleted == false())).one()
     return {status: int(count) for status, count in zip(shown, row, strict=True)}
-
-
-# -- hosts --------------------------------------------------------------------------------
-
-
-def sync_hosts(db: Database, hosts: list[Host]) -> None:
-    """Make the hosts table what the driver reports, then recount what is used.
-
-    Listed hosts are created or get the listed size and enabled flag; hosts not
-    listed are disabled, never deleted (instances name them). Usage is summed
-    again from the instances that are not deleted.
-    """
-    for host in hosts:
-        _check_host(host)
-    now = utcnow()
-    with db.write() as session:
-        conn = session.connection()
-        if hosts:
-            upsert = _dialect_insert(conn, _hosts)
-            conn.execute(
-                upsert.on_conflict_do_update(
-                    index_elements=[_hosts.c.name],
-                    set_={
-                        column: upsert.excluded[column]
-                        for column in ("enabled", "memory_mb", "disk_gb", "vcpus", "updated_at")
-                    },
-                ),
-                [asdict(host) | {"updated_at": now} for host in hosts],
-            )
-        conn.execute(
-            update(_hosts)
-            .where(_hosts.c.name.not_in([host.name for host in hosts]))
-            .values(enabled=False, updated_at=now)
-        )
-        _recount(conn, now)
-
-
-def list_hosts(db: Database) -> list[Host]:
-    columns = [_hosts.c[field.name] for field in fields(Host)]  # same names, same order
-    with db.read() as session:
-        rows = session.connection().execute(select(*columns).order_by(_hosts.c.name))
-        return [Host(*row) for row in rows]
 
 
 # -- outbox -------------------------------------------------------------------------------
@@ -587,7 +539,7 @@ def _record_faults(conn: Connection, instances: Sequence[Instance]) -> None:
         if instance.fault is not None
     ]
     if rows:
-        add = _dialect_insert(conn, _faults).on_conflict_do_nothing(
+        add = dialect_insert(conn, _faults).on_conflict_do_nothing(
             index_elements=[_faults.c.instance_uuid, _faults.c.version]
         )
         conn.execute(add, rows)
@@ -621,7 +573,7 @@ def _merge(conn: Connection, updates: Sequence[Instance]) -> tuple[int, int, lis
                 faulted.append(record)
             applied += 1
     if latest:
-        upsert = _dialect_insert(conn, _instances)
+        upsert = dialect_insert(conn, _instances)
         newer = and_(
             _i.version < upsert.excluded.version,
             or_(_i.cell_name.is_(None), _i.cell_name == upsert.excluded.cell_name),
@@ -700,7 +652,7 @@ def _applied_seq(conn: Connection, child: str) -> int:
 
 def _set_applied_seq(conn: Connection, child: str, seq: int) -> None:
     now = utcnow()
-    upsert = _dialect_insert(conn, _progress).values(
+    upsert = dialect_insert(conn, _progress).values(
         child_name=child, applied_seq=seq, updated_at=now
     )
     conn.execute(
@@ -711,101 +663,6 @@ def _set_applied_seq(conn: Connection, child: str, seq: int) -> None:
     )
 
 
-# -- hosts and claims ---------------------------------------------------------------------
-
-
-def _check_host(host: Host) -> None:
-    if not isinstance(host.name, str) or not 0 < len(host.name) <= 255:
-        raise ValidationError("host name", host.name, "1-255 characters")
-    for field, value in (
-        ("RAM (MB)", host.memory_mb),
-        ("disk (GB)", host.disk_gb),
-        ("vCPUs", host.vcpus),
-    ):
-        if type(value) is not int or value < 0:
-            raise ValidationError(f"host {host.name} {field}", value, "a whole number >= 0")
-
-
-def _claim(conn: Connection, host: str, need: Instance) -> bool:
-    """Take `need`'s resources on `host` if it is enabled and has room for all of them."""
-    h = _hosts.c
-    claimed = conn.execute(
-        update(_hosts)
-        .where(
-            h.name == host,
-            h.enabled == true(),
-            h.memory_mb_used + need.memory_mb <= h.memory_mb,
-            h.disk_gb_used + need.disk_gb <= h.disk_gb,
-            h.vcpus_used + need.vcpus <= h.vcpus,
-        )
-        .values(
-            memory_mb_used=h.memory_mb_used + need.memory_mb,
-            disk_gb_used=h.disk_gb_used + need.disk_gb,
-            vcpus_used=h.vcpus_used + need.vcpus,
-            updated_at=utcnow(),
-        )
-    )
-    return claimed.rowcount == 1
-
-
-def _release(conn: Connection, host: str, held: Instance) -> None:
-    """Give back `held`'s resources on `host`, never below zero."""
-    h = _hosts.c
-    conn.execute(
-        update(_hosts)
-        .where(h.name == host)
-        .values(
-            memory_mb_used=_minus(h.memory_mb_used, held.memory_mb),
-            disk_gb_used=_minus(h.disk_gb_used, held.disk_gb),
-            vcpus_used=_minus(h.vcpus_used, held.vcpus),
-            updated_at=utcnow(),
-        )
-    )
-
-
-def _minus(column: ColumnElement[int], amount: int) -> ColumnElement[int]:
-    return case((column > amount, column - amount), else_=0)
-
-
-def _recount(conn: Connection, now: datetime) -> None:
-    """Set every host's usage to the sum of its instances that are not deleted."""
-    used = {
-        row.host: row
-        for row in conn.execute(
-            select(
-                _i.host,
-                func.sum(_i.memory_mb).label("memory_mb"),
-                func.sum(_i.disk_gb).label("disk_gb"),
-                func.sum(_i.vcpus).label("vcpus"),
-            )
-            .where(_i.deleted == false(), _i.host.is_not(None))
-            .group_by(_i.host)
-        )
-    }
-    names = conn.scalars(select(_hosts.c.name)).all()
-    if not names:
-        return
-    conn.execute(
-        update(_hosts)
-        .where(_hosts.c.name == bindparam("host_name"))
-        .values(
-            memory_mb_used=bindparam("ram_used"),
-            disk_gb_used=bindparam("disk_used"),
-            vcpus_used=bindparam("cpu_used"),
-            updated_at=now,
-        ),
-        [
-            {
-                "host_name": name,
-                "ram_used": int(used[name].memory_mb) if name in used else 0,
-                "disk_used": int(used[name].disk_gb) if name in used else 0,
-                "cpu_used": int(used[name].vcpus) if name in used else 0,
-            }
-            for name in names
-        ],
-    )
-
-
 # -- outbox, request log, plumbing --------------------------------------------------------
 
 
@@ -813,7 +670,7 @@ def _append_outbox(conn: Connection, entries: Sequence[tuple[str, bytes]]) -> No
     """Append (kind, payload) rows under the next seqs, taken from the counter."""
     if not entries:
         return
-    counted = _dialect_insert(conn, _counters).values(name=_OUTBOX_COUNTER, value=len(entries))
+    counted = dialect_insert(conn, _counters).values(name=_OUTBOX_COUNTER, value=len(entries))
     last = conn.execute(
         counted.on_conflict_do_update(
             index_elements=[_counters.c.name],
@@ -872,13 +729,6 @@ def _serialise(conn: Connection, key: str) -> None:
         return
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     conn.execute(select(func.pg_advisory_xact_lock(int.from_bytes(digest, "big", signed=True))))
-
-
-def _dialect_insert(conn: Connection, table: Table) -> sqlite.Insert | postgresql.Insert:
-    """An INSERT that can say ON CONFLICT on this backend."""
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:

@@ -38,6 +38,7 @@ from zcells.cellsched import (
     retry_plan,
 )
 from zcells.compute import FakeDriver
+from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
 from zcells.dbrunner import DbRunner
 from zcells.errors import (
@@ -155,7 +156,7 @@ class Placer:
     async def _place_here(self, instance: Instance, request_id: str, here: str) -> Instance:
         assert self.driver is not None
         need = Resources(instance.memory_mb, instance.disk_gb, instance.vcpus)
-        hosts = await self.db.read(store.list_hosts)
+        hosts = await self.db.read(hosts_store.list_hosts)
         order = choose_hosts(hosts, need)
         if not order:
             raise no_valid_host(hosts, need, here)
@@ -164,7 +165,7 @@ class Placer:
             store.place, order, lambda host: placed(instance, here, host, now), request_id
         )
         if taken is None:  # every fitting host was claimed by a concurrent build
-            raise no_valid_host(await self.db.read(store.list_hosts), need, here)
+            raise no_valid_host(await self.db.read(hosts_store.list_hosts), need, here)
         self._changed()
         self.driver.schedule(taken)
         return taken

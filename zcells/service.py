@@ -27,7 +27,7 @@ from zcells.builds import Placer, TopBuilds
 from zcells.cellsched import RandomCellScheduler
 from zcells.compute import FakeDriver, fake_hosts
 from zcells.config import Config
-from zcells.db import instances as store
+from zcells.db import hosts as hosts_store
 from zcells.db import migrate, registry
 from zcells.db.engine import Database
 from zcells.dbrunner import DbRunner
@@ -254,7 +254,7 @@ async def _prepare(cell: Cell, services: Services) -> None:
             compute.fake_host_disk_gb,
             compute.fake_host_vcpus,
         )
-        await services.runner.write(store.sync_hosts, hosts)
+        await services.runner.write(hosts_store.sync_hosts, hosts)
         await services.driver.resume()
     if services.builds is not None:
         resumed = await services.builds.resume()

@@ -14,8 +14,8 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from zcells.db import hosts, migrate
 from zcells.db import instances as store
-from zcells.db import migrate
 from zcells.db.engine import Database
 from zcells.db.models import HostRow, InstanceFaultRow, RequestLogRow
 
@@ -94,7 +94,7 @@ def decoded(payload: bytes) -> Instance:
 
 
 def usage(db: Database) -> dict[str, tuple[int, int, int]]:
-    return {h.name: (h.memory_mb_used, h.disk_gb_used, h.vcpus_used) for h in store.list_hosts(db)}
+    return {h.name: (h.memory_mb_used, h.disk_gb_used, h.vcpus_used) for h in hosts.list_hosts(db)}
 
 
 def fault_rows(db: Database) -> list[tuple[object, ...]]:
@@ -114,7 +114,7 @@ def fault_rows(db: Database) -> list[tuple[object, ...]]:
 @pytest.fixture
 def cell(synced: Database) -> Database:
     """A compute cell with two hosts: h1 fits one m1.small, h2 fits four."""
-    store.sync_hosts(synced, [Host("h1", True, 2048, 20, 1), Host("h2", True, 8192, 80, 4)])
+    hosts.sync_hosts(synced, [Host("h1", True, 2048, 20, 1), Host("h2", True, 8192, 80, 4)])
     return synced
 
 
@@ -138,7 +138,7 @@ def test_place_claims_the_first_host_with_room_and_queues_the_record(cell: Datab
 
 
 def test_place_skips_disabled_and_unknown_hosts(cell: Database) -> None:
-    store.sync_hosts(cell, [Host("h1", False, 2048, 20, 1), Host("h2", True, 8192, 80, 4)])
+    hosts.sync_hosts(cell, [Host("h1", False, 2048, 20, 1), Host("h2", True, 8192, 80, 4)])
     placed_on = store.place(cell, ["nope", "h1", "h2"], on_host(server(1)), "req-1")
     assert placed_on is not None and placed_on.host == "h2"
 
@@ -159,7 +159,7 @@ def test_place_without_room_writes_nothing(cell: Database) -> None:
     assert store.read_outbox(cell, 0, 10) == [] and store.last_seq(cell) == 0
     assert usage(cell) == {"h1": (0, 0, 0), "h2": (0, 0, 0)}
     # the request id was not used up: once a host has room the same request places it
-    store.sync_hosts(cell, [Host("h1", True, 2048, 20, 1), Host("h2", True, 200_000, 80, 4)])
+    hosts.sync_hosts(cell, [Host("h1", True, 2048, 20, 1), Host("h2", True, 200_000, 80, 4)])
     again = store.place(cell, ["h1", "h2"], on_host(big), "req-1")
     assert again is not None and again.host == "h2"
 
@@ -429,24 +429,24 @@ def test_sync_hosts_creates_resizes_disables_and_recounts(cell: Database) -> Non
     # usage drifted (a crash between steps, an operator edit): the sync recounts it
     with cell.write() as session:
         session.execute(sa.update(HostRow).values(memory_mb_used=999, vcpus_used=9))
-    store.sync_hosts(cell, [Host("h2", True, 16384, 160, 8), Host("h3", True, 1024, 10, 1)])
-    assert store.list_hosts(cell) == [
+    hosts.sync_hosts(cell, [Host("h2", True, 16384, 160, 8), Host("h3", True, 1024, 10, 1)])
+    assert hosts.list_hosts(cell) == [
         Host("h1", False, 2048, 20, 1, 0, 0, 0),
         Host("h2", True, 16384, 160, 8, 2048, 20, 1),
         Host("h3", True, 1024, 10, 1, 0, 0, 0),
     ]
     # a host that comes back is enabled again; an empty list disables every host
-    store.sync_hosts(cell, [Host("h1", True, 2048, 20, 1)])
-    assert [(h.name, h.enabled) for h in store.list_hosts(cell)] == [
+    hosts.sync_hosts(cell, [Host("h1", True, 2048, 20, 1)])
+    assert [(h.name, h.enabled) for h in hosts.list_hosts(cell)] == [
         ("h1", True),
         ("h2", False),
         ("h3", False),
     ]
-    store.sync_hosts(cell, [])
-    assert not any(h.enabled for h in store.list_hosts(cell))
+    hosts.sync_hosts(cell, [])
+    assert not any(h.enabled for h in hosts.list_hosts(cell))
     assert usage(cell)["h2"] == (2048, 20, 1)
     with pytest.raises(ValidationError, match="RAM"):
-        store.sync_hosts(cell, [Host("h9", True, -1, 1, 1)])
+        hosts.sync_hosts(cell, [Host("h9", True, -1, 1, 1)])
 
 
 # -- outbox ---------------------------------------------------------------------------------

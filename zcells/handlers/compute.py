@@ -21,6 +21,7 @@ from typing import Any
 
 from zcells.builds import Placer, check_hints
 from zcells.compute import FakeDriver
+from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
 from zcells.dbrunner import DbRunner
 from zcells.errors import InvalidRequest, SchemaError
@@ -105,7 +106,7 @@ class ComputeHandlers:
 
     async def hosts(self, call: Call) -> dict[str, Any]:
         """This cell's hosts with their used and total resources."""
-        return {"hosts": [host.as_dict() for host in await self.db.read(store.list_hosts)]}
+        return {"hosts": [host.as_dict() for host in await self.db.read(hosts_store.list_hosts)]}
 
     def methods(self) -> list[Method]:
         targeted = frozenset({Kind.TARGETED})

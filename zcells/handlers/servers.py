@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zcells.builds import TopBuilds, check_hints
+from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
 from zcells.db import registry
 from zcells.dbrunner import DbRunner
@@ -252,7 +253,7 @@ class ServerHandlers:
         errors: list[dict[str, Any]] = []
         results = list(await self.node.broadcast("hosts", {}))
         if self.builds.placer.driver is not None:
-            here = {"hosts": [h.as_dict() for h in await self.db.read(store.list_hosts)]}
+            here = {"hosts": [h.as_dict() for h in await self.db.read(hosts_store.list_hosts)]}
             hosts += [{"cell": call.cell, **h} for h in here["hosts"]]
         for result in results:
             if wanted is not None and not is_below(result.cell, wanted):
