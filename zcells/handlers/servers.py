@@ -251,13 +251,10 @@ class ServerHandlers:
         wanted = call.args["cell"]
         hosts: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
-        results = list(await self.node.broadcast("hosts", {}))
         if self.builds.placer.driver is not None:
-            here = {"hosts": [h.as_dict() for h in await self.db.read(hosts_store.list_hosts)]}
-            hosts += [{"cell": call.cell, **h} for h in here["hosts"]]
-        for result in results:
-            if wanted is not None and not is_below(result.cell, wanted):
-                continue
+            own = await self.db.read(hosts_store.list_hosts)
+            hosts += [{"cell": call.cell, **host.as_dict()} for host in own]
+        for result in await self.node.broadcast("hosts", {}):
             if result.outcome is Outcome.OK and isinstance(result.value, dict):
                 hosts += [{"cell": result.cell, **h} for h in result.value.get("hosts", [])]
             else:
@@ -265,6 +262,7 @@ class ServerHandlers:
                 errors.append({"cell": result.cell, "error": code})
         if wanted is not None:
             hosts = [h for h in hosts if is_below(h["cell"], wanted)]
+            errors = [e for e in errors if is_below(e["cell"], wanted)]
         return {"hosts": sorted(hosts, key=lambda h: (h["cell"], h["name"])), "errors": errors}
 
     async def cell_sync(self, call: Call) -> dict[str, Any]:
