@@ -317,6 +317,15 @@ def requeue(db: Database, uuids: Collection[str] | None) -> int:
     return queued
 
 
+def heal(db: Database, since: float, after: str, limit: int) -> tuple[int, str | None]:
+    """Queue again up to `limit` instances changed since `since`, in uuid order after `after`.
+
+    One step of the periodic heal; (how many, the last uuid queued, or None
+    when none were left after `after`, so the next step starts over).
+    """
+    return _requeue_batch(db, and_(_i.updated_at >= _when(since), _i.uuid > after), limit)
+
+
 def last_seq(db: Database) -> int:
     """The highest outbox seq ever used, trimmed or not (0 before the first)."""
     with db.read() as session:

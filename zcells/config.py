@@ -50,7 +50,6 @@ NOVA_ONLY_KEYS: Final = frozenset(
         "scheduler_filter_classes",
         "scheduler_weight_classes",
         "cells_config",
-        "instance_update_interval",
         "instance_update_sync_database_limit",
         "bandwidth_update_interval",
         "enable_bandwidth_reports",
@@ -201,6 +200,24 @@ OPTIONS: Final[tuple[Option, ...]] = (
         1,
         "an integer >= 0",
         "How many instances the periodic heal resends per run.",
+    ),
+    Option(
+        "cells",
+        "instance_update_interval",
+        parsers.float_value(0.0),
+        60.0,
+        _SECONDS,
+        "How often the periodic heal runs; 0 turns it off.",
+        "instance_update_interval_s",
+    ),
+    Option(
+        "cells",
+        "request_id_keep",
+        parsers.float_value(60.0),
+        86400.0,
+        _SECONDS,
+        "How long a repeated request id answers its first result instead of running again.",
+        "request_id_keep_s",
     ),
     # [transport]
     Option(
@@ -357,6 +374,8 @@ class CellsConfig:
     scheduler_retry_delay_s: float
     instance_updated_at_threshold_s: float
     instance_update_num_instances: int
+    instance_update_interval_s: float
+    request_id_keep_s: float
 
 
 @dataclass(frozen=True)

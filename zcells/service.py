@@ -37,6 +37,7 @@ from zcells.handlers.compute import ComputeHandlers
 from zcells.handlers.diag import DiagHandlers
 from zcells.handlers.servers import ServerHandlers
 from zcells.handlers.state import StateHandlers, resync_children
+from zcells.housekeeping import Housekeeping, HousekeepingSettings
 from zcells.methods import MethodTable
 from zcells.node import Node, NodeSettings
 from zcells.pidfile import PidFile
@@ -214,6 +215,7 @@ class Services:
     driver: FakeDriver | None
     builds: TopBuilds | None
     methods: MethodTable
+    housekeeping: Housekeeping
 
 
 def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
@@ -241,7 +243,19 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
     servers = ServerHandlers(node, runner, builds, top=top)
     compute = ComputeHandlers(runner, placer, driver, changed)
     methods = build_methods(diag, state, compute, servers)
-    return Services(runner, upstream, driver, builds if top else None, methods)
+    cells = config.cells
+    housekeeping = Housekeeping(
+        runner,
+        HousekeepingSettings(
+            heal_interval_s=cells.instance_update_interval_s,
+            heal_window_s=cells.instance_updated_at_threshold_s,
+            heal_count=cells.instance_update_num_instances,
+            request_id_keep_s=cells.request_id_keep_s,
+        ),
+        has_parents=lambda: bool(node.view.parents),
+        changed=changed,
+    )
+    return Services(runner, upstream, driver, builds if top else None, methods, housekeeping)
 
 
 async def _prepare(cell: Cell, services: Services) -> None:
@@ -300,6 +314,7 @@ async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
                 tasks.create_task(node.run(), name="node"),
                 tasks.create_task(watch.run(), name="registry"),
                 tasks.create_task(services.upstream.run(), name="upstream"),
+                tasks.create_task(services.housekeeping.run(), name="housekeeping"),
             ]
             await _prepare(cell, services)
             await stop.wait()
