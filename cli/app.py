@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from zcells.cli import dbcmd, keys, registry
+from zcells.cli import dbcmd, hosts, keys, registry, servers
 from zcells.cli.common import State, state, stderr
 
 from zcells import logs, service
@@ -32,6 +32,9 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(dbcmd.app, name="db")
 app.add_typer(registry.cell_app, name="cell")
 app.add_typer(registry.client_app, name="client")
+app.add_typer(servers.server_app, name="server")
+app.add_typer(servers.flavor_app, name="flavor")
+app.add_typer(hosts.host_app, name="host")
 
 
 @app.callback()

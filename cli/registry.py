@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 from zcells.cli.common import note, open_database, print_json, print_table
+from zcells.cli.hosts import cell_sync
 from zcells.cli.ping import ping
 from zcells.db import registry
 
@@ -17,6 +18,7 @@ cell_app = typer.Typer(
     help="Manage this cell's neighbours (parents and children).", no_args_is_help=True
 )
 cell_app.command("ping")(ping)
+cell_app.command("sync")(cell_sync)
 client_app = typer.Typer(
     help="Manage the client keys allowed on the api endpoint.", no_args_is_help=True
 )

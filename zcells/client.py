@@ -174,6 +174,18 @@ class CellClient:
             raise ProtocolError(f"expected one result, got {len(response.results)}")
         return response.results[0]
 
+    async def request(
+        self,
+        method: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        target: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """A targeted call's value; the cell's error is raised as its typed `WireError`."""
+        result = await self.call(method, body, target=target, timeout_s=timeout_s)
+        return result.unwrap()
+
     async def cast(
         self, method: str, body: Mapping[str, Any] | None = None, *, target: str | None = None
     ) -> None:
