@@ -2,8 +2,9 @@
 
 `CellTree({"api": {"c1": {"g1": {}}, "c2": {}}}, directory)` writes keys,
 configs and databases for every cell (through the same code the CLI uses),
-registers each link on both sides and an admin client at every cell, then
-starts one `zcells serve` process per cell on free loopback ports.
+registers each link on both sides and the clients at every cell (the admin
+"ops", and any others asked for with their role and project), then starts
+one `zcells serve` process per cell on free loopback ports.
 """
 
 from __future__ import annotations
@@ -118,12 +119,15 @@ class CellTree:
         log_level: str = "debug",
         idle: tuple[str, ...] = (),
         extra_clients: tuple[str, ...] = (),
+        clients: Mapping[str, tuple[str, str | None]] | None = None,
         compute: Mapping[str, Any] | None = None,
         cell_compute: Mapping[str, Mapping[str, Any]] | None = None,
         **cells_options: Any,
     ) -> None:
         """`idle` cells are registered and given keys but never started.
 
+        `extra_clients` are more admins; `clients` maps more client names to
+        their (role, project), say ``{"alice": ("member", "proj-a")}``.
         `compute` is the `[compute]` section of every compute cell, and
         `cell_compute` overrides it per cell (say, a cell with no hosts).
         """
@@ -140,11 +144,15 @@ class CellTree:
             **cells_options,
         }
         self.cells: dict[str, CellProc] = {}
-        # "ops" is the admin client of every cell; more admins on request (one per
+        # "ops" is the admin client of every cell; more clients on request (one per
         # connection: a cell answers a client name on its latest connection).
-        self.clients = {
-            name: generate_keypair(root / "client-keys", name) for name in ("ops", *extra_clients)
+        self.roles: dict[str, tuple[str, str | None]] = {
+            **{name: ("admin", None) for name in ("ops", *extra_clients)},
+            **(clients or {}),
         }
+        if self.roles["ops"] != ("admin", None):
+            raise ValueError('"ops" is the admin client of every cell')
+        self.clients = {name: generate_keypair(root / "client-keys", name) for name in self.roles}
         self.client_keys = self.clients["ops"]
         self._add(tree, None, None)
         for cell in self.cells.values():
@@ -196,7 +204,8 @@ class CellTree:
                         public_key=child.keys.public,
                     )
             for client, keys in self.clients.items():
-                registry.add_client(db, client, public_key=keys.public, role="admin")
+                role, project = self.roles[client]
+                registry.add_client(db, client, public_key=keys.public, role=role, project=project)
 
     def start(self, name: str | None = None, timeout_s: float = 30.0) -> None:
         """Start the cells (all, or one) and wait until each answers a ping."""
@@ -258,12 +267,16 @@ class CellTree:
                     cell.proc.kill()
                     cell.proc.wait()
 
-    def client(self, name: str | None = None, timeout_s: float = 5.0) -> CellClient:
+    def client(
+        self, name: str | None = None, timeout_s: float = 5.0, *, as_client: str = "ops"
+    ) -> CellClient:
+        """A connection to cell `name` (default: the top) as the client `as_client`."""
         cell = self.cells[name] if name else next(iter(self.cells.values()))
+        keys = self.clients[as_client]
         transport = ZmqClient(
             cell.api_endpoint,
             cell.keys.public,
-            (self.client_keys.public, self.client_keys.secret),
+            (keys.public, keys.secret),
             connect_timeout_s=min(timeout_s, 5.0),
         )
         return CellClient(transport, timeout_s=timeout_s)
