@@ -15,9 +15,18 @@ Rules kept here:
   `scheduler_retry_delay` apart; lower cells try each candidate once and
   let the failure go back up so the level above can try elsewhere.
 * When every try failed, the error says why for each cell tried:
-  `NoValidHost` when every cell lacked a host, else `NoCellsAvailable`.
+  `NoValidHost` when every cell lacked a host, else `NoCellsAvailable`. A
+  cell with no hosts of its own and no cells below it has no host to offer:
+  `NoValidHost`, not "no cell available".
 * A child's acknowledgement is checked: the same instance, placed in that
   child's subtree.
+* A call made on behalf of a request gets the time that request has left,
+  less a margin, so the caller answers with what it learnt instead of
+  timing out itself (`time_left_s`).
+* Only an instance still waiting to be scheduled is built. One the top has
+  marked deleted while its build was in flight may be placed all the same;
+  the cell that took it is told to delete it (`orphan-<uuid>`, the request
+  id `zcells.handlers.state` uses for the same repair).
 """
 
 from __future__ import annotations
@@ -50,17 +59,38 @@ from zcells.errors import (
     WireError,
 )
 from zcells.hostsched import choose_hosts, no_valid_host
-from zcells.instances import Fault, Instance, failed, placed
+from zcells.instances import Fault, Instance, TaskState, VmState, failed, placed
 from zcells.liveness import Liveness
 from zcells.node import Node
 from zcells.peer import Peer, Role
 from zcells.records import Resources
-from zcells.routing import is_below
+from zcells.routing import forward_budget_ms, is_below
 
 log = logs.get_logger("builds")
 
 HINTS = frozenset({"target_cell"})
 _REACHABLE = frozenset({Liveness.ALIVE, Liveness.LATE})
+
+
+def time_left_s(node: Node, deadline: float | None) -> float | None:
+    """The time a call made before `deadline` (node clock) may take; None: no deadline.
+
+    A margin is kept, as each hop of a forwarded request keeps one, so the
+    call's own timeout comes back before the request it serves runs out.
+    """
+    if deadline is None:
+        return None
+    left_ms = max(0, int((deadline - node.clock()) * 1000))
+    return forward_budget_ms(left_ms) / 1000.0
+
+
+def orphan_request_id(uuid: str) -> str:
+    """The request id of the delete that removes a copy of `uuid` the index does not hold."""
+    return f"orphan-{uuid}"
+
+
+def waiting_to_be_scheduled(instance: Instance) -> bool:
+    return instance.vm_state is VmState.BUILDING and instance.task_state is TaskState.SCHEDULING
 
 
 def check_hints(hints: Mapping[str, Any]) -> dict[str, str]:
@@ -120,23 +150,30 @@ class Placer:
         here: str,
         plan: Sequence[float],
         wanted: Callable[[], Awaitable[bool]] | None = None,
+        deadline: float | None = None,
     ) -> Instance:
         """The instance as placed in this cell's subtree; `NoValidHost`/`NoCellsAvailable` if not.
 
         `plan` holds the pause before each round of tries; `wanted`, if given,
-        is asked before each round whether the build should go on at all.
+        is asked before each round whether the build should go on at all;
+        `deadline` (node clock), if given, bounds each call to a child.
         """
         attempts = BuildAttempts()
+        candidates: list[Candidate] = []
         for delay in plan:
             if delay > 0:
                 await asyncio.sleep(delay)
             if wanted is not None and not await wanted():
                 raise InvalidRequest(f"instance {instance.uuid} was deleted while scheduling")
-            for name in self.scheduler.order(self.candidates(here, hints), exclude=()):
+            candidates = self.candidates(here, hints)
+            for name in self.scheduler.order(candidates, exclude=()):
                 try:
                     if name == HERE:
                         return await self._place_here(instance, request_id, here)
-                    return await self._place_below(instance, hints, request_id, here, name)
+                    timeout_s = time_left_s(self.node, deadline)
+                    return await self._place_below(
+                        instance, hints, request_id, here, name, timeout_s
+                    )
                 except WireError as exc:
                     attempts.tried(name, exc.code, exc.message)
                     logs.event(
@@ -148,6 +185,15 @@ class Placer:
                         code=exc.code,
                         error=exc.message,
                     )
+        if not candidates and not attempts.attempts:
+            target = hints.get("target_cell")
+            if target is not None:
+                raise NoCellsAvailable(
+                    f"target_cell {target}: no such cell with hosts at or below {here}", here
+                )
+            raise NoValidHost(
+                f"no valid host in {here}: it has no hosts and no cells below it", here
+            )
         reason = attempts.summary()
         if attempts.all_no_valid_host():
             raise NoValidHost(reason, here)
@@ -177,10 +223,13 @@ class Placer:
         request_id: str,
         here: str,
         child: str,
+        timeout_s: float | None = None,
     ) -> Instance:
         child_path = f"{here}!{child}"
         body = {"instance": instance.to_wire(), "hints": dict(hints), "request_id": request_id}
-        answer = (await self.node.call("build", body, target=child_path)).unwrap()
+        answer = (
+            await self.node.call("build", body, target=child_path, timeout_s=timeout_s)
+        ).unwrap()
         try:
             taken = Instance.from_wire(answer.get("instance") if isinstance(answer, dict) else None)
         except SchemaError as exc:
@@ -213,8 +262,16 @@ class TopBuilds:
         self._running: dict[str, asyncio.Task[None]] = {}
 
     def start(self, instance: Instance, hints: Mapping[str, str] | None = None) -> None:
-        """Build `instance` unless it is placed, deleted, or its build is running already."""
-        if instance.cell is not None or instance.deleted or instance.uuid in self._running:
+        """Build `instance` if it waits to be scheduled and its build is not running already.
+
+        A placed, failed or deleted instance is left as it is: a repeated
+        `server_create` must not build again what went to error.
+        """
+        if (
+            instance.cell is not None
+            or not waiting_to_be_scheduled(instance)
+            or instance.uuid in self._running
+        ):
             return
         task = asyncio.create_task(self._build(instance, dict(hints or {})))
         self._running[instance.uuid] = task
@@ -248,7 +305,25 @@ class TopBuilds:
             return
         except InvalidRequest:
             return  # deleted while it waited for a cell
-        await self.db.write(store.index_put, taken)
+        if await self.db.write(store.index_put, taken):
+            return
+        held = await self.db.read(store.get, instance.uuid)
+        if held is not None and held.cell == taken.cell:
+            return  # the cell's own newer record came up first
+        # Deleted (or placed elsewhere) while this placement was in flight: the
+        # index keeps what it holds, and the copy in taken.cell must go.
+        assert taken.cell is not None
+        await self._delete_orphan(taken.uuid, taken.cell)
+
+    async def _delete_orphan(self, uuid: str, cell: str) -> None:
+        logs.event(log, logging.WARNING, "build.orphan", uuid=uuid, cell=cell)
+        body = {"uuid": uuid, "action": "delete", "request_id": orphan_request_id(uuid)}
+        try:
+            answer = (await self.placer.node.call("instance_action", body, target=cell)).unwrap()
+            record = answer.get("instance") if isinstance(answer, dict) else None
+            await self.db.write(store.index_put, Instance.from_wire(record))
+        except WireError as exc:  # the cell's own delete record comes up through its outbox
+            logs.event(log, logging.WARNING, "build.orphan_failed", uuid=uuid, code=exc.code)
 
     async def close(self) -> None:
         for task in list(self._running.values()):

@@ -71,7 +71,9 @@ class ComputeHandlers:
             raise SchemaError("build: the instance must be building and waiting to be scheduled")
         request_id = check_request_id(call.args["request_id"])
         hints = check_hints(call.args["hints"] or {})
-        taken = await self.placer.place(instance, hints, request_id, call.cell, plan=[0.0])
+        taken = await self.placer.place(
+            instance, hints, request_id, call.cell, plan=[0.0], deadline=call.deadline
+        )
         return {"instance": taken.to_wire()}
 
     async def instance_action(self, call: Call) -> dict[str, Any]:

@@ -8,9 +8,19 @@ Rules kept here (DESIGN.md §5, §8):
   alone may pass scheduler hints, manage flavors, list hosts and resync.
 * `server_create` answers at once: the instances are written to the index
   (one transaction, idempotent by request id) and built in the background.
+* A client's request id is its own: the top logs it, and sends it down,
+  scoped to the client (and, for an action, to the server), so one client
+  can neither replay another's answer nor have a cell answer it about
+  another server.
 * Actions go to the cell recorded for the server. A delete of a server whose
-  cell is not known yet goes down as a broadcast ("delete everywhere"); if
-  no cell holds it, the top records the delete itself.
+  cell is not known yet goes down as a broadcast ("delete everywhere"); only
+  when every cell answered and none holds it does the top record the delete
+  itself. If a cell did not answer, nothing is recorded and the client is
+  told to try again: that cell may hold the server. Deleting a server the
+  top deleted itself answers its record again; there is nothing left to do.
+* A handler that asks other cells gives them the time its request has left,
+  less a margin, so a silent cell becomes a partial result, not a timeout of
+  the whole request.
 * A compute cell answers `server_list` and `server_show` from its own full
   records, so an operator can compare a cell with the top; it creates and
   acts on nothing for clients.
@@ -18,18 +28,20 @@ Rules kept here (DESIGN.md §5, §8):
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid as uuid_module
 from collections.abc import Callable
 from typing import Any
 
-from zcells.builds import TopBuilds, check_hints
+from zcells.builds import TopBuilds, check_hints, time_left_s
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
 from zcells.db import registry
 from zcells.dbrunner import DbRunner
 from zcells.errors import (
     AlreadyExists,
+    CellUnreachable,
     Conflict,
     Forbidden,
     InvalidRequest,
@@ -42,6 +54,7 @@ from zcells.instances import (
     STATUSES,
     Action,
     Instance,
+    VmState,
     begin,
     finish,
     new_instance,
@@ -152,14 +165,14 @@ class ServerHandlers:
     async def server_create(self, call: Call) -> dict[str, Any]:
         self._require_top(call)
         args = call.args
-        hints = check_hints(args["hints"] or {})
-        if hints and _role(call) != "admin":
+        if args["hints"] and _role(call) != "admin":
             raise Forbidden("only an admin may pass scheduler hints", call.cell)
+        hints = check_hints(args["hints"] or {})
         count = args["count"]
         if not 0 < count <= MAX_COUNT:
             raise InvalidRequest(f"count must be 1 to {MAX_COUNT}")
         flavor = await self._flavor(args["flavor"])
-        request_id = check_request_id(args["request_id"] or _context_request_id(call))
+        request_id = _request_id(call, args["request_id"])
         now = self._clock()
         try:
             wanted = [
@@ -200,34 +213,72 @@ class ServerHandlers:
         action = check_action(call.args["action"])
         uuid = call.args["uuid"]
         held = _visible(call, await self.db.read(store.get, uuid), uuid)
-        request_id = check_request_id(call.args["request_id"] or _context_request_id(call))
+        request_id = _request_id(call, call.args["request_id"], uuid)
         if held.cell is None:
             if action is not Action.DELETE:
-                raise Conflict(f"server {uuid} has no cell yet: it is still being scheduled")
-            return await self._delete_everywhere(held, request_id)
+                state = (
+                    "still being scheduled"
+                    if held.vm_state is VmState.BUILDING
+                    else f"{held.vm_state.value} and in no cell"
+                )
+                raise Conflict(f"cannot {action.value} server {uuid}: it is {state}", call.cell)
+            gone = await self._delete_everywhere(held, request_id, call.deadline)
+            if gone is not None:
+                return gone
+            # Placed while the cells were asked: delete it where it is now.
+            held = _visible(call, await self.db.read(store.get, uuid), uuid)
+            if held.cell is None:
+                raise Conflict(f"server {uuid} changed while it was deleted: try again", call.cell)
         body = {"uuid": uuid, "action": action.value, "request_id": request_id}
-        answer = (await self.node.call("instance_action", body, target=held.cell)).unwrap()
+        timeout_s = time_left_s(self.node, call.deadline)
+        answer = (
+            await self.node.call("instance_action", body, target=held.cell, timeout_s=timeout_s)
+        ).unwrap()
         changed = Instance.from_wire(answer.get("instance") if isinstance(answer, dict) else None)
         if changed.uuid != uuid or changed.cell != held.cell:
             raise InvalidRequest(f"{held.cell} answered for another instance", call.cell)
         await self.db.write(store.index_put, changed)
         return changed.view()
 
-    async def _delete_everywhere(self, held: Instance, request_id: str) -> dict[str, Any]:
+    async def _delete_everywhere(
+        self, held: Instance, request_id: str, deadline: float
+    ) -> dict[str, Any] | None:
+        """Delete a server the top holds in no cell: wherever it is, or here if nowhere.
+
+        None if the index took a cell for it meanwhile, so nothing was recorded here.
+        """
+        if held.deleted:  # the top deleted it itself before: nothing is left to do
+            return held.view()
         body = {"uuid": held.uuid, "request_id": request_id}
-        for result in await self.node.broadcast("instance_delete", body):
+        timeout_s = time_left_s(self.node, deadline)
+        silent: list[str] = []
+        for result in await self.node.broadcast("instance_delete", body, timeout_s=timeout_s):
             value = result.value if result.outcome is Outcome.OK else None
-            if not isinstance(value, dict) or not value.get("found"):
+            if result.error is not None and result.error.code == Conflict.code:
+                raise result.error  # the cell holds it and refused: say why
+            if not isinstance(value, dict) or type(value.get("found")) is not bool:
+                silent.append(result.cell)
+                continue
+            if not value["found"]:
                 continue
             changed = Instance.from_wire(value.get("instance"))
             if changed.uuid == held.uuid and changed.cell and is_below(changed.cell, result.cell):
                 await self.db.write(store.index_put, changed)
                 return changed.view()
-        # No cell holds it: the top records the delete itself.
+            silent.append(result.cell)
+        if silent:
+            raise CellUnreachable(
+                f"server {held.uuid} is in no cell the top knows of, and "
+                f"{', '.join(sorted(silent)[:10])} did not say whether it holds it: "
+                "nothing was deleted; try again"
+            )
+        # Every cell answered and none holds it: the top records the delete itself.
         now = self._clock()
         gone = finish(begin(held, Action.DELETE, now), now)
-        await self.db.write(store.index_put, gone)
-        return gone.view()
+        if not await self.db.write(store.index_put, gone):
+            return None
+        stored = await self.db.read(store.get, held.uuid)
+        return (stored or gone).view()  # as stored: a repeat answers the same
 
     # -- flavors, hosts, resync -----------------------------------------------------------
 
@@ -254,7 +305,8 @@ class ServerHandlers:
         if self.builds.placer.driver is not None:
             own = await self.db.read(hosts_store.list_hosts)
             hosts += [{"cell": call.cell, **host.as_dict()} for host in own]
-        for result in await self.node.broadcast("hosts", {}):
+        timeout_s = time_left_s(self.node, call.deadline)
+        for result in await self.node.broadcast("hosts", {}, timeout_s=timeout_s):
             if result.outcome is Outcome.OK and isinstance(result.value, dict):
                 hosts += [{"cell": result.cell, **h} for h in result.value.get("hosts", [])]
             else:
@@ -271,7 +323,8 @@ class ServerHandlers:
         target = call.args["cell"]
         if target == call.cell:
             raise InvalidRequest("name a cell below the API cell to resync", call.cell)
-        answer = (await self.node.call("resync", {}, target=target)).unwrap()
+        timeout_s = time_left_s(self.node, call.deadline)
+        answer = (await self.node.call("resync", {}, target=target, timeout_s=timeout_s)).unwrap()
         return {"cell": target, "result": answer}
 
     def methods(self) -> list[Method]:
@@ -353,3 +406,15 @@ class ServerHandlers:
 
 def _context_request_id(call: Call) -> str:
     return call.context.request_id if call.context is not None else str(uuid_module.uuid4())
+
+
+def _request_id(call: Call, given: str | None, *about: str) -> str:
+    """The id a client's request is logged and sent down under: scoped to the client.
+
+    The client's own id (or, without one, the id of its message) is hashed
+    with the client's name and what the request is about, so that the same
+    id from another client, or for another server, is another request.
+    """
+    raw = check_request_id(given or _context_request_id(call))
+    scope = "\0".join((_client(call), *about, raw)).encode()
+    return "c-" + hashlib.blake2b(scope, digest_size=16).hexdigest()
