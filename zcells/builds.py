@@ -325,6 +325,10 @@ class TopBuilds:
         except WireError as exc:  # the cell's own delete record comes up through its outbox
             logs.event(log, logging.WARNING, "build.orphan_failed", uuid=uuid, code=exc.code)
 
+    def statistics(self) -> dict[str, int]:
+        """Builds running in the background now."""
+        return {"running": len(self._running)}
+
     async def close(self) -> None:
         for task in list(self._running.values()):
             task.cancel()

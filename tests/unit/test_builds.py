@@ -1,0 +1,189 @@
+"""Build routing against a scripted node and a real database: refusals, deadlines, repeats."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+
+import pytest
+from zcells.db import instances as store
+from zcells.db.engine import Database
+
+from tests.fakes import run
+from tests.unit.scripted_node import ScriptedNode, instance, ok, runner, uuids
+from zcells.builds import Placer, TopBuilds, orphan_request_id, time_left_s
+from zcells.cellsched import RandomCellScheduler
+from zcells.dbrunner import DbRunner
+from zcells.errors import NoCellsAvailable, NoValidHost
+from zcells.instances import Action, Fault, VmState, begin, failed, finish, placed
+from zcells.messages import CellResult, Outcome
+
+UUID = next(iter(uuids(1)))
+
+
+@pytest.fixture
+def db(synced: Database) -> Iterator[DbRunner]:
+    runs = runner(synced)
+    yield runs
+    runs.close()
+
+
+def placer(node: ScriptedNode, db: DbRunner) -> Placer:
+    return Placer(node.as_node(), db, RandomCellScheduler(random.Random(1)), None, lambda: None)
+
+
+def refusal(cell: str, error: Exception) -> CellResult:
+    assert isinstance(error, NoValidHost | NoCellsAvailable)
+    return CellResult(cell, Outcome.ERROR, error=error)
+
+
+def test_time_left_keeps_a_margin_and_never_goes_below_zero() -> None:
+    node = ScriptedNode(now=100.0).as_node()
+    assert time_left_s(node, None) is None
+    assert time_left_s(node, 105.0) == pytest.approx(4.5)
+    assert time_left_s(node, 100.5) == pytest.approx(0.45)
+    assert time_left_s(node, 99.0) == 0.0
+
+
+def test_a_cell_with_no_hosts_and_no_children_has_no_valid_host(db: DbRunner) -> None:
+    node = ScriptedNode(here="api!c2")
+    with pytest.raises(NoValidHost) as info:
+        run(placer(node, db).place(instance(UUID), {}, "build-1", "api!c2", plan=[0.0]))
+    assert "no hosts and no cells below it" in info.value.message
+    assert info.value.cell == "api!c2" and node.sent == []
+
+
+def test_a_target_hint_matching_no_cell_is_no_cell_available(db: DbRunner) -> None:
+    node = ScriptedNode(children=("c1",))
+    with pytest.raises(NoCellsAvailable) as info:
+        hints = {"target_cell": "api!c9"}
+        run(placer(node, db).place(instance(UUID), hints, "build-1", "api", plan=[0.0]))
+    assert "api!c9" in info.value.message and node.sent == []
+
+
+def test_children_that_cannot_be_tried_are_no_cell_available(db: DbRunner) -> None:
+    node = ScriptedNode(children=("c1",), disabled={"c1"})
+    with pytest.raises(NoCellsAvailable) as info:
+        run(placer(node, db).place(instance(UUID), {}, "build-1", "api", plan=[0.0]))
+    assert "no enabled, reachable cell" in info.value.message
+
+
+def test_every_child_without_a_host_makes_no_valid_host_naming_each(db: DbRunner) -> None:
+    node = ScriptedNode(children=("c1", "c2"))
+    for name in node.children:
+        error = NoValidHost(f"no valid host in api!{name}: 2 hosts, 2 short of RAM", f"api!{name}")
+        node.calls[("build", f"api!{name}")] = refusal(f"api!{name}", error)
+    with pytest.raises(NoValidHost) as info:
+        run(placer(node, db).place(instance(UUID), {}, "build-1", "api", plan=[0.0, 0.0]))
+    assert "after 4 attempts" in info.value.message
+    assert "c1: no valid host in api!c1" in info.value.message
+    assert "c2: no valid host in api!c2" in info.value.message
+
+
+def test_a_call_to_a_child_gets_the_time_the_request_has_left(db: DbRunner) -> None:
+    node = ScriptedNode(here="api!c1", children=("g1",), now=50.0)
+    taken = placed(instance(UUID), "api!c1!g1", "h001", 51.0)
+    node.calls[("build", "api!c1!g1")] = ok("api!c1!g1", {"instance": taken.to_wire()})
+    got = run(
+        placer(node, db).place(instance(UUID), {}, "b-1", "api!c1", plan=[0.0], deadline=54.0)
+    )
+    assert got == taken
+    [sent] = node.sent
+    assert sent.timeout_s == pytest.approx(3.6)  # 4 s left, less a tenth
+    assert sent.body["request_id"] == "b-1"
+
+
+def _top_builds(node: ScriptedNode, db: DbRunner) -> TopBuilds:
+    return TopBuilds(placer(node, db), db, retries=0, retry_delay_s=0.0)
+
+
+async def _drained(builds: TopBuilds) -> None:
+    async with asyncio.timeout(5):
+        while builds.statistics()["running"]:
+            await asyncio.sleep(0)
+
+
+def test_a_build_is_started_only_for_an_instance_waiting_to_be_scheduled(db: DbRunner) -> None:
+    node = ScriptedNode(children=("c1",))
+    node.calls[("build", "api!c1")] = refusal("api!c1", NoValidHost("full", "api!c1"))
+    waiting = instance(UUID)
+    in_error = failed(waiting, Fault("E_NO_VALID_HOST", "full", "api"), 2.0)
+    deleted = finish(begin(waiting, Action.DELETE, 2.0), 2.0)
+
+    async def main() -> None:
+        builds = _top_builds(node, db)
+        for record in (in_error, deleted, placed(waiting, "api!c1", "h001", 2.0)):
+            builds.start(record)
+            assert builds.statistics()["running"] == 0
+        await db.write(store.index_create, [waiting], "create-1")
+        builds.start(waiting)
+        builds.start(waiting)  # running already: not twice
+        assert builds.statistics()["running"] == 1
+        await _drained(builds)
+        assert [s.method for s in node.sent] == ["build"]
+        held = await db.read(store.get, UUID)
+        assert held is not None and held.vm_state is VmState.ERROR
+        assert held.fault is not None and held.fault.code == NoValidHost.code
+
+    run(main())
+
+
+def test_a_placement_that_lands_after_the_top_deleted_the_instance_is_deleted(
+    db: DbRunner,
+) -> None:
+    node = ScriptedNode(children=("c1",))
+    waiting = instance(UUID)
+    taken = placed(waiting, "api!c1", "h001", 2.0)
+    deleting = begin(taken, Action.DELETE, 3.0)
+
+    async def main() -> None:
+        await db.write(store.index_create, [waiting], "create-1")
+        tombstone = finish(begin(waiting, Action.DELETE, 2.0), 2.0)
+
+        async def build(body: dict[str, object]) -> CellResult:
+            # The top records its own delete while the child is placing the instance.
+            assert await db.write(store.index_put, tombstone)
+            return ok("api!c1", {"instance": taken.to_wire()})
+
+        node.calls[("build", "api!c1")] = build
+        node.calls[("instance_action", "api!c1")] = ok("api!c1", {"instance": deleting.to_wire()})
+        builds = _top_builds(node, db)
+        builds.start(waiting)
+        await _drained(builds)
+        assert [(s.method, s.target) for s in node.sent] == [
+            ("build", "api!c1"),
+            ("instance_action", "api!c1"),
+        ]
+        assert node.sent[1].body == {
+            "uuid": UUID,
+            "action": "delete",
+            "request_id": orphan_request_id(UUID),
+        }
+        held = await db.read(store.get, UUID)
+        assert held is not None and held.deleted
+
+    run(main())
+
+
+def test_a_placement_the_index_already_holds_newer_is_left_alone(db: DbRunner) -> None:
+    node = ScriptedNode(children=("c1",))
+    waiting = instance(UUID)
+    taken = placed(waiting, "api!c1", "h001", 2.0)
+    active = finish(taken, 3.0)
+
+    async def main() -> None:
+        await db.write(store.index_create, [waiting], "create-1")
+
+        async def build(body: dict[str, object]) -> CellResult:
+            assert await db.write(store.index_put, active)  # the outbox came up first
+            return ok("api!c1", {"instance": taken.to_wire()})
+
+        node.calls[("build", "api!c1")] = build
+        builds = _top_builds(node, db)
+        builds.start(waiting)
+        await _drained(builds)
+        assert [s.method for s in node.sent] == ["build"]
+        assert await db.read(store.get, UUID) == active
+
+    run(main())
