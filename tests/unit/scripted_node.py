@@ -113,6 +113,20 @@ def client_call(
     )
 
 
+def parent_call(method: str, args: dict[str, Any], *, cell: str = "api!c1") -> Call:
+    """A request from this cell's parent, as the dispatcher hands it to a handler."""
+    parent = cell.rsplit("!", 1)[0]
+    return Call(
+        method=method,
+        args=args,
+        sender=Peer(Role.PARENT, parent.rsplit("!", 1)[-1]),
+        caller="parent",
+        context=None,
+        cell=cell,
+        deadline=1010.0,
+    )
+
+
 def instance(uuid: str, project: str = "ops", **changes: Any) -> Instance:
     made = new_instance(
         uuid=uuid,

@@ -17,7 +17,14 @@ from tests.unit.scripted_node import ScriptedNode, client_call, instance, ok, ru
 from zcells.builds import Placer, TopBuilds
 from zcells.cellsched import RandomCellScheduler
 from zcells.dbrunner import DbRunner
-from zcells.errors import CellUnreachable, Conflict, Forbidden, InternalError, NotFoundRemote
+from zcells.errors import (
+    CellUnreachable,
+    Conflict,
+    Forbidden,
+    InternalError,
+    InvalidRequest,
+    NotFoundRemote,
+)
 from zcells.handlers.servers import ServerHandlers
 from zcells.instances import Action, VmState, begin, placed
 from zcells.messages import CellResult, Outcome
@@ -251,3 +258,33 @@ def test_a_member_may_not_pass_scheduler_hints(db: DbRunner, hints: dict[str, An
     with pytest.raises(Forbidden):
         run(front_door(ScriptedNode(), db).server_create(call))
     assert run(db.read(store.list_instances)) == []
+
+
+# -- host_list ------------------------------------------------------------------------------
+
+
+def test_host_list_keeps_what_each_cell_said_and_names_the_cells_itself(db: DbRunner) -> None:
+    node = ScriptedNode(children=("c1", "c2", "c3", "c4"))
+    row = {"name": "h001", "enabled": True, "memory_mb": 1024, "memory_mb_used": 512}
+    node.broadcasts["hosts"] = (
+        ok("api!c1", {"hosts": [{**row, "cell": "api!c4"}]}),  # a cell speaks for its own only
+        ok("api!c2", {"hosts": [{"enabled": True}]}),
+        CellResult("api!c3", Outcome.TIMED_OUT),
+        ok("api!c4", {"hosts": []}),
+    )
+    door = front_door(node, db)
+
+    async def main() -> None:
+        listed = await door.host_list(client_call("host_list", {"cell": None}))
+        assert listed["hosts"] == [{**row, "cell": "api!c1"}]
+        assert listed["errors"] == [
+            {"cell": "api!c2", "error": "E_SCHEMA"},
+            {"cell": "api!c3", "error": "E_TIMEOUT"},
+        ]
+        assert node.sent[0].timeout_s is not None and node.sent[0].timeout_s < 10.0
+        part = await door.host_list(client_call("host_list", {"cell": "api!c3"}))
+        assert part == {"hosts": [], "errors": [{"cell": "api!c3", "error": "E_TIMEOUT"}]}
+        with pytest.raises(InvalidRequest):
+            await door.host_list(client_call("host_list", {"cell": "elsewhere!c1"}))
+
+    run(main())

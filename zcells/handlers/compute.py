@@ -10,7 +10,8 @@ Rules kept here:
   driver finishes both later, each finish with its own outbox row.
 * Actions reach the cell that owns the instance by its full path; the
   broadcast `instance_delete` is for an instance whose cell the top does not
-  know yet ("delete everywhere"), and a cell without it says so.
+  know yet ("delete everywhere"), and a cell without it says so. A cell
+  that deleted it already says where it is, with its record.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from zcells.compute import FakeDriver
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
 from zcells.dbrunner import DbRunner
-from zcells.errors import InvalidRequest, SchemaError
+from zcells.errors import Conflict, InvalidRequest, SchemaError
 from zcells.instances import Action, Instance, TaskState, VmState, begin
 from zcells.messages import Kind
 from zcells.methods import Call, Method, Param
@@ -84,12 +85,22 @@ class ComputeHandlers:
         return {"instance": changed.to_wire()}
 
     async def instance_delete(self, call: Call) -> dict[str, Any]:
-        """Delete everywhere: start the delete here if this cell holds the instance."""
+        """Delete everywhere: start the delete here if this cell holds the instance.
+
+        An instance this cell has deleted already is found, with its record:
+        the top, which holds it in no cell, learns where it went.
+        """
         request_id = check_request_id(call.args["request_id"])
         held = await self.db.read(store.get, call.args["uuid"])
         if held is None:
             return {"found": False, "instance": None}
-        changed = await self._begin(held.uuid, Action.DELETE, request_id)
+        try:
+            changed = await self._begin(held.uuid, Action.DELETE, request_id)
+        except Conflict:
+            now_held = await self.db.read(store.get, held.uuid)
+            if now_held is None or not now_held.deleted:
+                raise
+            changed = now_held
         return {"found": True, "instance": changed.to_wire()}
 
     async def _begin(self, uuid: str, action: Action, request_id: str) -> Instance:

@@ -32,7 +32,7 @@ import hashlib
 import time
 import uuid as uuid_module
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 from zcells.builds import TopBuilds, check_hints, time_left_s
 from zcells.db import hosts as hosts_store
@@ -41,11 +41,13 @@ from zcells.db import registry
 from zcells.dbrunner import DbRunner
 from zcells.errors import (
     AlreadyExists,
+    CallTimeout,
     CellUnreachable,
     Conflict,
     Forbidden,
     InvalidRequest,
     NotFoundRemote,
+    SchemaError,
     UsageError,
     WireError,
 )
@@ -300,6 +302,8 @@ class ServerHandlers:
     async def host_list(self, call: Call) -> dict[str, Any]:
         """Every host of the tree below this cell (or of one subtree), gathered by broadcast."""
         wanted = call.args["cell"]
+        if wanted is not None and not is_below(wanted, call.cell):
+            raise InvalidRequest(f"{wanted[:200]} is not {call.cell} or below it", call.cell)
         hosts: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
         if self.builds.placer.driver is not None:
@@ -307,10 +311,14 @@ class ServerHandlers:
             hosts += [{"cell": call.cell, **host.as_dict()} for host in own]
         timeout_s = time_left_s(self.node, call.deadline)
         for result in await self.node.broadcast("hosts", {}, timeout_s=timeout_s):
-            if result.outcome is Outcome.OK and isinstance(result.value, dict):
-                hosts += [{"cell": result.cell, **h} for h in result.value.get("hosts", [])]
+            rows = result.value.get("hosts") if isinstance(result.value, dict) else None
+            if result.outcome is Outcome.OK and _host_rows(rows):
+                # The cell that answered names the hosts' cell, whatever the rows say.
+                hosts += [{**h, "cell": result.cell} for h in rows]
+            elif result.outcome is Outcome.OK:
+                errors.append({"cell": result.cell, "error": SchemaError.code})
             else:
-                code = result.error.code if result.error is not None else "E_TIMEOUT"
+                code = result.error.code if result.error is not None else CallTimeout.code
                 errors.append({"cell": result.cell, "error": code})
         if wanted is not None:
             hosts = [h for h in hosts if is_below(h["cell"], wanted)]
@@ -402,6 +410,13 @@ class ServerHandlers:
                 params={"cell": Param(str)},
             ),
         ]
+
+
+def _host_rows(rows: Any) -> TypeGuard[list[dict[str, Any]]]:
+    """Whether a cell's `hosts` answer is a list of host rows, each named."""
+    return type(rows) is list and all(
+        type(row) is dict and type(row.get("name")) is str for row in rows
+    )
 
 
 def _context_request_id(call: Call) -> str:
