@@ -426,6 +426,23 @@ def test_cell_sync_requeues_a_subtree_and_the_index_still_agrees(tree: CellTree)
     run(main(), timeout_s=90)
 
 
+def test_cell_sync_keeps_the_answers_of_a_subtree_with_a_frozen_cell(tree: CellTree) -> None:
+    async def main() -> None:
+        async with tree.client(timeout_s=30) as ops:
+            await until(lambda: tree_is_whole(ops), 30, "the tree to be whole")
+            own_c1 = await held_by_cells(tree, ["c1"])
+            tree.signal("g1", signal.SIGSTOP)
+            try:
+                synced = await answer(ops, "cell_sync", {"cell": "api!c1"})
+            finally:
+                tree.signal("g1", signal.SIGCONT)
+            assert synced["result"]["requeued"] == len(own_c1)
+            assert synced["result"]["children"]["g1"]["error"] == "E_TIMEOUT"
+            await until(lambda: tree_is_whole(ops), 30, "the tree to be whole again")
+
+    run(main(), timeout_s=90)
+
+
 # -- 7. delete everywhere, with a cell that does not answer -----------------------------------
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zcells import logs
+from zcells.builds import time_left_s
 from zcells.db import instances as store
 from zcells.dbrunner import DbRunner
 from zcells.errors import SchemaError, WireError
@@ -94,7 +95,9 @@ class StateHandlers:
         """Queue every instance of this cell and of its subtree for the parents again."""
         count = await self.db.write(store.requeue, None)
         self._changed()
-        children = await resync_children(self.node, call.cell)
+        children = await resync_children(
+            self.node, call.cell, time_left_s(self.node, call.deadline)
+        )
         return {"requeued": count, "children": children}
 
     async def _delete_orphan(self, uuid: str, cell: str) -> None:
@@ -125,14 +128,22 @@ class StateHandlers:
         ]
 
 
-async def resync_children(node: Node, here: str | None = None) -> dict[str, Any]:
-    """Ask each child to resync its subtree; what each said (or its error)."""
+async def resync_children(
+    node: Node, here: str | None = None, timeout_s: float | None = None
+) -> dict[str, Any]:
+    """Ask each child to resync its subtree; what each said (or its error).
+
+    `timeout_s` bounds each call, so one silent child costs its own answer
+    and not the whole request's.
+    """
     here = here or node.view.home_path()
     names = sorted(node.view.children)
 
     async def ask(name: str) -> Any:
         try:
-            return (await node.call("resync", {}, target=f"{here}!{name}")).unwrap()
+            return (
+                await node.call("resync", {}, target=f"{here}!{name}", timeout_s=timeout_s)
+            ).unwrap()
         except WireError as exc:
             return {"error": exc.code, "message": exc.message}
 
