@@ -9,54 +9,18 @@ must end up equal to what the owning cells hold.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.fakes import run
-from zcells.client import CellClient
+from tests.integration.trees import index_agrees_with_cells, servers, until
 from zcells.devtree import CellTree, running_tree
 from zcells.errors import NotFoundRemote
 
 TREE = {"api": {"c1": {"g1": {}}, "c2": {}}}
 COMPUTE = {"c1": "api!c1", "g1": "api!c1!g1", "c2": "api!c2"}
-
-
-async def until(check: Callable[[], Awaitable[Any]], timeout_s: float, what: str) -> Any:
-    """Call `check` until it returns something true; bounded by `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last: {str(last)[:2000]}")
-
-
-async def servers(client: CellClient, **filters: Any) -> list[dict[str, Any]]:
-    """Every server the connected cell holds, page by page."""
-    found: list[dict[str, Any]] = []
-    marker = None
-    for _ in range(1000):
-        body = {"all_projects": True, "limit": 100}
-        body.update((k, v) for k, v in filters.items() if v is not None)
-        if marker is not None:
-            body["marker"] = marker
-        page = (await client.call("server_list", body)).unwrap()
-        found += page["servers"]
-        marker = page["next_marker"]
-        if marker is None:
-            return found
-    raise AssertionError("server_list never ended")
-
-
-def summary(rows: list[dict[str, Any]]) -> dict[str, tuple[str, str | None, str | None, int]]:
-    return {r["uuid"]: (r["status"], r["cell"], r["host"], r["version"]) for r in rows}
 
 
 @pytest.fixture
@@ -112,21 +76,12 @@ def test_servers_build_act_and_agree_with_their_cells(tree: CellTree) -> None:
 
             await until(settled, 60, "actions to finish and reach the top")
 
-            top = summary(await servers(client) + await servers(client, status="DELETED"))
-
-            async def cells_agree() -> bool:
-                held: dict[str, Any] = {}
-                for name in COMPUTE:
-                    async with tree.client(name, timeout_s=30) as cell_client:
-                        own = await servers(cell_client)
-                        own += await servers(cell_client, status="DELETED")
-                        held.update(summary(own))
-                return held == summary(
-                    await servers(client) + await servers(client, status="DELETED")
-                )
-
-            await until(cells_agree, 30, "the index to equal the cells' own records")
-            assert len(top) == 200
+            index, _ = await until(
+                lambda: index_agrees_with_cells(client, tree, COMPUTE),
+                30,
+                "the index to equal the cells' own records",
+            )
+            assert len(index) == 200
 
             with pytest.raises(NotFoundRemote):
                 missing = {"uuid": "00000000-0000-4000-8000-000000000000"}
