@@ -81,24 +81,11 @@ def cell_sync(
     )
     if json_output:
         print_json(answer)
-    failed = False
-    for cell, said in _per_cell(str(answer["cell"]), answer["result"]):
-        if "error" in said:
-            failed = True
-            note(f"zcells: error: cell {cell} did not resync: {said['error']}: {said['message']}")
-        elif not json_output:
-            print(f"{cell}: requeued {said['requeued']}")
-    if failed:
+    for cell, count in sorted(answer.get("cells", {}).items()):
+        if not json_output:
+            print(f"{cell}: requeued {count}")
+    errors = answer.get("errors", {})
+    for cell, error in sorted(errors.items()):
+        note(f"zcells: error: cell {cell} did not resync: {error['code']}: {error['message']}")
+    if errors:
         sys.exit(1)
-
-
-def _per_cell(path: str, said: Any) -> list[tuple[str, dict[str, Any]]]:
-    """A resync answer, nested by child, as one (cell path, its answer) row per cell."""
-    if not isinstance(said, dict):
-        return [(path, {"error": "E_SCHEMA", "message": "the cell's answer is not a map"})]
-    rows = [(path, said)]
-    children = said.get("children")
-    if isinstance(children, dict):
-        for name, child in sorted(children.items()):
-            rows += _per_cell(f"{path}!{name}", child)
-    return rows

@@ -45,6 +45,7 @@ from sqlalchemy import (
     Connection,
     Row,
     and_,
+    case,
     delete,
     false,
     func,
@@ -333,6 +334,26 @@ def last_seq(db: Database) -> int:
             select(_counters.c.value).where(_counters.c.name == _OUTBOX_COUNTER)
         )
     return 0 if value is None else int(value)
+
+
+def skip_seq(db: Database, past: int) -> int:
+    """Move the outbox counter past `past` if it is behind; the counter's value after.
+
+    For a cell whose database is older than what a parent has applied (restored
+    from a backup, or made anew): its next rows must not reuse sequence numbers
+    the parent has taken already, or the parent would skip them as seen.
+    """
+    with db.write() as session:
+        conn = session.connection()
+        upsert = dialect_insert(conn, _counters).values(name=_OUTBOX_COUNTER, value=past)
+        return int(
+            conn.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=[_counters.c.name],
+                    set_={"value": case((_counters.c.value < past, past), else_=_counters.c.value)},
+                ).returning(_counters.c.value)
+            ).scalar_one()
+        )
 
 
 # -- parent side --------------------------------------------------------------------------

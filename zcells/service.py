@@ -45,7 +45,7 @@ from zcells.records import Client, Neighbour
 from zcells.sockets.keys import KeyPair, check_environment, generate_keypair, load_keypair
 from zcells.sockets.transport import ZmqTransport
 from zcells.transport import Identity
-from zcells.upstream import Upstream
+from zcells.upstream import BATCH_BYTES, Upstream
 
 log = logs.get_logger("service")
 
@@ -233,7 +233,12 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
     driver = FakeDriver(runner, config.compute.fake_build_s, changed) if has_hosts else None
     placer = Placer(node, runner, RandomCellScheduler(random.Random()), driver, changed)  # noqa: S311 (placement, not secrets)
     state = StateHandlers(node, runner, applies=top, changed=changed)
-    upstream = Upstream(node, runner, resync_children=lambda: resync_children(node))
+    upstream = Upstream(
+        node,
+        runner,
+        resync_children=lambda: resync_children(node),
+        batch_bytes=min(BATCH_BYTES, config.transport.max_message_bytes // 2),
+    )
     builds = TopBuilds(
         placer,
         runner,

@@ -10,7 +10,8 @@ Rules kept here (DESIGN.md §4):
   it. The parent applies a batch and records the sequence in one
   transaction, so a crash of either side at any point loses nothing and
   applies nothing twice.
-* One batch in flight per parent, in sequence order.
+* One batch in flight per parent, in sequence order, bounded in rows and in
+  bytes so it always fits the parent's frame limit.
 * A row is trimmed only once every parent has applied it.
 * If the rows a parent needs were trimmed already (its database was restored
   from an old backup, or it is a new parent), the cell requeues the current
@@ -33,7 +34,10 @@ from zcells.node import Node
 
 log = logs.get_logger("upstream")
 
-BATCH_ROWS = 500
+BATCH_ROWS = 1000
+# Payload bytes per batch, well inside the parent's frame limit (max_message_bytes,
+# 1 MiB by default) with room for the envelope: a batch of large records is cut short.
+BATCH_BYTES = 512 * 1024
 
 
 class Upstream:
@@ -46,12 +50,14 @@ class Upstream:
         *,
         resync_children: Callable[[], Awaitable[Any]],
         batch_rows: int = BATCH_ROWS,
+        batch_bytes: int = BATCH_BYTES,
         idle_s: float = 1.0,
         retry_s: float = 1.0,
     ) -> None:
         self.node = node
         self.db = db
         self.batch_rows = batch_rows
+        self.batch_bytes = batch_bytes
         self.idle_s = idle_s
         self.retry_s = retry_s
         self._resync_children = resync_children
@@ -128,6 +134,7 @@ class Upstream:
             except TimeoutError:
                 pass
             return applied
+        rows = within_bytes(rows, self.batch_bytes)
         answer = (
             await self.node.call("updates", {"rows": [list(row) for row in rows]}, target=path)
         ).unwrap()
@@ -138,8 +145,18 @@ class Upstream:
         return new
 
     async def _check_gap(self, parent: str, applied: int) -> None:
-        """Whether rows the parent has not applied were trimmed already; if so, requeue all."""
+        """Whether rows the parent has not applied were trimmed already; if so, requeue all.
+
+        A parent that has applied more than this cell ever wrote holds a newer
+        past than this database (restored from a backup, or made anew): the
+        counter moves past it, so new rows are not taken as seen, and
+        everything is queued again.
+        """
         last = await self.db.read(store.last_seq)  # first: rows may be added meanwhile
+        if applied > last:
+            await self.db.write(store.skip_seq, applied)
+            await self._requeue_everything(parent, applied, last + 1)
+            return
         rows = await self.db.read(store.read_outbox, applied, 1)
         first = rows[0][0] if rows else last + 1
         if first > applied + 1:
@@ -163,6 +180,16 @@ class Upstream:
         if parents and parents <= self.acked.keys():
             upto = min(self.acked[name] for name in parents)
             await self.db.write(store.trim_outbox, upto)
+
+
+def within_bytes(rows: list[tuple[int, str, bytes]], limit: int) -> list[tuple[int, str, bytes]]:
+    """The leading rows whose payloads fit in `limit` bytes; always at least the first."""
+    total = 0
+    for index, (_, _, payload) in enumerate(rows):
+        total += len(payload)
+        if total > limit and index > 0:
+            return rows[:index]
+    return rows
 
 
 def _sequence(answer: Any) -> int:

@@ -277,7 +277,8 @@ def test_host_list(tree: CellTree) -> None:
 def test_cell_sync(tree: CellTree) -> None:
     answer = ok_json(zcells(tree, "cell", "sync", "api!c1", "--json"))
     assert answer["cell"] == "api!c1"
-    assert isinstance(answer["result"]["requeued"], int) and answer["result"]["children"] == {}
+    assert list(answer["cells"]) == ["api!c1"] and isinstance(answer["cells"]["api!c1"], int)
+    assert answer["errors"] == {}
     text = zcells(tree, "cell", "sync", "api!c2")
     assert text.code == 0, text.err
     assert re.fullmatch(r"api!c2: requeued \d+\n", text.out)

@@ -410,10 +410,10 @@ def test_cell_sync_requeues_a_subtree_and_the_index_still_agrees(tree: CellTree)
 
             synced = await answer(ops, "cell_sync", {"cell": "api!c1"})
             assert synced["cell"] == "api!c1"
-            assert synced["result"]["requeued"] == len(own_c1)
-            assert synced["result"]["children"]["g1"]["requeued"] == len(own_g1)
+            assert synced["cells"] == {"api!c1": len(own_c1), "api!c1!g1": len(own_g1)}
+            assert synced["errors"] == {}
             empty = await answer(ops, "cell_sync", {"cell": "api!c2"})
-            assert empty["result"]["requeued"] == 0
+            assert empty["cells"] == {"api!c2": 0}
             assert isinstance(await refused(ops, "cell_sync", {"cell": "api"}), InvalidRequest)
 
             after, _ = await until(
@@ -436,8 +436,8 @@ def test_cell_sync_keeps_the_answers_of_a_subtree_with_a_frozen_cell(tree: CellT
                 synced = await answer(ops, "cell_sync", {"cell": "api!c1"})
             finally:
                 tree.signal("g1", signal.SIGCONT)
-            assert synced["result"]["requeued"] == len(own_c1)
-            assert synced["result"]["children"]["g1"]["error"] == "E_TIMEOUT"
+            assert synced["cells"] == {"api!c1": len(own_c1)}
+            assert synced["errors"]["api!c1!g1"]["code"] == "E_TIMEOUT"
             await until(lambda: tree_is_whole(ops), 30, "the tree to be whole again")
 
     run(main(), timeout_s=90)

@@ -39,6 +39,7 @@ class Sent:
 class ScriptedNode:
     here: str = "api"
     children: tuple[str, ...] = ()
+    parents: dict[str, str] = field(default_factory=dict)  # name -> its full path
     disabled: set[str] = field(default_factory=set)
     now: float = 1000.0
     calls: dict[tuple[str, str], Answer] = field(default_factory=dict)  # (method, target)
@@ -48,6 +49,7 @@ class ScriptedNode:
     def __post_init__(self) -> None:
         self.view = SimpleNamespace(
             children={name: None for name in self.children},
+            parents=self.parents,
             home_path=lambda target=None: self.here,
         )
         self.neighbours = SimpleNamespace(disabled=self.disabled)

@@ -52,6 +52,7 @@ from zcells.errors import (
     WireError,
 )
 from zcells.handlers.compute import check_action, check_request_id
+from zcells.handlers.state import resync_subtree
 from zcells.instances import (
     STATUSES,
     Action,
@@ -331,9 +332,8 @@ class ServerHandlers:
         target = call.args["cell"]
         if target == call.cell:
             raise InvalidRequest("name a cell below the API cell to resync", call.cell)
-        timeout_s = time_left_s(self.node, call.deadline)
-        answer = (await self.node.call("resync", {}, target=target, timeout_s=timeout_s)).unwrap()
-        return {"cell": target, "result": answer}
+        resynced = await resync_subtree(self.node, target, time_left_s(self.node, call.deadline))
+        return {"cell": target, **resynced}
 
     def methods(self) -> list[Method]:
         targeted = frozenset({Kind.TARGETED})

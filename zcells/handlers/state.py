@@ -24,12 +24,16 @@ from zcells import logs
 from zcells.builds import time_left_s
 from zcells.db import instances as store
 from zcells.dbrunner import DbRunner
-from zcells.errors import SchemaError, WireError
+from zcells.errors import InvalidRequest, SchemaError, WireError
 from zcells.messages import Kind
 from zcells.methods import Call, Method, Param
 from zcells.node import Node
+from zcells.routing import is_below
 
 log = logs.get_logger("state")
+
+# A resync's answer: {"cells": {path: requeued}, "errors": {path: {"code", "message"}}}.
+Resynced = dict[str, Any]
 
 MAX_ROWS = 2000
 
@@ -92,13 +96,17 @@ class StateHandlers:
         return {"applied": result.applied_seq}
 
     async def resync(self, call: Call) -> dict[str, Any]:
-        """Queue every instance of this cell and of its subtree for the parents again."""
+        """Queue every instance of this cell and of its subtree for the parents again.
+
+        The answer is flat, one entry per cell of the subtree, so a deep tree
+        never nests it past the body depth limit.
+        """
+        if not self.node.view.parents:
+            raise InvalidRequest("a cell with no parent has nowhere to resync to", call.cell)
         count = await self.db.write(store.requeue, None)
         self._changed()
-        children = await resync_children(
-            self.node, call.cell, time_left_s(self.node, call.deadline)
-        )
-        return {"requeued": count, "children": children}
+        below = await resync_children(self.node, call.cell, time_left_s(self.node, call.deadline))
+        return {"cells": {call.cell: count, **below["cells"]}, "errors": below["errors"]}
 
     async def _delete_orphan(self, uuid: str, cell: str) -> None:
         logs.event(log, logging.WARNING, "state.orphan", uuid=uuid, cell=cell)
@@ -128,23 +136,48 @@ class StateHandlers:
         ]
 
 
+async def resync_subtree(node: Node, path: str, timeout_s: float | None) -> Resynced:
+    """Ask the cell at `path` to resync its subtree: what each cell of it requeued, or its error.
+
+    One entry per cell, flat, whatever the depth; a cell speaks for its own
+    subtree only, and anything else in its answer is dropped.
+    """
+    try:
+        said = (await node.call("resync", {}, target=path, timeout_s=timeout_s)).unwrap()
+        said = said if isinstance(said, dict) else {}
+        cells, errors = said.get("cells"), said.get("errors")
+        if not isinstance(cells, dict) or not isinstance(errors, dict):
+            raise SchemaError(f"{path} answered a resync without cells and errors")
+    except WireError as exc:
+        return {"cells": {}, "errors": {path: {"code": exc.code, "message": exc.message}}}
+    return {
+        "cells": {
+            cell: count
+            for cell, count in cells.items()
+            if isinstance(cell, str) and is_below(cell, path) and type(count) is int
+        },
+        "errors": {
+            cell: {"code": str(error.get("code")), "message": str(error.get("message"))}
+            for cell, error in errors.items()
+            if isinstance(cell, str) and is_below(cell, path) and isinstance(error, dict)
+        },
+    }
+
+
 async def resync_children(
     node: Node, here: str | None = None, timeout_s: float | None = None
-) -> dict[str, Any]:
-    """Ask each child to resync its subtree; what each said (or its error).
+) -> Resynced:
+    """Ask each child to resync its subtree; each call bounded by `timeout_s`.
 
-    `timeout_s` bounds each call, so one silent child costs its own answer
-    and not the whole request's.
+    One silent child costs its own answer, not the whole request's.
     """
     here = here or node.view.home_path()
-    names = sorted(node.view.children)
-
-    async def ask(name: str) -> Any:
-        try:
-            return (
-                await node.call("resync", {}, target=f"{here}!{name}", timeout_s=timeout_s)
-            ).unwrap()
-        except WireError as exc:
-            return {"error": exc.code, "message": exc.message}
-
-    return dict(zip(names, await asyncio.gather(*map(ask, names)), strict=True))
+    answers = await asyncio.gather(
+        *(resync_subtree(node, f"{here}!{name}", timeout_s) for name in node.view.children)
+    )
+    cells: dict[str, int] = {}
+    errors: dict[str, dict[str, str]] = {}
+    for answer in answers:
+        cells.update(answer["cells"])
+        errors.update(answer["errors"])
+    return {"cells": dict(sorted(cells.items())), "errors": dict(sorted(errors.items()))}
