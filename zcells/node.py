@@ -14,6 +14,11 @@ Rules kept here:
   duplicate-request memory, and each request's deadline.
 * Time comes from the injected clocks; the heartbeat and expiry logic never
   reads the clock itself.
+
+The module is longer than most: requests, relays, broadcasts and this cell's
+own calls share the relay and gather tables, the per-peer in-flight counts
+and the answer path, and each part is short; split apart they would reach
+into one another's state.
 """
 
 from __future__ import annotations
