@@ -33,7 +33,9 @@ Rules kept here:
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import operator
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -43,8 +45,10 @@ import msgpack  # type: ignore[import-untyped]
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Insert,
     Row,
     and_,
+    bindparam,
     case,
     delete,
     false,
@@ -54,6 +58,8 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from zcells.db.engine import Database, dialect_insert
 from zcells.db.hosts import claim, release
 from zcells.db.models import (
@@ -603,25 +609,83 @@ def _merge(conn: Connection, updates: Sequence[Instance]) -> tuple[int, int, lis
                 faulted.append(record)
             applied += 1
     if latest:
-        upsert = dialect_insert(conn, _instances)
-        newer = and_(
-            _i.version < upsert.excluded.version,
-            or_(_i.cell_name.is_(None), _i.cell_name == upsert.excluded.cell_name),
-        )
-        conn.execute(
-            upsert.on_conflict_do_update(
-                index_elements=[_i.uuid],
-                set_={
-                    column.name: upsert.excluded[column.name]
-                    for column in _instances.c
-                    if column.name not in _IMMUTABLE
-                },
-                where=newer,
-            ),
-            [_values(record) for record in latest.values()],
-        )
+        _upsert(conn, latest.values())
     _record_faults(conn, faulted)
     return applied, stale, conflicts
+
+
+def _upsert_statement(upsert: sqlite.Insert | postgresql.Insert) -> Insert:
+    """Insert records, or replace what is held if older and of the same or no cell."""
+    newer = and_(
+        _i.version < upsert.excluded.version,
+        or_(_i.cell_name.is_(None), _i.cell_name == upsert.excluded.cell_name),
+    )
+    return upsert.on_conflict_do_update(
+        index_elements=[_i.uuid],
+        set_={
+            column.name: upsert.excluded[column.name]
+            for column in _instances.c
+            if column.name not in _IMMUTABLE
+        },
+        where=newer,
+    )
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A statement compiled once for a positional driver, and how its parameters are bound."""
+
+    sql: str
+    take: Callable[[dict[str, Any]], tuple[Any, ...]]  # `_values` keys in placeholder order
+    processors: tuple[tuple[int, Callable[[Any], Any]], ...]  # placeholder, its column type's
+
+    def parameters(self, values: dict[str, Any]) -> tuple[Any, ...]:
+        row = list(self.take(values))
+        for index, process in self.processors:
+            row[index] = process(row[index])
+        return tuple(row)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_upsert(dialect: Dialect) -> _Compiled:
+    """The SQLite upsert of `_upsert_statement`, compiled for this engine's dialect."""
+    compiled = _upsert_statement(sqlite.insert(_instances)).compile(dialect=dialect)
+    names = tuple(compiled.positiontup or ())
+    if sorted(names) != sorted(_instances.c.keys()):
+        raise AssertionError(f"the index upsert binds {names}, not one value per column")
+    processors = (
+        (index, _instances.c[name].type.dialect_impl(dialect).bind_processor(dialect))
+        for index, name in enumerate(names)
+    )
+    return _Compiled(
+        sql=compiled.string,
+        take=operator.itemgetter(*names),
+        processors=tuple((index, process) for index, process in processors if process),
+    )
+
+
+def _upsert(conn: Connection, records: Iterable[Instance]) -> None:
+    """Write records into the index under `_upsert_statement`'s condition, in one executemany.
+
+    On SQLite the statement is compiled once and each row goes to the driver
+    as a tuple, bound by the column types' own processors: SQLAlchemy's own
+    per-row parameter handling took about a sixth of the time of a child's
+    batch. Other backends take the statement through SQLAlchemy, which
+    batches the rows itself.
+    """
+    rows = [_values(record) for record in records]
+    if conn.dialect.name == "sqlite":
+        statement = _compiled_upsert(conn.dialect)
+        conn.exec_driver_sql(statement.sql, [statement.parameters(row) for row in rows])
+    else:
+        conn.execute(_upsert_statement(dialect_insert(conn, _instances)), rows)
+
+
+_HELD: Final = (
+    select(_i.uuid, _i.version, _i.cell_name, _i.fault_code, _i.fault_message, _i.fault_cell)
+    .where(_i.uuid.in_(bindparam("uuids", expanding=True)))
+    .with_for_update()
+)
 
 
 def _held(
@@ -630,16 +694,11 @@ def _held(
     """Version, cell and latest fault of the instances held here (locked on PostgreSQL)."""
     held: dict[str, tuple[int, str | None, Fault | None]] = {}
     for chunk in _chunks(sorted(uuids), _IN_LIMIT):
-        rows = conn.execute(
-            select(
-                _i.uuid, _i.version, _i.cell_name, _i.fault_code, _i.fault_message, _i.fault_cell
-            )
-            .where(_i.uuid.in_(chunk))
-            .with_for_update()
+        rows = conn.execute(_HELD, {"uuids": chunk}).all()
+        held.update(
+            (uuid, (version, cell, None if code is None else Fault(code, message or "", at)))
+            for uuid, version, cell, code, message, at in rows
         )
-        for row in rows:
-            fault = _fault(row.fault_code, row.fault_message, row.fault_cell)
-            held[row.uuid] = (row.version, row.cell_name, fault)
     return held
 
 

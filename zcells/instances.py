@@ -20,8 +20,9 @@ Rules kept here:
 
 from __future__ import annotations
 
+import functools
 import math
-import uuid as uuid_module
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -178,11 +179,11 @@ class Instance:
             disk_gb=_count(raw["disk_gb"], "disk_gb"),
             vcpus=_count(raw["vcpus"], "vcpus"),
             image=_text(raw["image"], "image"),
-            vm_state=_enum(VmState, raw["vm_state"], "vm_state"),
+            vm_state=_enum(_VM_STATES, raw["vm_state"], "vm_state"),
             task_state=None
             if raw["task_state"] is None
-            else _enum(TaskState, raw["task_state"], "task_state"),
-            power_state=_enum(PowerState, raw["power_state"], "power_state"),
+            else _enum(_TASK_STATES, raw["task_state"], "task_state"),
+            power_state=_enum(_POWER_STATES, raw["power_state"], "power_state"),
             cell=None if raw["cell"] is None else _cell(raw["cell"], "cell"),
             host=None if raw["host"] is None else _text(raw["host"], "host"),
             version=_count(raw["version"], "version"),
@@ -370,13 +371,17 @@ def check_metadata(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+# `from_wire` runs these on every record a child sends up, so each is a type check plus
+# a regular expression or a table lookup; names and cell paths repeat across records
+# (projects, flavors, hosts, cells), so each distinct one is checked in full once.
+_UUID_RE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_CHECKED_NAMES: Final = 4096  # distinct names and cell paths remembered as checked
+
+
 def _uuid(value: Any) -> str:
-    if type(value) is str and len(value) == 36:
-        try:
-            if str(uuid_module.UUID(value)) == value:
-                return value
-        except ValueError:
-            pass
+    """A uuid in its canonical form: lower-case hex in groups of 8-4-4-4-12."""
+    if type(value) is str and _UUID_RE.fullmatch(value):
+        return value
     raise SchemaError("instance: field 'uuid': expected a lower-case uuid")
 
 
@@ -393,19 +398,34 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
-def _name(value: Any, what: str) -> str:
+@functools.lru_cache(maxsize=_CHECKED_NAMES)
+def _is_name(value: str) -> bool:
     try:
-        return check_name(what, value)
+        check_name("name", value)
     except ValidationError:
-        raise SchemaError(f"instance: field {what!r}: expected a name") from None
+        return False
+    return True
 
 
-def _cell(value: Any, what: str) -> str:
+@functools.lru_cache(maxsize=_CHECKED_NAMES)
+def _is_cell_path(value: str) -> bool:
     try:
         check_cell_path(value)
     except ValidationError:
-        raise SchemaError(f"instance: field {what!r}: expected a cell path") from None
-    return str(value)
+        return False
+    return True
+
+
+def _name(value: Any, what: str) -> str:
+    if type(value) is str and _is_name(value):
+        return value
+    raise SchemaError(f"instance: field {what!r}: expected a name")
+
+
+def _cell(value: Any, what: str) -> str:
+    if type(value) is str and _is_cell_path(value):
+        return value
+    raise SchemaError(f"instance: field {what!r}: expected a cell path")
 
 
 def _count(value: Any, what: str) -> int:
@@ -422,12 +442,17 @@ def _time(value: Any, what: str) -> float:
     return value
 
 
-def _enum(kind: type[Any], value: Any, what: str) -> Any:
-    try:
-        return kind(value)
-    except ValueError:
-        allowed = ", ".join(member.value for member in kind)
-        raise SchemaError(f"instance: field {what!r}: expected one of {allowed}") from None
+_VM_STATES: Final[Mapping[str, VmState]] = {state.value: state for state in VmState}
+_TASK_STATES: Final[Mapping[str, TaskState]] = {state.value: state for state in TaskState}
+_POWER_STATES: Final[Mapping[str, PowerState]] = {state.value: state for state in PowerState}
+
+
+def _enum(members: Mapping[str, Any], value: Any, what: str) -> Any:
+    """The state named `value` exactly; `members` maps each value to its enum member."""
+    member = members.get(value) if type(value) is str else None
+    if member is None:
+        raise SchemaError(f"instance: field {what!r}: expected one of {', '.join(members)}")
+    return member
 
 
 def _fault(raw: Any) -> Fault:
