@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= auto
 RUN_DIR ?= $(CURDIR)/.zcells/run
 
-.PHONY: install run test test-postgres check lint typecheck bench bench-transport clean
+.PHONY: install run test test-postgres check lint typecheck bench bench-transport bench-updates \
+	bench-builds clean
 
 install: $(STAMP)
 
@@ -45,10 +46,16 @@ typecheck: $(STAMP)
 	cd $(TYPECHECK_TREE) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
 		--cache-dir $(CURDIR)/.mypy_cache -p zcells
 
-bench: bench-transport
+bench: bench-transport bench-updates bench-builds
 
 bench-transport: $(STAMP)
 	$(BIN)/python bench/transport.py
+
+bench-updates: $(STAMP)
+	$(BIN)/python bench/updates.py
+
+bench-builds: $(STAMP)
+	$(BIN)/python bench/builds.py
 
 clean:
 	rm -rf $(VENV) .zcells .pytest_cache .mypy_cache .ruff_cache build *.egg-info

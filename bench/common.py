@@ -1,10 +1,39 @@
-"""What every benchmark shares: percentiles, printing a figure with its baseline, the JSON line."""
+"""What every benchmark shares: medians, percentiles, polling, figures with baselines, JSON."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import time
+from collections.abc import Callable
 from typing import Any
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def poll_until(
+    done: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02
+) -> float:
+    """Call `done` every `interval_s` until it is true; when that was (perf_counter).
+
+    Raises `SystemExit` naming `what` after `timeout_s`.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout_s:g}s waiting for {what}")
+        time.sleep(interval_s)
+    return time.perf_counter()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process has used so far; Linux only."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -38,7 +67,7 @@ class Report:
         higher_is_better: bool = False,
     ) -> None:
         self.figures[key] = value
-        line = f"{key:<40} {value:>12,.1f} {unit}"
+        line = f"{key:<40} {value:>12,.{1 if abs(value) >= 10 else 3}f} {unit}"
         if baseline:
             ratio = value / baseline
             self.figures[f"{key}_ratio"] = round(ratio, 3)
