@@ -54,6 +54,8 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    literal_column,
+    not_,
     or_,
     select,
     update,
@@ -597,13 +599,17 @@ def _merge(conn: Connection, updates: Sequence[Instance]) -> tuple[int, int, lis
     conflicts: list[Instance] = []
     applied = stale = 0
     for record in updates:
-        version, cell, fault = held.get(record.uuid, (-1, None, None))
-        if cell is not None and cell != record.cell:
+        version, cell, fault, gone = held.get(record.uuid, (-1, None, None, False))
+        if (cell is not None and cell != record.cell) or (
+            gone and cell is None and not record.deleted
+        ):
+            # Held under another cell, or deleted by the top before any cell was
+            # known to hold it: the copy that cell reports alive is an orphan.
             conflicts.append(record)
         elif record.version <= version:
             stale += 1
         else:
-            held[record.uuid] = (record.version, record.cell, record.fault)
+            held[record.uuid] = (record.version, record.cell, record.fault, record.deleted)
             latest[record.uuid] = record
             if record.fault is not None and record.fault != fault:
                 faulted.append(record)
@@ -616,9 +622,13 @@ def _merge(conn: Connection, updates: Sequence[Instance]) -> tuple[int, int, lis
 
 def _upsert_statement(upsert: sqlite.Insert | postgresql.Insert) -> Insert:
     """Insert records, or replace what is held if older and of the same or no cell."""
+    # A constant in the SQL, not a parameter: the compiled form binds one value per column.
+    deleted = literal_column(f"'{VmState.DELETED.value}'")
+    top_deleted = and_(_i.cell_name.is_(None), _i.vm_state == deleted)
     newer = and_(
         _i.version < upsert.excluded.version,
         or_(_i.cell_name.is_(None), _i.cell_name == upsert.excluded.cell_name),
+        or_(not_(top_deleted), upsert.excluded.vm_state == deleted),
     )
     return upsert.on_conflict_do_update(
         index_elements=[_i.uuid],
@@ -682,22 +692,43 @@ def _upsert(conn: Connection, records: Iterable[Instance]) -> None:
 
 
 _HELD: Final = (
-    select(_i.uuid, _i.version, _i.cell_name, _i.fault_code, _i.fault_message, _i.fault_cell)
+    select(
+        _i.uuid,
+        _i.version,
+        _i.cell_name,
+        _i.fault_code,
+        _i.fault_message,
+        _i.fault_cell,
+        _i.vm_state,
+    )
     .where(_i.uuid.in_(bindparam("uuids", expanding=True)))
     .with_for_update()
 )
 
 
-def _held(
-    conn: Connection, uuids: Collection[str]
-) -> dict[str, tuple[int, str | None, Fault | None]]:
-    """Version, cell and latest fault of the instances held here (locked on PostgreSQL)."""
-    held: dict[str, tuple[int, str | None, Fault | None]] = {}
+_Held = tuple[int, str | None, Fault | None, bool]
+
+
+def _held(conn: Connection, uuids: Collection[str]) -> dict[str, _Held]:
+    """Version, cell, latest fault and deletedness of the instances held here.
+
+    The rows are locked on PostgreSQL.
+    """
+    held: dict[str, _Held] = {}
+    deleted = VmState.DELETED.value
     for chunk in _chunks(sorted(uuids), _IN_LIMIT):
         rows = conn.execute(_HELD, {"uuids": chunk}).all()
         held.update(
-            (uuid, (version, cell, None if code is None else Fault(code, message or "", at)))
-            for uuid, version, cell, code, message, at in rows
+            (
+                uuid,
+                (
+                    version,
+                    cell,
+                    None if code is None else Fault(code, message or "", at),
+                    vm_state == deleted,
+                ),
+            )
+            for uuid, version, cell, code, message, at, vm_state in rows
         )
     return held
 

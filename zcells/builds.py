@@ -89,6 +89,23 @@ def orphan_request_id(uuid: str) -> str:
     return f"orphan-{uuid}"
 
 
+async def delete_orphan(node: Node, db: DbRunner, uuid: str, cell: str) -> None:
+    """Tell `cell` to delete its copy of `uuid`, which the index does not hold there.
+
+    The index takes the cell's answer if it is newer; otherwise the cell's
+    delete record comes up through its outbox. A failure is logged: the cell
+    reports the copy again, and that brings the delete again.
+    """
+    logs.event(log, logging.WARNING, "orphan.delete", uuid=uuid, cell=cell)
+    body = {"uuid": uuid, "action": "delete", "request_id": orphan_request_id(uuid)}
+    try:
+        answer = (await node.call("instance_action", body, target=cell)).unwrap()
+        record = answer.get("instance") if isinstance(answer, dict) else None
+        await db.write(store.index_put, Instance.from_wire(record))
+    except WireError as exc:
+        logs.event(log, logging.WARNING, "orphan.delete_failed", uuid=uuid, code=exc.code)
+
+
 def waiting_to_be_scheduled(instance: Instance) -> bool:
     return instance.vm_state is VmState.BUILDING and instance.task_state is TaskState.SCHEDULING
 
@@ -313,17 +330,7 @@ class TopBuilds:
         # Deleted (or placed elsewhere) while this placement was in flight: the
         # index keeps what it holds, and the copy in taken.cell must go.
         assert taken.cell is not None
-        await self._delete_orphan(taken.uuid, taken.cell)
-
-    async def _delete_orphan(self, uuid: str, cell: str) -> None:
-        logs.event(log, logging.WARNING, "build.orphan", uuid=uuid, cell=cell)
-        body = {"uuid": uuid, "action": "delete", "request_id": orphan_request_id(uuid)}
-        try:
-            answer = (await self.placer.node.call("instance_action", body, target=cell)).unwrap()
-            record = answer.get("instance") if isinstance(answer, dict) else None
-            await self.db.write(store.index_put, Instance.from_wire(record))
-        except WireError as exc:  # the cell's own delete record comes up through its outbox
-            logs.event(log, logging.WARNING, "build.orphan_failed", uuid=uuid, code=exc.code)
+        await delete_orphan(self.placer.node, self.db, taken.uuid, taken.cell)
 
     def statistics(self) -> dict[str, int]:
         """Builds running in the background now."""

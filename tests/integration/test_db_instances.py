@@ -560,6 +560,22 @@ def test_apply_reports_an_instance_held_under_another_cell(synced: Database) -> 
     assert store.applied_seq(synced, "us") == 2
 
 
+def test_a_live_copy_of_a_server_the_top_deleted_itself_is_an_orphan(synced: Database) -> None:
+    [base] = store.index_create(synced, [server(1)], "create")
+    gone = finish(begin(base, Action.DELETE, T0 + 1), T0 + 1)  # deleted before any cell held it
+    assert store.index_put(synced, gone) and gone.cell is None and gone.version == 2
+    # The build had landed after all; the cell reports it, at any version.
+    alive = replace(placed(base, "api!eu", "h1", T0 + 2), version=7)
+    result = store.apply_updates(synced, "eu", "api!eu", [row(1, alive)], store_forward=False)
+    assert result.conflicts == ((base.uuid, "api!eu"),) and result.applied == 0
+    assert store.get(synced, base.uuid) == gone
+    # Once that cell deletes its copy, its tombstone is the record.
+    deleted = finish(begin(alive, Action.DELETE, T0 + 3), T0 + 3)
+    result = store.apply_updates(synced, "eu", "api!eu", [row(2, deleted)], store_forward=False)
+    assert result.applied == 1 and result.conflicts == ()
+    assert store.get(synced, base.uuid) == deleted
+
+
 def test_a_child_speaking_for_another_subtree_writes_nothing(synced: Database) -> None:
     v1, _, _, _ = history(1)
     other = placed(server(2), "api!us", "h1", T0 + 1)

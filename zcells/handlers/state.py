@@ -9,8 +9,9 @@ Rules kept here (DESIGN.md §4):
   applied sequence moves in the same transaction, and only then is the
   batch acknowledged.
 * An instance reported by a cell other than the one the index holds it
-  under is an orphan of a build that was retried elsewhere: that cell is
-  told to delete it, once (the request id makes repeats free).
+  under, or reported alive after the top recorded its delete itself, is an
+  orphan: that cell is told to delete it, each time it reports it (the
+  request id makes repeats free).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zcells import logs
-from zcells.builds import time_left_s
+from zcells.builds import delete_orphan, time_left_s
 from zcells.db import instances as store
 from zcells.dbrunner import DbRunner
 from zcells.errors import InvalidRequest, SchemaError, WireError
@@ -92,7 +93,7 @@ class StateHandlers:
         if result.gap:
             logs.event(log, logging.WARNING, "state.gap", child=child, applied=result.applied_seq)
         for uuid, cell in result.conflicts:
-            self._spawn(self._delete_orphan(uuid, cell))
+            self._spawn(delete_orphan(self.node, self.db, uuid, cell))
         return {"applied": result.applied_seq}
 
     async def resync(self, call: Call) -> dict[str, Any]:
@@ -107,14 +108,6 @@ class StateHandlers:
         self._changed()
         below = await resync_children(self.node, call.cell, time_left_s(self.node, call.deadline))
         return {"cells": {call.cell: count, **below["cells"]}, "errors": below["errors"]}
-
-    async def _delete_orphan(self, uuid: str, cell: str) -> None:
-        logs.event(log, logging.WARNING, "state.orphan", uuid=uuid, cell=cell)
-        body = {"uuid": uuid, "action": "delete", "request_id": f"orphan-{uuid}"}
-        try:
-            (await self.node.call("instance_action", body, target=cell)).unwrap()
-        except WireError as exc:
-            logs.event(log, logging.WARNING, "state.orphan_failed", uuid=uuid, code=exc.code)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
