@@ -623,7 +623,7 @@ def _merge(conn: Connection, updates: Sequence[Instance]) -> tuple[int, int, lis
 def _upsert_statement(upsert: sqlite.Insert | postgresql.Insert) -> Insert:
     """Insert records, or replace what is held if older and of the same or no cell."""
     # A constant in the SQL, not a parameter: the compiled form binds one value per column.
-    deleted = literal_column(f"'{VmState.DELETED.value}'")
+    deleted: ColumnElement[str] = literal_column(f"'{VmState.DELETED.value}'")
     top_deleted = and_(_i.cell_name.is_(None), _i.vm_state == deleted)
     newer = and_(
         _i.version < upsert.excluded.version,
