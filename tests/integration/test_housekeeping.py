@@ -27,9 +27,8 @@ def uid(n: int) -> str:
     return str(uuid_module.UUID(int=n))
 
 
-def owned(db: Database, n: int, changed_at: float) -> None:
-    """An instance this cell owns, last changed at `changed_at`, placed without a host claim."""
-    base = new_instance(
+def server(n: int, now: float) -> Instance:
+    return new_instance(
         uuid=uid(n),
         name=f"vm-{n}",
         project="p1",
@@ -40,9 +39,13 @@ def owned(db: Database, n: int, changed_at: float) -> None:
         vcpus=1,
         image="cirros",
         metadata={},
-        now=changed_at,
+        now=now,
     )
-    assert store.index_put(db, placed(base, "api!c1", "h1", changed_at))
+
+
+def owned(db: Database, n: int, changed_at: float) -> None:
+    """An instance this cell owns, last changed at `changed_at`, placed without a host claim."""
+    assert store.index_put(db, placed(server(n, changed_at), "api!c1", "h1", changed_at))
 
 
 def queued(db: Database, after: int = 0) -> list[str]:
@@ -131,20 +134,8 @@ def test_step_heals_on_its_interval_only_with_a_parent(runner: DbRunner) -> None
 
 def test_trim_forgets_request_ids_past_the_keep_window(runner: DbRunner) -> None:
     db = runner.db
-    for name in ("old", "new"):
-        base = new_instance(
-            uuid=uid(10 if name == "old" else 11),
-            name=name,
-            project="p1",
-            user="u1",
-            flavor="m1.tiny",
-            memory_mb=512,
-            disk_gb=1,
-            vcpus=1,
-            image="cirros",
-            metadata={},
-            now=T0,
-        )
+    for n, name in ((10, "old"), (11, "new")):
+        base = server(n, T0)
         store.index_create(db, [base], f"req-{name}")
     with db.write() as session:
         session.execute(
