@@ -49,6 +49,7 @@ from zcells.cellsched import (
 from zcells.compute import FakeDriver
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
+from zcells.db.engine import Database
 from zcells.dbrunner import DbRunner
 from zcells.errors import (
     InvalidRequest,
@@ -63,7 +64,7 @@ from zcells.instances import Fault, Instance, TaskState, VmState, failed, placed
 from zcells.liveness import Liveness
 from zcells.node import Node
 from zcells.peer import Peer, Role
-from zcells.records import Resources
+from zcells.records import Host, Resources
 from zcells.routing import forward_budget_ms, is_below
 
 log = logs.get_logger("builds")
@@ -219,16 +220,12 @@ class Placer:
     async def _place_here(self, instance: Instance, request_id: str, here: str) -> Instance:
         assert self.driver is not None
         need = Resources(instance.memory_mb, instance.disk_gb, instance.vcpus)
-        hosts = await self.db.read(hosts_store.list_hosts)
-        order = choose_hosts(hosts, need)
-        if not order:
-            raise no_valid_host(hosts, need, here)
         now = self._clock()
-        taken = await self.db.write(
-            store.place, order, lambda host: placed(instance, here, host, now), request_id
+        hosts, taken = await self.db.write(
+            _choose_and_place, need, lambda host: placed(instance, here, host, now), request_id
         )
-        if taken is None:  # every fitting host was claimed by a concurrent build
-            raise no_valid_host(await self.db.read(hosts_store.list_hosts), need, here)
+        if taken is None:
+            raise no_valid_host(hosts, need, here)
         self._changed()
         self.driver.schedule(taken)
         return taken
@@ -340,3 +337,18 @@ class TopBuilds:
         for task in list(self._running.values()):
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+
+def _choose_and_place(
+    db: Database, need: Resources, make: Callable[[str], Instance], request_id: str
+) -> tuple[list[Host], Instance | None]:
+    """Weigh the hosts and claim the best with room, on the writer thread.
+
+    The hosts are read on the thread that makes every claim, so each build
+    weighs them with the claims of the builds before it: a burst of builds
+    spreads over the hosts instead of all choosing the one that looked
+    emptiest when they started.
+    """
+    hosts = hosts_store.list_hosts(db)
+    order = choose_hosts(hosts, need)
+    return hosts, (store.place(db, order, make, request_id) if order else None)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
+from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
 from zcells.db.engine import Database
 
@@ -14,9 +16,10 @@ from tests.fakes import run
 from tests.unit.scripted_node import ScriptedNode, instance, ok, runner, uuids
 from zcells.builds import Placer, TopBuilds, orphan_request_id, time_left_s
 from zcells.cellsched import RandomCellScheduler
+from zcells.compute import FakeDriver, fake_hosts
 from zcells.dbrunner import DbRunner
 from zcells.errors import NoCellsAvailable, NoValidHost
-from zcells.instances import Action, Fault, VmState, begin, failed, finish, placed
+from zcells.instances import Action, Fault, Instance, VmState, begin, failed, finish, placed
 from zcells.messages import CellResult, Outcome
 
 UUID = next(iter(uuids(1)))
@@ -187,3 +190,27 @@ def test_a_placement_the_index_already_holds_newer_is_left_alone(db: DbRunner) -
         assert await db.read(store.get, UUID) == active
 
     run(main())
+
+
+def test_a_burst_of_builds_spreads_over_the_hosts(db: DbRunner) -> None:
+    """Each build weighs the hosts with the claims of the builds before it."""
+    run(db.write(hosts_store.sync_hosts, fake_hosts(4, 4096, 100, 8)))
+    node = ScriptedNode(here="api!c1")
+
+    async def burst() -> list[Instance]:
+        driver = FakeDriver(db, 60.0, lambda: None)
+        cell = Placer(
+            node.as_node(), db, RandomCellScheduler(random.Random(1)), driver, lambda: None
+        )
+        try:
+            return await asyncio.gather(
+                *(
+                    cell.place(instance(uuid), {}, f"build-{n}", "api!c1", plan=[0.0])
+                    for n, uuid in enumerate(uuids(8))
+                )
+            )
+        finally:
+            await driver.close()
+
+    hosts = Counter(taken.host for taken in run(burst()))
+    assert hosts == {"h001": 2, "h002": 2, "h003": 2, "h004": 2}
