@@ -152,3 +152,7 @@ class Neighbourhood:
 
     def liveness(self, now: float) -> dict[Peer, Liveness]:
         return {peer: tracker.check(now) for peer, tracker in self.trackers.items()}
+
+    def silence(self, now: float) -> dict[Peer, float | None]:
+        """Seconds since each neighbour was last heard; None for one never heard."""
+        return {peer: tracker.silent_for(now) for peer, tracker in self.trackers.items()}

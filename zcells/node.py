@@ -280,6 +280,10 @@ class Node:
     def liveness(self) -> dict[Peer, Liveness]:
         return self.neighbours.liveness(self.clock())
 
+    def silence(self) -> dict[Peer, float | None]:
+        """Seconds since each neighbour was last heard (None: never), for the status view."""
+        return self.neighbours.silence(self.clock())
+
     # -- sending ----------------------------------------------------------------------------
 
     def _send_soon(

@@ -37,6 +37,7 @@ from zcells.handlers.compute import ComputeHandlers
 from zcells.handlers.diag import DiagHandlers
 from zcells.handlers.servers import ServerHandlers
 from zcells.handlers.state import StateHandlers, resync_children
+from zcells.handlers.status import MessageRate, StatusHandlers, messages_seen
 from zcells.housekeeping import Housekeeping, HousekeepingSettings
 from zcells.methods import MethodTable
 from zcells.node import Node, NodeSettings
@@ -216,6 +217,7 @@ class Services:
     builds: TopBuilds | None
     methods: MethodTable
     housekeeping: Housekeeping
+    rate: MessageRate
 
 
 def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
@@ -247,7 +249,9 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
     )
     servers = ServerHandlers(node, runner, builds, top=top)
     compute = ComputeHandlers(runner, placer, driver, changed)
-    methods = build_methods(diag, state, compute, servers)
+    rate = MessageRate(lambda: messages_seen(node))
+    status = StatusHandlers(node, runner, upstream, rate, top=top)
+    methods = build_methods(diag, state, compute, servers, status)
     cells = config.cells
     housekeeping = Housekeeping(
         runner,
@@ -260,7 +264,7 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
         has_parents=lambda: bool(node.view.parents),
         changed=changed,
     )
-    return Services(runner, upstream, driver, builds if top else None, methods, housekeeping)
+    return Services(runner, upstream, driver, builds if top else None, methods, housekeeping, rate)
 
 
 async def _prepare(cell: Cell, services: Services) -> None:
@@ -320,6 +324,7 @@ async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
                 tasks.create_task(watch.run(), name="registry"),
                 tasks.create_task(services.upstream.run(), name="upstream"),
                 tasks.create_task(services.housekeeping.run(), name="housekeeping"),
+                tasks.create_task(services.rate.run(), name="message-rate"),
             ]
             await _prepare(cell, services)
             await stop.wait()

@@ -13,9 +13,10 @@ from zcells.handlers.compute import ComputeHandlers
 from zcells.handlers.diag import DiagHandlers
 from zcells.handlers.servers import ServerHandlers
 from zcells.handlers.state import StateHandlers
+from zcells.handlers.status import StatusHandlers
 from zcells.methods import Method, MethodTable
 
-HANDLER_CLASSES = (DiagHandlers, StateHandlers, ComputeHandlers, ServerHandlers)
+HANDLER_CLASSES = (DiagHandlers, StateHandlers, ComputeHandlers, ServerHandlers, StatusHandlers)
 
 
 class Handlers(Protocol):
