@@ -1,0 +1,473 @@
+"""`zcells status [--watch] [--json]`: the health of the tree below the connected cell.
+
+Rules kept here:
+
+* One broadcast of `status` gathers a snapshot; `snapshot_of` turns its
+  results into plain data (`Snapshot`, JSON-able through `as_dict`), and
+  `render(snapshot)` draws it. Both are pure: no clock, no I/O.
+* A cell's state is ``unreachable`` if it did not answer (timed out or an
+  error), else what its parent says of the link to it: ``alive`` is
+  ``healthy``, ``late`` and ``mute`` stay. The connected cell, when it
+  answers, is healthy.
+* A child that an answering cell knows of but that has no result of its own
+  is shown too, unreachable, with what its parent knows of it.
+* `--watch` is one task: a gather every second, each bounded by
+  min(--timeout, 1.5 s) so a dead cell never stalls the view, drawn by
+  ``Live(auto_refresh=False)``. Ctrl-C ends it with status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final
+
+import typer
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.text import Text
+from rich.tree import Tree
+from zcells.cli.common import WIDE, print_json
+from zcells.cli.connect import (
+    ClientKey,
+    Endpoint,
+    ServerKey,
+    Target,
+    Timeout,
+    resolve,
+    with_client,
+)
+
+from zcells.client import CellClient
+from zcells.errors import WireError
+from zcells.instances import STATUSES
+from zcells.messages import CellResult, Outcome
+from zcells.names import PATH_SEPARATOR
+from zcells.routing import last_name, parent_of
+from zcells.sockets.transport import ZmqClient
+
+HEALTHY: Final = "healthy"
+LATE: Final = "late"
+MUTE: Final = "mute"
+UNREACHABLE: Final = "unreachable"
+STATES: Final = (HEALTHY, LATE, MUTE, UNREACHABLE)
+
+# What a parent's view of the link to an answering child makes of it. An answer
+# that came through the parent means the parent has heard from it: unknown is a race.
+_FROM_LINK: Final = {"alive": HEALTHY, "unknown": HEALTHY, "late": LATE, "mute": MUTE}
+_STYLE: Final = {HEALTHY: "green", LATE: "yellow", MUTE: "red", UNREACHABLE: "bold red"}
+
+WATCH_INTERVAL_S: Final = 1.0
+WATCH_TIMEOUT_S: Final = 1.5
+_BAR_WIDTH: Final = 8
+
+
+@dataclass(frozen=True)
+class CellStatus:
+    """One cell as the view shows it. Figures are None for a cell that did not answer."""
+
+    cell: str  # full path
+    state: str  # healthy | late | mute | unreachable
+    cell_type: str | None = None
+    link: str | None = None  # the parent's view of the link: unknown/alive/late/mute
+    heard_s_ago: float | None = None  # by its parent; None: never, or the connected cell
+    error: str | None = None  # why it did not answer
+    hosts: Mapping[str, int] | None = None  # up, total, memory_mb(_free), disk_gb(_free), ...
+    servers: Mapping[str, Any] | None = None  # {"source": "own" | "index", "counts": {...}}
+    backlog: Mapping[str, Any] | None = None  # {"count": int, "oldest_s": float | None}
+    msgs_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The tree below the connected cell at one moment; `cells` in tree order."""
+
+    connected: str
+    taken_at: float  # epoch seconds
+    cells: tuple[CellStatus, ...]
+    error: str | None = None  # the gather failed as a whole (the connected cell is down)
+
+    def as_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        raw["cells"] = [dict(cell) for cell in raw["cells"]]
+        return raw
+
+    def count(self, state: str) -> int:
+        return sum(1 for cell in self.cells if cell.state == state)
+
+
+# -- from results to a snapshot (pure) ------------------------------------------------------
+
+
+def snapshot_of(results: Iterable[CellResult], connected: str, taken_at: float) -> Snapshot:
+    """The snapshot of one `status` broadcast's results."""
+    answers: dict[str, Mapping[str, Any]] = {}
+    errors: dict[str, str] = {}
+    for result in results:
+        if result.outcome is Outcome.OK and isinstance(result.value, dict):
+            answers[result.cell] = result.value
+        elif result.outcome is Outcome.OK:
+            errors[result.cell] = "answered something other than a status record"
+        elif result.outcome is Outcome.TIMED_OUT or result.error is None:
+            errors[result.cell] = "timed out"
+        else:
+            errors[result.cell] = f"{result.error.code}: {result.error.message}"
+    links: dict[str, Mapping[str, Any]] = {}
+    for path, answer in answers.items():
+        children = answer.get("children")
+        if isinstance(children, dict):
+            for name, link in children.items():
+                if isinstance(link, dict):
+                    links[f"{path}{PATH_SEPARATOR}{name}"] = link
+    cells = []
+    for path in sorted(answers.keys() | errors.keys() | links.keys(), key=_tree_key):
+        link = links.get(path, {})
+        said = _text(link.get("state"))
+        heard = _number(link.get("heard_s_ago"))
+        if path not in answers:
+            error = errors.get(path, "no answer from it in its parent's results")
+            cells.append(CellStatus(path, UNREACHABLE, None, said, heard, error))
+            continue
+        answer = answers[path]
+        state = HEALTHY if path == connected else _FROM_LINK.get(said or "alive", HEALTHY)
+        cells.append(
+            CellStatus(
+                cell=path,
+                state=state,
+                cell_type=_text(answer.get("cell_type")),
+                link=said,
+                heard_s_ago=heard,
+                hosts=_mapping(answer.get("hosts")),
+                servers=_mapping(answer.get("servers")),
+                backlog=_mapping(answer.get("backlog")),
+                msgs_per_s=_number(answer.get("msgs_per_s")),
+            )
+        )
+    return Snapshot(connected=connected, taken_at=taken_at, cells=tuple(cells))
+
+
+def failed_snapshot(connected: str, error: str, taken_at: float) -> Snapshot:
+    """What the view shows when the connected cell itself gave no answer."""
+    return Snapshot(
+        connected=connected,
+        taken_at=taken_at,
+        cells=(CellStatus(connected, UNREACHABLE, error=error),),
+        error=error,
+    )
+
+
+def _tree_key(path: str) -> list[str]:
+    return path.split(PATH_SEPARATOR)  # each cell before its children, siblings by name
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if type(value) in (int, float) else None
+
+
+def _mapping(value: Any) -> Mapping[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
+# -- drawing (pure) -------------------------------------------------------------------------
+
+
+def render(snapshot: Snapshot) -> RenderableType:
+    """The status view of a snapshot: a heading, then the tree of cells, two lines each."""
+    known = {cell.cell for cell in snapshot.cells}
+    nodes: dict[str, Tree] = {}
+    roots: list[Tree] = []
+    for cell in snapshot.cells:
+        parent = _nearest_shown(cell.cell, known)
+        name = cell.cell if parent is None else last_name(cell.cell)
+        label = _label(cell, name, connected=cell.cell == snapshot.connected)
+        node = Tree(label, guide_style="dim") if parent is None else nodes[parent].add(label)
+        nodes[cell.cell] = node
+        if parent is None:
+            roots.append(node)
+    return Group(_heading(snapshot), *roots)
+
+
+def _nearest_shown(path: str, known: set[str]) -> str | None:
+    parent = parent_of(path)
+    while parent is not None and parent not in known:
+        parent = parent_of(parent)
+    return parent
+
+
+def _heading(snapshot: Snapshot) -> Text:
+    at = datetime.fromtimestamp(snapshot.taken_at, UTC).strftime("%H:%M:%S UTC")
+    counts = [
+        Text(f"{snapshot.count(state)} {state}", _STYLE[state])
+        for state in STATES
+        if snapshot.count(state)
+    ]
+    cells = len(snapshot.cells)
+    return Text.assemble(
+        ("zcells status", "bold"),
+        f"  {snapshot.connected}  {cells} cell{'' if cells == 1 else 's'}: ",
+        Text(", ").join(counts),
+        ("  at " + at, "dim"),
+    )
+
+
+def _label(cell: CellStatus, name: str, *, connected: bool) -> Text:
+    first = Text.assemble((name, "bold"), "  ")
+    if cell.cell_type:
+        first.append(f"{cell.cell_type}  ", "dim")
+    first.append(cell.state, _STYLE.get(cell.state, ""))
+    if cell.state == UNREACHABLE and cell.link is not None:
+        first.append(f" (its parent sees it {cell.link})", "dim")
+    heard = _heard(cell, connected=connected)
+    if heard:
+        first.append(f"  {heard}")
+    if cell.msgs_per_s is not None:
+        first.append(f"  {cell.msgs_per_s:.1f} msg/s")
+    if cell.backlog is not None:
+        first.append("  ")
+        first.append_text(_backlog(cell.backlog))
+    if cell.error is not None:
+        return Text.assemble(first, "\n", (f"error: {cell.error}", "red"))
+    parts = [*_hosts(cell.hosts), _servers(cell.servers)]
+    return Text.assemble(first, "\n", Text("  ").join(p for p in parts if p.plain))
+
+
+def _heard(cell: CellStatus, *, connected: bool) -> str:
+    if cell.heard_s_ago is not None:
+        return f"heard {_ago(cell.heard_s_ago)} ago"
+    if connected:
+        return "connected" if cell.state != UNREACHABLE else ""
+    return "never heard" if cell.link == "unknown" else "heard -"
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds // 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds // 3600:.0f}h"
+    return f"{seconds // 86400:.0f}d"
+
+
+def _backlog(backlog: Mapping[str, Any]) -> Text:
+    count = _number(backlog.get("count")) or 0
+    oldest = _number(backlog.get("oldest_s"))
+    if not count:
+        return Text("backlog 0")
+    text = f"backlog {count:.0f}" + ("" if oldest is None else f", oldest {_ago(oldest)}")
+    return Text(text, "yellow")
+
+
+def _hosts(hosts: Mapping[str, int] | None) -> list[Text]:
+    if hosts is None:
+        return []
+    total = _int(hosts, "total")
+    if total == 0:
+        return [Text("no hosts", "dim")]
+    up = _int(hosts, "up")
+    ram, ram_free = _int(hosts, "memory_mb"), _int(hosts, "memory_mb_free")
+    disk, disk_free = _int(hosts, "disk_gb"), _int(hosts, "disk_gb_free")
+    cpus, cpus_free = _int(hosts, "vcpus"), _int(hosts, "vcpus_free")
+    return [
+        Text(f"hosts {up}/{total}", "" if up == total else "yellow"),
+        Text.assemble("free: RAM ", _bar(ram_free, ram), f" {_gib(ram_free)}/{_gib(ram)} GiB"),
+        Text.assemble("disk ", _bar(disk_free, disk), f" {disk_free}/{disk} GB"),
+        Text(f"vCPUs {cpus_free}/{cpus}"),
+    ]
+
+
+def _gib(mb: int) -> str:
+    gib = mb / 1024
+    return f"{gib:.0f}" if gib >= 100 else f"{gib:.1f}"
+
+
+def _int(values: Mapping[str, Any], key: str) -> int:
+    value = values.get(key)
+    return value if type(value) is int else 0
+
+
+def _bar(free: int, total: int) -> Text:
+    """How full: used in solid blocks, free in light ones; coloured by what is left."""
+    share = free / total if total > 0 else 0.0
+    empty = round(_BAR_WIDTH * share)
+    style = "green" if share >= 0.25 else "yellow" if share >= 0.10 else "red"
+    return Text("█" * (_BAR_WIDTH - empty) + "░" * empty, style)
+
+
+def _servers(servers: Mapping[str, Any] | None) -> Text:
+    if servers is None:
+        return Text()
+    counts = servers.get("counts")
+    counts = counts if isinstance(counts, dict) else {}
+    shown = [f"{counts[s]} {s}" for s in STATUSES if type(counts.get(s)) is int and counts[s]]
+    source = " (index)" if servers.get("source") == "index" else ""
+    return Text(f"servers{source} " + (", ".join(shown) or "0"))
+
+
+# -- gathering ------------------------------------------------------------------------------
+
+
+async def gather(client: CellClient, timeout_s: float) -> Snapshot:
+    """One `status` broadcast through `client`: the snapshot of the tree below its cell."""
+    results, _ = await client.broadcast("status", timeout_s=timeout_s)
+    return snapshot_of(results, client.cell_path or "?", time.time())
+
+
+class _Link:
+    """One link to the connected cell for a watch, dialled again after any failure."""
+
+    def __init__(self, target: Target, timeout_s: float) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self.name = target.endpoint  # until the cell says where it sits
+        self._client: CellClient | None = None
+
+    async def snapshot(self) -> Snapshot:
+        """A snapshot within about `timeout_s` (plus the client's grace), whatever happens."""
+        try:
+            async with asyncio.timeout(self.timeout_s + 1.0):
+                if self._client is None:
+                    self._client = self._dial()
+                    await self._client.connect()
+                    self.name = self._client.cell_path or self.name
+                return await gather(self._client, self.timeout_s)
+        except (WireError, TimeoutError) as exc:
+            await self.close()
+            why = str(exc) or f"no answer within {self.timeout_s:g}s"
+            return failed_snapshot(self.name, why, time.time())
+
+    def _dial(self) -> CellClient:
+        transport = ZmqClient(
+            self.target.endpoint,
+            self.target.server_key,
+            (self.target.public_key, self.target.secret_key),
+            connect_timeout_s=self.timeout_s,
+        )
+        return CellClient(transport, timeout_s=self.timeout_s)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+
+async def _refresh(
+    target: Target,
+    timeout_s: float,
+    stop: asyncio.Event | None,
+    duration_s: float | None,
+    show: Callable[[Snapshot], None],
+) -> None:
+    """Show a fresh snapshot every second until `stop` is set or `duration_s` has passed."""
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    end = None if duration_s is None else loop.time() + duration_s
+    link = _Link(target, min(timeout_s, WATCH_TIMEOUT_S))
+    try:
+        while not stop.is_set():
+            started = loop.time()
+            show(await link.snapshot())
+            wake = (
+                started + WATCH_INTERVAL_S if end is None else min(started + WATCH_INTERVAL_S, end)
+            )
+            if end is not None and loop.time() >= end:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(wake):
+                    await stop.wait()
+    finally:
+        await link.close()
+
+
+async def watch(
+    target: Target,
+    timeout_s: float = WATCH_TIMEOUT_S,
+    stop: asyncio.Event | None = None,
+    duration_s: float | None = None,
+    *,
+    console: Console | None = None,
+) -> None:
+    """The live status view of the tree below `target`'s cell, redrawn every second.
+
+    Runs until `stop` is set or `duration_s` seconds have passed (with neither,
+    until cancelled: under `asyncio.run`, Ctrl-C raises KeyboardInterrupt in
+    the caller). Each gather waits at most min(`timeout_s`, 1.5) seconds, so
+    a dead cell shows as unreachable and never stalls the view; a connected
+    cell that is down shows so, and is dialled again at the next refresh.
+    Draws on `console` (default: a new one on stdout).
+    """
+    console = console or (Console() if sys.stdout.isatty() else Console(width=WIDE))
+    with Live(console=console, auto_refresh=False) as live:
+        await _refresh(
+            target, timeout_s, stop, duration_s, lambda s: live.update(render(s), refresh=True)
+        )
+
+
+async def watch_json(
+    target: Target,
+    timeout_s: float = WATCH_TIMEOUT_S,
+    stop: asyncio.Event | None = None,
+    duration_s: float | None = None,
+) -> None:
+    """As `watch`, printing each snapshot as one line of JSON on stdout instead."""
+
+    def line(snapshot: Snapshot) -> None:
+        sys.stdout.write(json.dumps(snapshot.as_dict()) + "\n")
+        sys.stdout.flush()
+
+    await _refresh(target, timeout_s, stop, duration_s, line)
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def status(
+    watching: Annotated[
+        bool,
+        typer.Option(
+            "--watch", "-w", help="Redraw every second until Ctrl-C (which exits with 0)."
+        ),
+    ] = False,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the snapshot as JSON; with --watch, one line of JSON per refresh.",
+        ),
+    ] = False,
+    endpoint: Endpoint = None,
+    server_key: ServerKey = None,
+    key: ClientKey = None,
+    timeout: Timeout = 5.0,
+) -> None:
+    """Health of the tree below the connected cell (admin): state, hosts, servers, backlog.
+
+    A cell is healthy, late or mute as its parent hears it, and unreachable if
+    it did not answer. Without --watch, exits with 1 when some cell is
+    unreachable. With --watch, each refresh waits at most min(--timeout, 1.5) s.
+    """
+    target = resolve(endpoint, server_key, key)
+    if watching:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(watch_json(target, timeout) if json_output else watch(target, timeout))
+        return
+    snapshot = asyncio.run(with_client(target, timeout, lambda c: gather(c, timeout)))
+    if json_output:
+        print_json(snapshot.as_dict())
+    else:
+        out = Console() if sys.stdout.isatty() else Console(width=WIDE, file=sys.stdout)
+        out.print(render(snapshot))
+    if snapshot.count(UNREACHABLE):
+        sys.exit(1)
