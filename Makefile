@@ -1,10 +1,10 @@
-# zcells: `make run` starts a local cell, `make test` runs the suite.
+# zcells: `make run` starts a local demo tree with its live status, `make test` runs the suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= auto
-RUN_DIR ?= $(CURDIR)/.zcells/run
+DEV_DIR ?= $(CURDIR)/.zcells/dev
 
 .PHONY: install run test test-postgres check lint typecheck bench bench-transport bench-updates \
 	bench-builds clean
@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# Two compute cells under the API cell, one with a grandchild, 4 fake hosts each.
 run: $(STAMP)
-	ZCELLS_STATE_DIR=$(RUN_DIR) $(BIN)/zcells serve
+	$(BIN)/zcells dev --dir $(DEV_DIR) --children 2 --grandchildren 1 --hosts 4
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)

@@ -28,11 +28,15 @@ from typing import Any
 from zcells.client import CellClient
 from zcells.db import migrate, registry
 from zcells.db.engine import Database
-from zcells.errors import WireError
+from zcells.errors import ServiceError, WireError
 from zcells.sockets.keys import KeyPair, generate_keypair
 from zcells.sockets.transport import ZmqClient
 
 Tree = Mapping[str, "Tree"]
+
+
+class CellFailed(ServiceError):
+    """A cell of the local tree exited, or did not answer in time."""
 
 
 def _port_span() -> tuple[int, int]:
@@ -82,7 +86,7 @@ def wait_until(
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+            raise CellFailed(f"timed out after {timeout_s:g}s waiting for {what}")
         time.sleep(interval_s)
 
 
@@ -122,9 +126,14 @@ class CellTree:
         clients: Mapping[str, tuple[str, str | None]] | None = None,
         compute: Mapping[str, Any] | None = None,
         cell_compute: Mapping[str, Mapping[str, Any]] | None = None,
+        new_session: bool = False,
         **cells_options: Any,
     ) -> None:
         """`idle` cells are registered and given keys but never started.
+
+        With `new_session`, each cell runs in a session of its own: Ctrl-C at
+        the terminal does not reach it, and it outlives the process that
+        started it (`zcells dev --detach`).
 
         `extra_clients` are more admins; `clients` maps more client names to
         their (role, project), say ``{"alice": ("member", "proj-a")}``.
@@ -136,6 +145,7 @@ class CellTree:
         self.root = root
         self.log_level = log_level
         self.idle = idle
+        self.new_session = new_session
         self.options = {
             "heartbeat_interval": 0.5,
             "mute_child_interval": 3,
@@ -207,8 +217,16 @@ class CellTree:
                 role, project = self.roles[client]
                 registry.add_client(db, client, public_key=keys.public, role=role, project=project)
 
-    def start(self, name: str | None = None, timeout_s: float = 30.0) -> None:
-        """Start the cells (all, or one) and wait until each answers a ping."""
+    def start(
+        self,
+        name: str | None = None,
+        timeout_s: float = 30.0,
+        on_ready: Callable[[CellProc], None] | None = None,
+    ) -> None:
+        """Start the cells (all, or one) and wait until each answers a ping.
+
+        `on_ready` is called with each cell as it first answers.
+        """
         chosen = (
             [self.cells[name]]
             if name
@@ -221,6 +239,7 @@ class CellTree:
                     stdout=subprocess.DEVNULL,
                     stderr=log,
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    start_new_session=self.new_session,
                 )
         for cell in chosen:
             wait_until(
@@ -229,11 +248,14 @@ class CellTree:
                 f"{cell.name} to answer on {cell.api_endpoint}",
                 interval_s=0.1,
             )
+            if on_ready is not None:
+                on_ready(cell)
 
     def _answers(self, cell: CellProc) -> bool:
         if cell.proc is not None and cell.proc.poll() is not None:
-            raise AssertionError(
-                f"{cell.name} exited with {cell.proc.returncode}:\n" + cell.log_text()[-3000:]
+            raise CellFailed(
+                f"{cell.name} exited with {cell.proc.returncode}; its log, {cell.log}, ends:\n"
+                + cell.log_text()[-3000:]
             )
 
         async def ping() -> bool:
