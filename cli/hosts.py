@@ -7,14 +7,20 @@ on stderr and makes the exit status 1; the others' answers are still shown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+import time
 from typing import Annotated, Any
 
 import typer
-from zcells.cli.common import note, print_json, print_table
+from zcells.cli.common import note, print_json, print_table, stderr
 from zcells.cli.connect import ClientKey, Endpoint, ServerKey, Timeout, resolve, with_client
+from zcells.cli.status import gather
 
+from zcells.client import CellClient
+from zcells.errors import CallTimeout
 from zcells.names import check_cell_path
+from zcells.routing import is_below, parent_of
 
 host_app = typer.Typer(help="The compute hosts of the tree.", no_args_is_help=True)
 
@@ -67,18 +73,33 @@ def host_list(
 
 def cell_sync(
     path: Annotated[str, typer.Argument(help="Full path of a cell below the API cell.")],
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="Then wait until the requeued records have reached the top."),
+    ] = False,
     json_output: JsonOption = False,
     endpoint: Endpoint = None,
     server_key: ServerKey = None,
     key: ClientKey = None,
     timeout: Timeout = 60.0,
 ) -> None:
-    """Send every instance of a subtree up to the API cell again (admin)."""
+    """Send every instance of a subtree up to the API cell again (admin).
+
+    With --wait, the command returns once nothing is left in the upward
+    backlog of PATH, the cells below it and the cells between it and the
+    top, or fails after --timeout.
+    """
     check_cell_path(path)
     target = resolve(endpoint, server_key, key)
-    answer: dict[str, Any] = asyncio.run(
-        with_client(target, timeout, lambda c: c.request("cell_sync", {"cell": path}))
-    )
+
+    async def work(client: CellClient) -> dict[str, Any]:
+        with _spinner(f"requeueing every instance of {path} and below"):
+            answer: dict[str, Any] = await client.request("cell_sync", {"cell": path})
+        if wait and not answer.get("errors"):
+            await _drained(client, path, timeout)
+        return answer
+
+    answer = asyncio.run(with_client(target, timeout, work))
     if json_output:
         print_json(answer)
     for cell, count in sorted(answer.get("cells", {}).items()):
@@ -89,3 +110,38 @@ def cell_sync(
         note(f"zcells: error: cell {cell} did not resync: {error['code']}: {error['message']}")
     if errors:
         sys.exit(1)
+
+
+def _spinner(what: str) -> contextlib.AbstractContextManager[Any]:
+    """A spinner on a terminal while `what` runs; nothing when piped."""
+    if stderr.is_terminal:
+        return stderr.status(what)
+    return contextlib.nullcontext()
+
+
+async def _drained(client: CellClient, path: str, timeout_s: float) -> None:
+    """Wait until the cells that carry PATH's records up have no backlog left."""
+    carriers: set[str] = set()
+    step: str | None = path
+    while step is not None:  # PATH and every cell above it: at most max_hop_count steps
+        carriers.add(step)
+        step = parent_of(step)
+    deadline = time.monotonic() + timeout_s
+    left = -1
+    with _spinner("waiting for the top to apply them") as shown:
+        while time.monotonic() < deadline:
+            snapshot = await gather(client, min(5.0, max(0.5, deadline - time.monotonic())))
+            left = sum(
+                int((cell.backlog or {}).get("count", 0))
+                for cell in snapshot.cells
+                if cell.cell in carriers or is_below(cell.cell, path)
+            )
+            if left == 0:
+                note(f"every record of {path} has reached the top")
+                return
+            if shown is not None:
+                shown.update(f"waiting for the top to apply them: {left} left")
+            else:
+                note(f"{left} records still on their way up")
+            await asyncio.sleep(0.5)
+    raise CallTimeout(f"{left} records of {path} had not reached the top after {timeout_s:g}s")

@@ -282,6 +282,9 @@ def test_cell_sync(tree: CellTree) -> None:
     text = zcells(tree, "cell", "sync", "api!c2")
     assert text.code == 0, text.err
     assert re.fullmatch(r"api!c2: requeued \d+\n", text.out)
+    waited = zcells(tree, "cell", "sync", "api!c1", "--wait")
+    assert waited.code == 0, waited.err
+    assert "every record of api!c1 has reached the top" in waited.err
     one_line_error(zcells(tree, "cell", "sync", "api"), "below the API cell")
     one_line_error(zcells(tree, "cell", "sync", "api!nope"), "nope")
 
