@@ -201,6 +201,11 @@ def _secret_missing(d: Path, _: KeyPair) -> None:
     (d / "cell.key_secret").unlink()
 
 
+def _secret_missing_in_open_dir(d: Path, _: KeyPair) -> None:
+    (d / "cell.key_secret").unlink()
+    d.chmod(0o1777)  # like /tmp: the missing file is the problem to name
+
+
 def _dir_missing(d: Path, _: KeyPair) -> None:
     for child in d.iterdir():
         child.unlink()
@@ -250,6 +255,9 @@ LOAD_FAILURES = [
     pytest.param(_dir_open, "", "run `chmod 700 {d}`", "0755", id="dir-0755"),
     pytest.param(_secret_open, "cell.key_secret", "run `chmod 600 {p}`", "0644", id="secret-0644"),
     pytest.param(_secret_missing, "cell.key_secret", CREATE, "no such", id="secret-missing"),
+    pytest.param(
+        _secret_missing_in_open_dir, "cell.key_secret", CREATE, "no such", id="missing-in-tmp"
+    ),
     pytest.param(_dir_missing, "", CREATE, "no such keys directory", id="dir-missing"),
     pytest.param(_garbage, "cell.key_secret", REGENERATE, "no secret-key line", id="garbage"),
     pytest.param(_not_utf8, "cell.key_secret", REGENERATE, "not UTF-8", id="not-utf8"),

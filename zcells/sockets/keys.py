@@ -194,6 +194,8 @@ def load_keypair(keys_dir: Path, name: str) -> KeyPair:
         info = os.stat(keys_dir)
     except FileNotFoundError:
         raise KeyFileError(str(keys_dir), "no such keys directory", create) from None
+    if not os.path.lexists(secret_path):  # a missing file first: /tmp's mode is beside the point
+        raise KeyFileError(str(secret_path), "no such secret key file", create)
     if info.st_mode & 0o077:
         problem = f"directory is readable by other users (mode {stat.S_IMODE(info.st_mode):04o})"
         raise KeyFileError(str(keys_dir), problem, f"run `chmod 700 {keys_dir}`")
