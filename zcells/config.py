@@ -79,6 +79,7 @@ class Option:
 
 
 _SECONDS = "a number of seconds"
+_BIND_ENDPOINT = "a bind endpoint: tcp://HOST:PORT (HOST may be * or 0.0.0.0) or ipc:///PATH"
 
 OPTIONS: Final[tuple[Option, ...]] = (
     # [cells]
@@ -104,7 +105,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         parse_capabilities,
         {},
         "key=value;value pairs separated by commas, e.g. hypervisor=kvm;xen, os=linux",
-        "Capabilities this cell announces to its parents for cell scheduling.",
+        "Capabilities of this cell, for cell scheduling; read, not used by this release.",
     ),
     Option(
         "cells",
@@ -129,7 +130,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         parsers.float_value(0.0, 100.0),
         10.0,
         "a percentage from 0 to 100",
-        "Share of RAM and disk kept out of the capacity this cell announces.",
+        "Share of RAM and disk to keep out of announced capacity; read, not used by this release.",
     ),
     Option(
         "cells",
@@ -137,7 +138,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         parsers.float_value(0.001),
         300.0,
         _SECONDS,
-        "A neighbour not heard from for this long is shown and weighed as mute.",
+        "A neighbour not heard from for this long is mute: shown as such and offered no builds.",
         "mute_child_interval_s",
     ),
     Option(
@@ -146,7 +147,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         parsers.float_value(0.001),
         5.0,
         _SECONDS,
-        "How often each link sends a heartbeat.",
+        "How often each link sends a heartbeat; a neighbour silent for three of them is late.",
         "heartbeat_interval_s",
     ),
     Option(
@@ -173,7 +174,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         parsers.int_value(0),
         10,
         "an integer >= 0",
-        "How many more cells a build tries after the first one fails.",
+        "How many more times the API cell tries to place a build after its first try fails.",
     ),
     Option(
         "cells",
@@ -181,7 +182,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         parsers.float_value(0.0),
         2.0,
         _SECONDS,
-        "Pause between build attempts in different cells.",
+        "Pause before each further try to place a build.",
         "scheduler_retry_delay_s",
     ),
     Option(
@@ -225,7 +226,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "cells_endpoint",
         parsers.endpoint_value,
         "tcp://127.0.0.1:7750",
-        "a bind endpoint",
+        _BIND_ENDPOINT,
         "Where children connect (ROUTER, CURVE server).",
     ),
     Option(
@@ -233,7 +234,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "api_endpoint",
         parsers.endpoint_value,
         "tcp://127.0.0.1:7751",
-        "a bind endpoint",
+        _BIND_ENDPOINT,
         "Where clients connect (ROUTER, CURVE server).",
     ),
     Option(
@@ -275,7 +276,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "connection",
         parsers.text_value,
         None,
-        "an SQLAlchemy URL",
+        "an SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE",
         "The cell's own database. Default: sqlite:///STATE_DIR/NAME.db.",
     ),
     Option(
