@@ -81,7 +81,10 @@ def resolve(endpoint: str | None, server_key: str | None, key: Path | None) -> T
 
 def client_for(target: Target, timeout_s: float) -> CellClient:
     transport = ZmqClient(
-        target.endpoint, target.server_key, (target.public_key, target.secret_key)
+        target.endpoint,
+        target.server_key,
+        (target.public_key, target.secret_key),
+        connect_timeout_s=min(timeout_s, 5.0),
     )
     return CellClient(transport, timeout_s=timeout_s)
 

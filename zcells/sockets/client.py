@@ -310,7 +310,8 @@ class ZmqClient(ClientTransport):
                 why = f" ({self._failure})" if self._failure else ""
                 raise CellUnreachable(
                     f"no handshake with the cell at {self.endpoint} within "
-                    f"{self.connect_timeout_s} s{why}"
+                    f"{self.connect_timeout_s:g} s{why}: is a cell listening there (its api "
+                    "endpoint), and is the server key that cell's public key?"
                 ) from None
             if isinstance(exc, zmq.ZMQError | UnicodeError):
                 raise TransportBroken(f"cannot dial {self.endpoint}: {exc}") from exc
