@@ -58,5 +58,9 @@ bench-updates: $(STAMP)
 bench-builds: $(STAMP)
 	$(BIN)/python bench/builds.py
 
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/python -m zcells.config_doc --update docs/operations.md
+
 clean:
 	rm -rf $(VENV) .zcells .pytest_cache .mypy_cache .ruff_cache build *.egg-info
