@@ -5,11 +5,14 @@ Rules kept here (DESIGN.md §4):
 * The outbox is the only source: a change and its outbox row are written in
   one transaction by whoever changed the instance (or stored a child's rows,
   in a middle cell), and this module only reads, sends and trims.
-* On every (re)connect, and after any failure, the streamer first asks the
-  parent which sequence it has applied (`progress`) and resumes right after
-  it. The parent applies a batch and records the sequence in one
+* When the stream starts, and after any failure, the streamer first asks
+  the parent which sequence it has applied (`progress`) and resumes right
+  after it. The parent applies a batch and records the sequence in one
   transaction, so a crash of either side at any point loses nothing and
   applies nothing twice.
+* A parent that gets a batch starting past what it applied (its database
+  was restored while the link stayed up, or came back before any call
+  failed) applies it and answers ``gap``; the cell then requeues as below.
 * One batch in flight per parent, in sequence order, bounded in rows and in
   bytes so it always fits the parent's frame limit.
 * A row is trimmed only once every parent has applied it.
@@ -141,6 +144,10 @@ class Upstream:
         new = _sequence(answer)
         self.sent += len(rows)
         self.acked[parent] = new
+        if isinstance(answer, dict) and answer.get("gap") is True:
+            # The parent had applied less than this cell last heard (its database was
+            # restored): the rows it lacks were trimmed here, so everything goes again.
+            await self._requeue_everything(parent, new, rows[0][0])
         await self._trim()
         return new
 

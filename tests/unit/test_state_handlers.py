@@ -1,10 +1,11 @@
-"""`resync` against a scripted subtree: one flat entry per cell, whatever the depth."""
+"""`resync` against a scripted subtree, and `updates` from a child that skipped rows."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
+import msgpack
 import pytest
 from zcells.db import instances as store
 from zcells.db.engine import Database
@@ -17,6 +18,8 @@ from zcells.errors import CallTimeout, InvalidRequest
 from zcells.handlers.state import StateHandlers
 from zcells.instances import placed
 from zcells.messages import CellResult, Outcome
+from zcells.methods import Call
+from zcells.peer import Peer, Role
 
 
 @pytest.fixture
@@ -70,3 +73,26 @@ def test_resync_at_a_cell_with_no_parent_is_refused(db: DbRunner) -> None:
     with pytest.raises(InvalidRequest):
         run(handlers(db, node).resync(parent_call("resync", {}, cell="api")))
     assert store.read_outbox(db.db, 0, 10) == []
+
+
+def test_a_batch_past_what_was_applied_is_taken_and_answered_as_a_gap(db: DbRunner) -> None:
+    """The child then sends everything again; a batch that follows on is no gap."""
+    node = ScriptedNode(here="api!c1", children=("g1",), parents={"api": "api"})
+    made = [placed(instance(uuid), "api!c1!g1", "h1", 2.0) for uuid in uuids(3)]
+    rows = [[n, "instance", msgpack.packb(r.to_wire())] for n, r in enumerate(made, start=1)]
+
+    def from_g1(batch: list[list[Any]]) -> Any:
+        call = Call(
+            method="updates",
+            args={"rows": batch},
+            sender=Peer(Role.CHILD, "g1"),
+            caller="child",
+            context=None,
+            cell="api!c1",
+            deadline=1010.0,
+        )
+        return run(handlers(db, node).updates(call))
+
+    assert from_g1(rows[:1]) == {"applied": 1}
+    assert from_g1(rows[2:]) == {"applied": 3, "gap": True}  # row 2 never came
+    assert len(store.read_outbox(db.db, 0, 10)) == 2  # stored for this cell's parent all the same

@@ -178,3 +178,41 @@ def test_a_failed_call_asks_for_progress_again(db: DbRunner) -> None:
     run(until_taken(up, parent, 4))
     assert parent.took == [3, 4]  # 1-2 were applied by the lost call, never twice
     assert parent.uuids == [r.uuid for r in made[2:]]
+
+
+def test_a_parent_that_reports_a_gap_gets_every_instance_again(db: DbRunner) -> None:
+    """Its database went back in time while the stream ran: the rows it lacks were trimmed."""
+    made = own(db.db, 3)
+    parent = Parent()
+    resyncs: list[int] = []
+    up = stream(db, parent, resyncs=resyncs)
+    reported = parent.updates
+
+    def restored(body: dict[str, Any]) -> Any:
+        answer = reported(body)
+        if body["rows"][0][0] == 4:
+            answer.value["gap"] = True
+        return answer
+
+    up.node.calls[("updates", "api")] = restored  # type: ignore[attr-defined]
+
+    async def scenario() -> None:
+        task = asyncio.create_task(up.run())
+        try:
+            async with asyncio.timeout(10):
+                while up.acked.get("api", 0) < 3 or store.read_outbox(db.db, 0, 1):
+                    await asyncio.sleep(0.01)
+                assert resyncs == []
+                parent.applied = 1  # restored: it forgets rows 2-3, trimmed here already
+                assert store.requeue(db.db, None) == 3  # rows 4-6: the parent finds its gap
+                up.wake()
+                while parent.applied < 9:  # then every instance again as 7-9
+                    await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    run(scenario())
+    assert resyncs == [1]
+    assert parent.took == list(range(1, 10))
+    assert sorted(parent.uuids[6:]) == sorted(r.uuid for r in made)

@@ -94,6 +94,8 @@ class StateHandlers:
             logs.event(log, logging.WARNING, "state.gap", child=child, applied=result.applied_seq)
         for uuid, cell in result.conflicts:
             self._spawn(delete_orphan(self.node, self.db, uuid, cell))
+        if result.gap:  # rows this cell never saw: the child must send every instance again
+            return {"applied": result.applied_seq, "gap": True}
         return {"applied": result.applied_seq}
 
     async def resync(self, call: Call) -> dict[str, Any]:
