@@ -54,7 +54,11 @@ def state(ctx: typer.Context) -> State:
 def open_database(ctx: typer.Context, *, require_current: bool = True) -> Iterator[Database]:
     """The cell's database from its config; refuses a schema that `db sync` has not brought up."""
     config = state(ctx).config
-    with Database(config.database.connection, busy_timeout_s=config.database.busy_timeout_s) as db:
+    with Database(
+        config.database.connection,
+        busy_timeout_s=config.database.busy_timeout_s,
+        create=not require_current,  # only `db sync` makes a database file
+    ) as db:
         if require_current:
             migrate.check_current(db)
         yield db

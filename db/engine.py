@@ -28,7 +28,13 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlch
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from zcells.errors import DatabaseBusy, DatabaseError, DatabaseFull, ValidationError
+from zcells.errors import (
+    DatabaseBusy,
+    DatabaseError,
+    DatabaseFull,
+    SchemaOutOfDate,
+    ValidationError,
+)
 
 _WRITE = "zcells_write"
 
@@ -50,13 +56,23 @@ def check_url(url: str) -> URL:
     return parsed
 
 
+def _missing_file(url: URL) -> bool:
+    database = url.database
+    return bool(database) and database != ":memory:" and not Path(database).expanduser().exists()
+
+
 class Database:
     """A cell's database: an engine plus transaction scopes that map errors."""
 
-    def __init__(self, url: str, *, busy_timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, *, busy_timeout_s: float = 5.0, create: bool = True) -> None:
+        """With `create` False, a SQLite file that does not exist yet is refused, not made."""
         parsed = check_url(url)
         self.url = parsed
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self.is_sqlite and not create and _missing_file(parsed):
+            raise SchemaOutOfDate(
+                f"{parsed.database}: no database there yet; create it with `zcells db sync`"
+            )
         if self.is_sqlite:
             self._prepare_sqlite_path(parsed)
         try:

@@ -76,7 +76,11 @@ def _load_keys(config: Config) -> KeyPair:
 
 
 def _open_database(config: Config) -> Database:
-    db = Database(config.database.connection, busy_timeout_s=config.database.busy_timeout_s)
+    db = Database(
+        config.database.connection,
+        busy_timeout_s=config.database.busy_timeout_s,
+        create=config.embedded,  # otherwise `zcells db sync` makes it
+    )
     try:
         if config.embedded:
             result = migrate.sync(db)

@@ -118,8 +118,11 @@ def test_commands_refuse_unsynced_database(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = write_config(tmp_path, "api")
+    before = sorted(tmp_path.rglob("*"))
     result = run(capsys, "--config", str(config), "cell", "list")
-    assert result.code == 1 and "zcells db sync" in result.err
+    assert result.code == 1 and "no database there yet" in result.err
+    assert "zcells db sync" in result.err
+    assert sorted(tmp_path.rglob("*")) == before  # a read never makes the database file
 
 
 # -- cell registry --------------------------------------------------------------------
