@@ -58,7 +58,9 @@ def check_url(url: str) -> URL:
 
 def _missing_file(url: URL) -> bool:
     database = url.database
-    return bool(database) and database != ":memory:" and not Path(database).expanduser().exists()
+    if not database or database == ":memory:":
+        return False
+    return not Path(database).expanduser().exists()
 
 
 class Database:
