@@ -196,12 +196,7 @@ class DevDir:
 
 def exports(tree: CellTree) -> list[str]:
     """The shell lines that point the client commands at the top cell as its admin."""
-    cell = top(tree)
-    return [
-        f"export ZCELLS_ENDPOINT={shlex.quote(cell.api_endpoint)}",
-        f"export ZCELLS_SERVER_KEY={shlex.quote(cell.keys.public)}",
-        f"export ZCELLS_KEY={shlex.quote(str(tree.client_keys.secret_path))}",
-    ]
+    return [f"export {name}={shlex.quote(value)}" for name, value in tree.client_env().items()]
 
 
 def top(tree: CellTree) -> CellProc:

@@ -303,6 +303,15 @@ class CellTree:
         )
         return CellClient(transport, timeout_s=timeout_s)
 
+    def client_env(self, name: str | None = None) -> dict[str, str]:
+        """The ZCELLS_* variables that point client commands at cell `name` (default: the top)."""
+        cell = self.cells[name] if name else next(iter(self.cells.values()))
+        return {
+            "ZCELLS_ENDPOINT": cell.api_endpoint,
+            "ZCELLS_SERVER_KEY": cell.keys.public,
+            "ZCELLS_KEY": str(self.client_keys.secret_path),
+        }
+
     def logs(self) -> str:
         return "\n".join(f"--- {c.name}\n{c.log_text()[-4000:]}" for c in self.cells.values())
 

@@ -19,17 +19,8 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CellTree]:
         yield cells
 
 
-def env(tree: CellTree) -> dict[str, str]:
-    api = tree.cells["api"]
-    return {
-        "ZCELLS_ENDPOINT": api.api_endpoint,
-        "ZCELLS_SERVER_KEY": api.keys.public,
-        "ZCELLS_KEY": str(tree.root / "client-keys" / "ops.key_secret"),
-    }
-
-
 def test_ping_all_json(tree: CellTree) -> None:
-    result = run_process("cell", "ping", "--all", "--json", "--wait", "30", env=env(tree))
+    result = run_process("cell", "ping", "--all", "--json", "--wait", "30", env=tree.client_env())
     assert result.code == 0, result.err
     rows = json.loads(result.out)
     assert [r["cell"] for r in rows] == ["api", "api!eu", "api!eu!eu-1"]
@@ -39,23 +30,25 @@ def test_ping_all_json(tree: CellTree) -> None:
 
 
 def test_ping_one_cell_json_and_text(tree: CellTree) -> None:
-    result = run_process("cell", "ping", "api!eu!eu-1", "--json", "--wait", "30", env=env(tree))
+    result = run_process(
+        "cell", "ping", "api!eu!eu-1", "--json", "--wait", "30", env=tree.client_env()
+    )
     assert result.code == 0, result.err
     answer = json.loads(result.out)
     assert set(answer) == {"cell", "rtt_ms"} and answer["cell"] == "api!eu!eu-1"
-    text = run_process("cell", "ping", "api!eu", env=env(tree))
+    text = run_process("cell", "ping", "api!eu", env=tree.client_env())
     assert re.fullmatch(r"api!eu: ok in [\d.]+ ms\n", text.out)
 
 
 def test_ping_unknown_path_names_the_hop(tree: CellTree) -> None:
-    result = run_process("cell", "ping", "api!eu!nope", env=env(tree))
+    result = run_process("cell", "ping", "api!eu!nope", env=tree.client_env())
     assert result.code == 1
     assert "api!eu" in result.err and "'nope'" in result.err
     assert "Traceback" not in result.err
 
 
 def test_ping_options_instead_of_environment(tree: CellTree) -> None:
-    e = env(tree)
+    e = tree.client_env()
     result = run_process(
         "cell",
         "ping",
@@ -79,27 +72,27 @@ def test_ping_options_instead_of_environment(tree: CellTree) -> None:
     ],
 )
 def test_missing_connection_settings_are_named(tree: CellTree, drop: str, message: str) -> None:
-    settings = env(tree)
+    settings = tree.client_env()
     settings[drop] = ""
     result = run_process("cell", "ping", "--all", env=settings)
     assert result.code == 2 and message in result.err
 
 
 def test_wrong_server_key_or_client_key_is_a_clear_error(tree: CellTree, tmp_path: Path) -> None:
-    settings = env(tree)
+    settings = tree.client_env()
     settings["ZCELLS_SERVER_KEY"] = tree.cells["eu"].keys.public  # not api's key
     result = run_process("cell", "ping", "api", "--timeout", "2", env=settings)
     assert result.code == 1 and "Traceback" not in result.err
     assert tree.cells["api"].api_endpoint in result.err
     run_process("keys", "gen", "stranger", "--dir", str(tmp_path))
-    settings = env(tree)
+    settings = tree.client_env()
     settings["ZCELLS_KEY"] = str(tmp_path / "stranger.key_secret")
     result = run_process("cell", "ping", "api", "--timeout", "2", env=settings)
     assert result.code == 1 and "refused" in result.err
 
 
 def test_ping_needs_a_path_or_all(tree: CellTree) -> None:
-    assert run_process("cell", "ping", env=env(tree)).code == 2
-    assert run_process("cell", "ping", "api", "--all", env=env(tree)).code == 2
-    bad = run_process("cell", "ping", "api!!x", env=env(tree))
+    assert run_process("cell", "ping", env=tree.client_env()).code == 2
+    assert run_process("cell", "ping", "api", "--all", env=tree.client_env()).code == 2
+    bad = run_process("cell", "ping", "api!!x", env=tree.client_env())
     assert bad.code == 2 and "cell path" in bad.err

@@ -39,14 +39,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CellTree]:
 
 def env(tree: CellTree, cell: str = "api", **extra: str) -> dict[str, str]:
     """Connection settings for `cell`'s api endpoint; output as if piped unless told."""
-    proc = tree.cells[cell]
-    return {
-        "ZCELLS_ENDPOINT": proc.api_endpoint,
-        "ZCELLS_SERVER_KEY": proc.keys.public,
-        "ZCELLS_KEY": str(tree.root / "client-keys" / "ops.key_secret"),
-        "TTY_COMPATIBLE": "0",
-        **extra,
-    }
+    return {**tree.client_env(cell), "TTY_COMPATIBLE": "0", **extra}
 
 
 def zcells(tree: CellTree, *argv: str, cell: str = "api", **extra: str) -> Result:

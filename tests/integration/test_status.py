@@ -46,15 +46,6 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CellTree]:
         yield cells
 
 
-def env(tree: CellTree) -> dict[str, str]:
-    api = tree.cells["api"]
-    return {
-        "ZCELLS_ENDPOINT": api.api_endpoint,
-        "ZCELLS_SERVER_KEY": api.keys.public,
-        "ZCELLS_KEY": str(tree.root / "client-keys" / "ops.key_secret"),
-    }
-
-
 def target(tree: CellTree) -> Target:
     api, keys = tree.cells["api"], tree.client_keys
     return Target(api.api_endpoint, api.keys.public, keys.public, keys.secret)
@@ -101,7 +92,7 @@ def test_every_cell_is_healthy_with_its_hosts_and_servers(tree: CellTree) -> Non
     tiny_mb = asyncio.run(make_servers())
     asyncio.run(settled(tree))
 
-    result = run_process("status", "--json", env=env(tree))
+    result = run_process("status", "--json", env=tree.client_env())
 
     assert result.code == 0, result.err
     snapshot = json.loads(result.out)
@@ -134,7 +125,7 @@ def test_every_cell_is_healthy_with_its_hosts_and_servers(tree: CellTree) -> Non
 
 def test_the_plain_view_names_every_cell(tree: CellTree) -> None:
     asyncio.run(settled(tree))
-    result = run_process("status", env=env(tree))
+    result = run_process("status", env=tree.client_env())
     assert result.code == 0, result.err
     lines = result.out.splitlines()
     assert lines[0].startswith("zcells status  api  4 cells: 4 healthy")
@@ -162,7 +153,7 @@ def test_watch_redraws_and_ends_cleanly(tree: CellTree) -> None:
 
     proc = subprocess.Popen(
         [*ZCELLS, "status", "--watch", "--json"],
-        env={**os.environ, **env(tree)},
+        env={**os.environ, **tree.client_env()},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -200,14 +191,14 @@ def test_a_killed_cell_is_unreachable_and_a_frozen_one_never_stalls_the_view(
         snapshot = asyncio.run(until(c2_mute, 20, "api to see c2 mute"))
         assert states(snapshot) == {**dict.fromkeys(CELLS, HEALTHY), "api!c2": UNREACHABLE}
 
-        result = run_process("status", "--json", "--timeout", "3", env=env(tree))
+        result = run_process("status", "--json", "--timeout", "3", env=tree.client_env())
         assert result.code == 1, result.err
         cells = {c["cell"]: c for c in json.loads(result.out)["cells"]}
         assert cells["api!c2"]["state"] == UNREACHABLE and cells["api!c2"]["error"]
         assert cells["api!c2"]["heard_s_ago"] >= 2 and cells["api!c2"]["hosts"] is None
         assert cells["api!c1!g1"]["state"] == HEALTHY
 
-        text = run_process("status", "--timeout", "3", env=env(tree))
+        text = run_process("status", "--timeout", "3", env=tree.client_env())
         assert text.code == 1
         for name in ("api", "c1", "g1", "c2"):
             assert f" {name}  " in text.out or f"\n{name}  " in text.out, name
@@ -218,7 +209,7 @@ def test_a_killed_cell_is_unreachable_and_a_frozen_one_never_stalls_the_view(
         tree.signal("g1", signal.SIGSTOP)
         try:
             started = time.monotonic()
-            frozen = run_process("status", "--json", "--timeout", "2", env=env(tree))
+            frozen = run_process("status", "--json", "--timeout", "2", env=tree.client_env())
             took = time.monotonic() - started
         finally:
             tree.signal("g1", signal.SIGCONT)
