@@ -62,32 +62,29 @@ def _require(condition: bool, field_name: str, expected: str) -> None:
         raise SchemaError(f"field {field_name!r}: expected {expected}")
 
 
+# The checks below run for every message on every hop: each tests first and
+# builds its error text only when it fails.
+
+
 def _check_id(value: object, field_name: str = "id") -> None:
-    _require(
-        type(value) is bytes and len(value) == MESSAGE_ID_BYTES,
-        field_name,
-        f"{MESSAGE_ID_BYTES} bytes",
-    )
+    if type(value) is not bytes or len(value) != MESSAGE_ID_BYTES:
+        raise SchemaError(f"field {field_name!r}: expected {MESSAGE_ID_BYTES} bytes")
 
 
 def _check_method(value: object) -> None:
-    _require(
-        type(value) is str
-        and 0 < len(value) <= MAX_METHOD_LENGTH
-        and value.isascii()
-        and value.replace("_", "a").isalnum(),
-        "method",
-        "a method name of letters, digits and '_'",
-    )
+    if (
+        type(value) is not str
+        or not 0 < len(value) <= MAX_METHOD_LENGTH
+        or not value.isascii()
+        or not value.replace("_", "a").isalnum()
+    ):
+        raise SchemaError("field 'method': expected a method name of letters, digits and '_'")
 
 
 def _check_path(path: object) -> None:
-    _require(
-        type(path) is tuple and len(path) <= MAX_HOPS_LIMIT + 1,
-        "path",
-        "a tuple of at most 65 cell paths",
-    )
-    for entry in path:  # type: ignore[attr-defined]
+    if type(path) is not tuple or len(path) > MAX_HOPS_LIMIT + 1:
+        raise SchemaError("field 'path': expected a tuple of at most 65 cell paths")
+    for entry in path:
         _check_cell(entry, "path")
 
 
@@ -115,19 +112,15 @@ def _check_cell(value: object, field_name: str) -> None:
 
 
 def _check_int(value: object, field_name: str, low: int, high: int) -> None:
-    _require(
-        type(value) is int and low <= value <= high,
-        field_name,
-        f"an integer from {low} to {high}",
-    )
+    if type(value) is not int or not low <= value <= high:
+        raise SchemaError(f"field {field_name!r}: expected an integer from {low} to {high}")
 
 
 def _check_time(value: object) -> None:
-    _require(
-        type(value) is float and math.isfinite(value) and value >= 0,
-        "ts",
-        "a non-negative finite float (seconds since the epoch)",
-    )
+    if type(value) is not float or not 0 <= value < math.inf:  # NaN fails both
+        raise SchemaError(
+            "field 'ts': expected a non-negative finite float (seconds since the epoch)"
+        )
 
 
 @dataclass(frozen=True)
@@ -175,19 +168,20 @@ class _Request:
     def _check_request(self) -> None:
         _check_id(self.id)
         _check_method(self.method)
-        _require(isinstance(self.body, Mapping), "body", "a map")
-        _require(isinstance(self.direction, Direction), "dir", "up or down")
+        body = self.body
+        if type(body) is not dict and not isinstance(body, Mapping):  # dict: no ABC lookup
+            raise SchemaError("field 'body': expected a map")
+        if type(self.direction) is not Direction:
+            raise SchemaError("field 'dir': expected up or down")
         _check_path(self.path)
         _check_int(self.hops, "hops", 0, MAX_HOPS_LIMIT)
         _check_int(self.max_hops, "max_hops", 1, MAX_HOPS_LIMIT)
-        _require(type(self.want_response) is bool, "want", "true or false")
+        if type(self.want_response) is not bool:
+            raise SchemaError("field 'want': expected true or false")
         _check_int(self.timeout_ms, "ttl_ms", 0, MAX_TIMEOUT_MS)
         _check_time(self.sent_at)
-        _require(
-            self.context is None or isinstance(self.context, RequestContext),
-            "ctx",
-            "a request context",
-        )
+        if self.context is not None and type(self.context) is not RequestContext:
+            raise SchemaError("field 'ctx': expected a request context")
 
 
 @dataclass(frozen=True)
@@ -338,6 +332,19 @@ MessageT = TypeVar(
     "MessageT",
     bound=Targeted | Broadcast | Response | Hello | Heartbeat | CellResult | RequestContext,
 )
+
+
+def from_fields(cls: type[MessageT], fields: dict[str, Any]) -> MessageT:
+    """A `cls` from `fields` (all of them, `kind` too), checked as its constructor checks it.
+
+    For the codec, once per message on every hop: the same `__post_init__`
+    checks, without the frozen dataclass setting each field in turn through
+    `object.__setattr__`.
+    """
+    new = object.__new__(cls)
+    new.__dict__.update(fields)
+    new.__post_init__()
+    return new
 
 
 def evolve(message: MessageT, **changes: Any) -> MessageT:
