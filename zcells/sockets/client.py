@@ -91,6 +91,12 @@ def monitor_event(frames: list[Any], _count: int) -> int:
     return int(parse_monitor_message(frames)["event"])
 
 
+# pyzmq's Socket.send is a Python layer (routing_id and group options) over the
+# compiled send, which refuses str itself; plain bytes frames need none of it,
+# and it runs once per frame.
+_send_frame: Final = zmq.backend.Socket.send
+
+
 def send_now(sock: Socket, frames: list[bytes]) -> None:
     """Queue one message without waiting: `zmq.Again` if libzmq cannot take it now.
 
@@ -99,7 +105,7 @@ def send_now(sock: Socket, frames: list[bytes]) -> None:
     """
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        sock.send(frame, _NOBLOCK if i == last else _MORE)
+        _send_frame(sock, frame, _NOBLOCK if i == last else _MORE)
 
 
 class Inbox(Generic[T]):
