@@ -229,12 +229,7 @@ HEADER_KEYS: Final[dict[Kind, dict[str, tuple[Check, str]]]] = {
         "your_path": (_is_opt_str, "a string or nil"),
     },
 }
-_CTX_KEYS: Final = {
-    "request_id": _is_str,
-    "client": _is_opt_str,
-    "project": _is_opt_str,
-    "roles": _is_str_list,
-}
+_CTX_KEYS: Final = frozenset({"request_id", "client", "project", "roles"})
 
 
 _KINDS: Final = {kind.value: kind for kind in Kind}
@@ -285,9 +280,16 @@ def _check_header(header: Any) -> tuple[Kind, dict[str, Any]]:
 def _context(raw: dict[str, Any] | None) -> RequestContext | None:
     if raw is None:
         return None
-    if raw.keys() != _CTX_KEYS.keys() or not all(_CTX_KEYS[k](v) for k, v in raw.items()):
+    if raw.keys() != _CTX_KEYS:
         raise SchemaError("header: field 'ctx': expected request_id, client, project, roles")
-    roles = raw["roles"]
+    client, project, roles = raw["client"], raw["project"], raw["roles"]
+    if (
+        type(raw["request_id"]) is not str
+        or (client is not None and type(client) is not str)
+        or (project is not None and type(project) is not str)
+        or not _is_str_list(roles)
+    ):
+        raise SchemaError("header: field 'ctx': expected request_id, client, project, roles")
     raw["roles"] = tuple(roles)
     return from_fields(RequestContext, raw)
 

@@ -161,6 +161,9 @@ def _check_time(value: object) -> None:
         )
 
 
+_ROLES: Final = ("admin", "member", "reader")
+
+
 @dataclass(frozen=True)
 class RequestContext:
     """Who a request is for: set by the cell that took it from a client, never by a child."""
@@ -171,22 +174,14 @@ class RequestContext:
     roles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _require(
-            type(self.request_id) is str and 0 < len(self.request_id) <= 64,
-            "ctx.request_id",
-            "a string of 1-64 characters",
-        )
-        for name in ("client", "project"):
-            value = getattr(self, name)
+        request_id, roles = self.request_id, self.roles
+        if type(request_id) is not str or not 0 < len(request_id) <= 64:
+            raise SchemaError("field 'ctx.request_id': expected a string of 1-64 characters")
+        for name, value in (("client", self.client), ("project", self.project)):
             if value is not None and (type(value) is not str or not _valid_name(value)):
                 raise SchemaError(f"field 'ctx.{name}': expected a name")
-        _require(
-            type(self.roles) is tuple
-            and len(self.roles) <= 8
-            and all(r in ("admin", "member", "reader") for r in self.roles),
-            "ctx.roles",
-            "a list of roles: admin, member, reader",
-        )
+        if type(roles) is not tuple or len(roles) > 8 or not all(r in _ROLES for r in roles):
+            raise SchemaError("field 'ctx.roles': expected a list of roles: admin, member, reader")
 
 
 @dataclass(frozen=True)
@@ -259,17 +254,15 @@ class CellResult:
 
     def __post_init__(self) -> None:
         _check_cell(self.cell, "results.cell")
-        _require(
-            self.rtt_ms is None or (type(self.rtt_ms) is float and math.isfinite(self.rtt_ms)),
-            "results.rtt_ms",
-            "a finite float or nil",
-        )
-        _require(isinstance(self.outcome, Outcome), "results.outcome", "ok, error or timed_out")
-        _require(
-            (self.error is not None) == (self.outcome is Outcome.ERROR),
-            "results.error",
-            "an error exactly when the outcome is error",
-        )
+        rtt_ms = self.rtt_ms
+        if rtt_ms is not None and (type(rtt_ms) is not float or not math.isfinite(rtt_ms)):
+            raise SchemaError("field 'results.rtt_ms': expected a finite float or nil")
+        if type(self.outcome) is not Outcome:
+            raise SchemaError("field 'results.outcome': expected ok, error or timed_out")
+        if (self.error is not None) != (self.outcome is Outcome.ERROR):
+            raise SchemaError(
+                "field 'results.error': expected an error exactly when the outcome is error"
+            )
 
     @property
     def ok(self) -> bool:
