@@ -148,6 +148,9 @@ class RawBody(Mapping[str, Any]):
     def __getitem__(self, key: str) -> Any:
         return self.decoded()[key]
 
+    def __contains__(self, key: object) -> bool:  # the dict's own, not Mapping's try/except
+        return key in self.decoded()
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.decoded())
 
@@ -182,8 +185,11 @@ def _is_float(v: Any) -> bool:
     return type(v) is float
 
 
+_STR: Final = frozenset({str})
+
+
 def _is_str_list(v: Any) -> bool:
-    return type(v) is list and all(type(x) is str for x in v)
+    return type(v) is list and _STR.issuperset(map(type, v))  # map: no generator per call
 
 
 def _is_ctx(v: Any) -> bool:
