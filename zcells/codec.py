@@ -45,6 +45,7 @@ from zcells.messages import (
     RequestContext,
     Response,
     Targeted,
+    from_fields,
 )
 
 FRAMES_PER_MESSAGE: Final = 2
@@ -147,6 +148,9 @@ class RawBody(Mapping[str, Any]):
     def __getitem__(self, key: str) -> Any:
         return self.decoded()[key]
 
+    def __contains__(self, key: object) -> bool:  # the dict's own, not Mapping's try/except
+        return key in self.decoded()
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.decoded())
 
@@ -181,8 +185,11 @@ def _is_float(v: Any) -> bool:
     return type(v) is float
 
 
+_STR: Final = frozenset({str})
+
+
 def _is_str_list(v: Any) -> bool:
-    return type(v) is list and all(type(x) is str for x in v)
+    return type(v) is list and _STR.issuperset(map(type, v))  # map: no generator per call
 
 
 def _is_ctx(v: Any) -> bool:
@@ -228,12 +235,7 @@ HEADER_KEYS: Final[dict[Kind, dict[str, tuple[Check, str]]]] = {
         "your_path": (_is_opt_str, "a string or nil"),
     },
 }
-_CTX_KEYS: Final = {
-    "request_id": _is_str,
-    "client": _is_opt_str,
-    "project": _is_opt_str,
-    "roles": _is_str_list,
-}
+_CTX_KEYS: Final = frozenset({"request_id", "client", "project", "roles"})
 
 
 _KINDS: Final = {kind.value: kind for kind in Kind}
@@ -284,14 +286,18 @@ def _check_header(header: Any) -> tuple[Kind, dict[str, Any]]:
 def _context(raw: dict[str, Any] | None) -> RequestContext | None:
     if raw is None:
         return None
-    if set(raw) != set(_CTX_KEYS) or not all(_CTX_KEYS[k](v) for k, v in raw.items()):
+    if raw.keys() != _CTX_KEYS:
         raise SchemaError("header: field 'ctx': expected request_id, client, project, roles")
-    return RequestContext(
-        request_id=raw["request_id"],
-        client=raw["client"],
-        project=raw["project"],
-        roles=tuple(raw["roles"]),
-    )
+    client, project, roles = raw["client"], raw["project"], raw["roles"]
+    if (
+        type(raw["request_id"]) is not str
+        or (client is not None and type(client) is not str)
+        or (project is not None and type(project) is not str)
+        or not _is_str_list(roles)
+    ):
+        raise SchemaError("header: field 'ctx': expected request_id, client, project, roles")
+    raw["roles"] = tuple(roles)
+    return from_fields(RequestContext, raw)
 
 
 _RESULT_KEYS: Final = frozenset({"cell", "outcome", "value", "error", "rtt_ms"})
@@ -335,38 +341,43 @@ def _result_to_wire(result: CellResult) -> dict[str, Any]:
 
 
 def encode(message: Message) -> list[bytes]:
-    """The two frames of `message`."""
+    """The two frames of `message`.
+
+    Kind and direction go in as the enum members themselves: they are `str`
+    subclasses, which msgpack packs as the same strings as their values, and
+    this runs for every message sent.
+    """
     header: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
-        "kind": message.kind.value,
+        "kind": message.kind,
         "id": message.id,
         "ts": message.sent_at,
     }
     body: Any = {}
-    if isinstance(message, Targeted | Broadcast):
+    if isinstance(message, (Targeted, Broadcast)):
         ctx = message.context
-        header.update(
-            method=message.method,
-            dir=message.direction.value,
-            path=list(message.path),
-            hops=message.hops,
-            max_hops=message.max_hops,
-            want=message.want_response,
-            ttl_ms=message.timeout_ms,
-            ctx=None
+        header["method"] = message.method
+        header["dir"] = message.direction
+        header["path"] = list(message.path)
+        header["hops"] = message.hops
+        header["max_hops"] = message.max_hops
+        header["want"] = message.want_response
+        header["ttl_ms"] = message.timeout_ms
+        header["ctx"] = (
+            None
             if ctx is None
             else {
                 "request_id": ctx.request_id,
                 "client": ctx.client,
                 "project": ctx.project,
                 "roles": list(ctx.roles),
-            },
+            }
         )
         if isinstance(message, Targeted):
             header["target"] = message.target
         else:
             header["local"] = message.run_locally
-        if isinstance(message.body, RawBody):  # passed on as it came
+        if type(message.body) is RawBody:  # passed on as it came
             return [_pack(header), message.body.raw]
         body = dict(message.body)
     elif isinstance(message, Response):
@@ -411,22 +422,25 @@ def _build(kind: Kind, h: dict[str, Any], body_frame: bytes) -> Message:
         direction = _DIRECTIONS.get(h["dir"])
         if direction is None:
             raise SchemaError("header: field 'dir': expected up or down")
-        common: dict[str, Any] = dict(
-            id=h["id"],
-            method=h["method"],
-            body=RawBody(body_frame),
-            direction=direction,
-            path=tuple(h["path"]),
-            hops=h["hops"],
-            max_hops=h["max_hops"],
-            want_response=h["want"],
-            timeout_ms=h["ttl_ms"],
-            sent_at=h["ts"],
-            context=_context(h["ctx"]),
-        )
+        fields: dict[str, Any] = {
+            "id": h["id"],
+            "method": h["method"],
+            "body": RawBody(body_frame),
+            "direction": direction,
+            "path": tuple(h["path"]),
+            "hops": h["hops"],
+            "max_hops": h["max_hops"],
+            "want_response": h["want"],
+            "timeout_ms": h["ttl_ms"],
+            "sent_at": h["ts"],
+            "context": _context(h["ctx"]),
+            "kind": kind,
+        }
         if kind is Kind.TARGETED:
-            return Targeted(**common, target=h["target"])
-        return Broadcast(**common, run_locally=h["local"])
+            fields["target"] = h["target"]
+            return from_fields(Targeted, fields)
+        fields["run_locally"] = h["local"]
+        return from_fields(Broadcast, fields)
     body = _unpack(body_frame, _BODY_LIMITS, "body")
     if type(body) is not dict:
         raise SchemaError("body: expected a map")

@@ -366,13 +366,15 @@ class Node:
             if skew > self.settings.max_clock_skew_s:
                 raise StaleMessage(f"sent {skew:.0f}s away from this cell's clock", self._here())
             caller = self._caller(peer)
-            if self._in_flight[peer] >= self.settings.max_in_flight_per_peer:
-                raise Busy(f"{peer} has {self._in_flight[peer]} requests in flight", self._here())
+            in_flight = self._in_flight.get(peer, 0)  # get: a Counter's __missing__ is Python
+            if in_flight >= self.settings.max_in_flight_per_peer:
+                raise Busy(f"{peer} has {in_flight} requests in flight", self._here())
             if peer.role is Role.CLIENT:
                 message = self._as_client_request(peer, caller, message)
-            elif peer.role is Role.CHILD:
+            elif peer.role is Role.CHILD and message.context is not None:
                 message = evolve(message, context=None)  # children never speak for users
-            stamped = routing.accept(self.view, peer, message)
+            view = self.neighbours.view
+            stamped = routing.accept(view, peer, message)
             method = self.methods.resolve(message.kind, message.method, caller)
         except WireError as exc:
             self._refuse(peer, message, exc)
@@ -380,7 +382,7 @@ class Node:
         deadline = started + self._budget_s(message)
         if isinstance(stamped, Targeted):
             try:
-                decision = routing.route_targeted(self.view, stamped, peer)
+                decision = routing.route_targeted(view, stamped, peer)
             except WireError as exc:
                 self._refuse(peer, message, exc)
                 return
@@ -389,7 +391,7 @@ class Node:
             else:
                 self._forward(peer, message, decision, started, deadline)
         else:
-            fanout = routing.route_broadcast(self.view, stamped)
+            fanout = routing.route_broadcast(view, stamped)
             self._fan_out(peer, message, fanout, caller, method, started, deadline)
 
     def _as_client_request(self, peer: Peer, role: str, message: Request) -> Request:

@@ -26,6 +26,7 @@ Rules (docs/protocol.md explains them with examples):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -83,7 +84,7 @@ class View:
         paths = self.paths
         return paths[0] if paths else self.name
 
-    @property
+    @functools.cached_property  # asked for every request; a view is replaced, never changed
     def paths(self) -> tuple[str, ...]:
         """This cell's full paths: one per parent that said hello, its name if a top cell."""
         if not self.parents:
@@ -103,7 +104,7 @@ class View:
                 "no parent has said hello",
                 self.name,
             )
-        if target is not None:
+        if target is not None and len(paths) > 1:
             return max(paths, key=lambda p: (_shared(p, target), p))
         return paths[0]
 

@@ -15,7 +15,7 @@ lives here so that `zcells.sockets.transport` can import it (and re-export
 * An `Inbox` is the bounded queue pumps fill. When it is full a pump stops
   reading (its socket's RCVHWM, then TCP, hold the sender back) and takes up
   again once the reader has emptied half of it. Link changes, which must not
-  hold up a monitor socket, wait in order behind a full queue: nothing is
+  hold up a monitor socket, queue in order past the bound: nothing is
   dropped while the inbox is open.
 * Every monitor socket has a pump that never pauses: libzmq's monitor send
   blocks once the monitor's pipe is full, which would stall the socket it
@@ -93,6 +93,12 @@ def monitor_event(frames: list[Any], _count: int) -> int:
     return int(parse_monitor_message(frames)["event"])
 
 
+# pyzmq's Socket.send is a Python layer (routing_id and group options) over the
+# compiled send, which refuses str itself; plain bytes frames need none of it,
+# and it runs once per frame.
+_send_frame: Final = zmq.backend.Socket.send
+
+
 def send_now(sock: Socket, frames: list[bytes]) -> None:
     """Queue one message without waiting: `zmq.Again` if libzmq cannot take it now.
 
@@ -101,58 +107,85 @@ def send_now(sock: Socket, frames: list[bytes]) -> None:
     """
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        sock.send(frame, _NOBLOCK if i == last else _MORE)
+        _send_frame(sock, frame, _NOBLOCK if i == last else _MORE)
 
 
 class Inbox(Generic[T]):
-    """A bounded queue filled by pumps: a full inbox pauses them, reading it resumes them."""
+    """A bounded queue filled by pumps: a full inbox pauses them, reading it resumes them.
+
+    A deque and the futures of waiting readers, not an `asyncio.Queue`: an
+    item goes in and out once per message, and a reader that finds one takes
+    it without suspending. Items put while it is full (link changes, the rest
+    of a message's handling) are kept, in order; `room()` is what pauses pumps.
+    """
 
     def __init__(self, size: int) -> None:
-        self.queue: asyncio.Queue[T | None] = asyncio.Queue(maxsize=size)
-        self._waiting: deque[T] = deque()  # must-keep items behind a full queue, in order
+        self._items: deque[T | None] = deque()
+        self._size = size
+        self._readers: deque[asyncio.Future[None]] = deque()
         self._paused: list[Pump] = []
         self._resume_at = size // 2
 
-    def room(self) -> bool:
-        return not self._waiting and not self.queue.full()
+    def room(self) -> int:
+        """How many more items fit before the inbox is full (0 or less: none)."""
+        return self._size - len(self._items)
 
     def size(self) -> int:
-        return self.queue.qsize() + len(self._waiting)
+        return len(self._items)
 
     def put(self, item: T) -> None:
-        """Queue an item, or hold it behind a full queue; never dropped, never waited on."""
-        if self.room():
-            self.queue.put_nowait(item)
-        else:
-            self._waiting.append(item)
+        """Queue an item, even past the bound; never dropped, never waited on."""
+        self._items.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        readers = self._readers
+        while readers:
+            reader = readers.popleft()
+            if not reader.done():
+                reader.set_result(None)
+                return
 
     def pause(self, pump: Pump) -> None:
         self._paused.append(pump)
 
     async def get(self) -> T | None:
-        """The next item (returns at once if there is one); None once the inbox is ended."""
-        item = await self.queue.get()
-        if self._waiting or self._paused:
-            self._refill()
-        return item
+        """The next item (returns at once if there is one); None once the inbox is ended.
 
-    def _refill(self) -> None:
-        while self._waiting and not self.queue.full():
-            self.queue.put_nowait(self._waiting.popleft())
-        if self._paused and not self._waiting and self.queue.qsize() <= self._resume_at:
+        The end marker stays in place for every later reader.
+        """
+        items = self._items
+        while not items:
+            reader = asyncio.get_running_loop().create_future()
+            self._readers.append(reader)
+            try:
+                await reader
+            except BaseException:
+                reader.cancel()
+                if items and not reader.cancelled():  # woken, then cancelled: pass it on
+                    self._wake()
+                raise
+        item = items[0]
+        if item is None:
+            return None
+        items.popleft()
+        if self._paused and len(items) <= self._resume_at:
             paused, self._paused = self._paused, []
             for pump in paused:
                 pump.resume()
+        return item
 
     def end(self) -> None:
         """Drop what nobody read if that makes room, then the end marker, for every reader."""
         self._paused.clear()
-        while self._waiting and not self.queue.full():
-            self.queue.put_nowait(self._waiting.popleft())
-        self._waiting.clear()
-        while self.queue.full():
-            self.queue.get_nowait()
-        self.queue.put_nowait(None)
+        items = self._items
+        while len(items) > self._size:  # what waited behind a full queue
+            items.pop()
+        if len(items) == self._size:
+            items.popleft()
+        items.append(None)
+        while self._readers:
+            self._wake()
 
 
 class Pump:
@@ -199,23 +232,29 @@ class Pump:
                 self._loop.remove_reader(self._fd)
 
     def _drain(self) -> None:
+        """Read what is waiting, at most `BATCH` messages, until ZMQ_EVENTS shows no POLLIN.
+
+        Asking ZMQ_EVENTS before each message measured cheaper than receiving
+        until EAGAIN: pyzmq raises `zmq.Again` for that, which costs about three
+        times as much, and a wake-up often finds only one or two messages.
+        """
         self._poked = False
+        if not self._reading():
+            return
         sock, get, inbox, deliver = self.sock, self._get, self._inbox, self._deliver
-        for _ in range(BATCH):
-            if self._stopped or self._paused:
-                return
-            try:
-                if not get(_EVENTS) & _POLLIN:
-                    return
-            except zmq.ZMQError as exc:
-                self._broken(exc)
-                return
-            if inbox is not None and not inbox.room():
+        limit = BATCH
+        if inbox is not None:
+            room = inbox.room()
+            if room <= 0:
                 self._paused = True
                 self._loop.remove_reader(self._fd)
                 inbox.pause(self)
                 return
+            limit = min(BATCH, room)
+        for _ in range(limit):
             try:
+                if not get(_EVENTS) & _POLLIN:
+                    return
                 frames, count = self._recv(sock)
             except zmq.Again:
                 return
@@ -226,7 +265,12 @@ class Pump:
                 deliver(frames, count)
             except Exception as exc:  # one message never ends the reading (SECURITY.md §0.8)
                 self._failed("message", exc)
-        self.poke()  # more may be waiting: let the rest of the loop run first
+            if self._stopped:
+                return
+        self.poke()  # more may be waiting, or the inbox is full: let the rest of the loop run
+
+    def _reading(self) -> bool:
+        return not (self._stopped or self._paused)
 
     def _recv(self, sock: Socket) -> tuple[list[Any], int]:
         frames: list[Any] = [sock.recv(_NOBLOCK, copy=self._copy_first)]
@@ -362,10 +406,8 @@ class ZmqClient(ClientTransport):
 
     async def recv(self) -> Message:
         self._live()
-        inbox = self._inbox
-        frames = await inbox.get()
-        if frames is None:  # closed under us: leave the marker for the next reader too
-            inbox.queue.put_nowait(None)
+        frames = await self._inbox.get()
+        if frames is None:  # closed under us
             raise TransportClosed(f"the client of {self.endpoint} closed")
         if isinstance(frames, FrameError):
             raise frames

@@ -256,9 +256,8 @@ class ZmqTransport(Transport):
     # -- events -------------------------------------------------------------------------
 
     async def recv(self) -> Event:
-        event = None if self._closed and self._inbox.queue.empty() else await self._inbox.get()
-        if event is None:  # closed: leave the marker for the next reader too
-            self._inbox.queue.put_nowait(None)
+        event = None if self._closed and not self._inbox.size() else await self._inbox.get()
+        if event is None:  # closed; the end marker stays for the next reader too
             raise TransportClosed("transport is closed", self.identity.name)
         return event
 
