@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 from typing import Any, Final
 
 import msgpack  # type: ignore[import-untyped]
@@ -689,7 +689,7 @@ def _sqlite_row(record: _Record) -> tuple[Any, ...]:
 
     The same values the column types' bind processors make, so a row reads
     back the same whichever path wrote it: booleans as 0 or 1, metadata as
-    `json.dumps` text, times as `_sqlite_time` text.
+    `_sqlite_json` text, times as `_sqlite_time` text.
     """
     fault = record.fault
     task_state = record.task_state
@@ -712,7 +712,7 @@ def _sqlite_row(record: _Record) -> tuple[Any, ...]:
         record.host,
         record.version,
         1 if vm_state is VmState.DELETED else 0,
-        json.dumps(dict(record.metadata)),
+        _sqlite_json(record.metadata),
         _sqlite_time(record.created_at),
         _sqlite_time(record.updated_at),
         None if deleted_at is None else _sqlite_time(deleted_at),
@@ -720,6 +720,19 @@ def _sqlite_row(record: _Record) -> tuple[Any, ...]:
         None if fault is None else fault.message,
         None if fault is None else fault.cell,
     )
+
+
+def _sqlite_json(metadata: Mapping[str, str]) -> str:
+    """`json.dumps(metadata)`, as the JSON type binds it, for a map of strings to strings.
+
+    Each string is escaped by the function `json.dumps` escapes it with, and
+    put together with its separators; `json.dumps` builds an encoder on
+    every call, which took more than twice as long.
+    """
+    items = [
+        f"{encode_basestring_ascii(k)}: {encode_basestring_ascii(v)}" for k, v in metadata.items()
+    ]
+    return "{" + ", ".join(items) + "}"
 
 
 def _sqlite_time(seconds: float) -> str:

@@ -660,7 +660,11 @@ def test_the_index_stores_applied_rows_as_sqlalchemy_stores_them(tmp_path: Path)
     fault = Fault("E_NO_VALID_HOST", 'no host had room: "h1" \u00e9\u4e16', CELL)
     odd = replace(
         placed(server(2, now=1_764_000_000.123456789), CELL, "h2", 1_764_000_001.9999995),
-        metadata={'quote"d': "caf\u00e9 \u4e16\u754c \U0001f600", "empty": ""},
+        metadata={
+            'quote"d\\': "caf\u00e9 \u4e16\u754c \U0001f600",
+            "empty": "",
+            "ctl": "a\n\x00\u2028\t/",
+        },
     )
     records = [
         *(history(7 + n)[n] for n in range(4)),  # placed, active, deleting, deleted
