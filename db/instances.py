@@ -43,6 +43,7 @@ from typing import Any, Final
 
 import msgpack  # type: ignore[import-untyped]
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
     Connection,
     Insert,
@@ -744,19 +745,25 @@ def _sqlite_time(seconds: float) -> str:
     return _when(seconds).isoformat(" ", "microseconds")[:-6]
 
 
-_HELD: Final = (
-    select(
-        _i.uuid,
-        _i.version,
-        _i.cell_name,
-        _i.fault_code,
-        _i.fault_message,
-        _i.fault_cell,
-        _i.vm_state,
-    )
-    .where(_i.uuid.in_(bindparam("uuids", expanding=True)))
-    .with_for_update()
+_HELD_COLUMNS: Final = (
+    _i.uuid,
+    _i.version,
+    _i.cell_name,
+    _i.fault_code,
+    _i.fault_message,
+    _i.fault_cell,
+    _i.vm_state,
 )
+_HELD: Final = (
+    select(*_HELD_COLUMNS).where(_i.uuid.in_(bindparam("uuids", expanding=True))).with_for_update()
+)
+
+
+@functools.lru_cache(maxsize=32)
+def _held_sqlite(dialect: Dialect, count: int) -> str:
+    """`_HELD` for exactly `count` uuids, compiled once for this SQLite dialect."""
+    names: list[BindParameter[str]] = [bindparam(f"uuid_{n}") for n in range(count)]
+    return str(select(*_HELD_COLUMNS).where(_i.uuid.in_(names)).compile(dialect=dialect))
 
 
 _Held = tuple[int, str | None, Fault | None, bool]
@@ -765,12 +772,21 @@ _Held = tuple[int, str | None, Fault | None, bool]
 def _held(conn: Connection, uuids: Collection[str]) -> dict[str, _Held]:
     """Version, cell, latest fault and deletedness of the instances held here.
 
-    The rows are locked on PostgreSQL.
+    The rows are locked on PostgreSQL. On SQLite the query is compiled once per
+    size of list, each list padded to a power of two (repeats change nothing
+    in an IN list): expanding the list for every query took about a third of
+    the time of this function on a child's batch.
     """
     held: dict[str, _Held] = {}
     deleted = VmState.DELETED.value
+    sqlite = conn.dialect.name == "sqlite"
     for chunk in _chunks(sorted(uuids), _IN_LIMIT):
-        rows = conn.execute(_HELD, {"uuids": chunk}).all()
+        if sqlite:
+            size = min(1 << (len(chunk) - 1).bit_length(), _IN_LIMIT)
+            padded = (*chunk, *(chunk[-1],) * (size - len(chunk)))
+            rows = conn.exec_driver_sql(_held_sqlite(conn.dialect, size), padded).all()
+        else:
+            rows = conn.execute(_HELD, {"uuids": chunk}).all()
         held.update(
             (
                 uuid,
