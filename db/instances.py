@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -739,10 +740,27 @@ def _sqlite_json(metadata: Mapping[str, str]) -> str:
 def _sqlite_time(seconds: float) -> str:
     """`_when(seconds)` as SQLAlchemy's SQLite DATETIME stores it: naive UTC, to the microsecond.
 
-    Its format is ``YYYY-MM-DD HH:MM:SS.ffffff``: the aware ISO form less its
-    ``+00:00``.
+    Its format is ``YYYY-MM-DD HH:MM:SS.ffffff``. The microseconds are rounded
+    as `datetime.fromtimestamp` rounds them (the fraction times a million, half
+    to even, a million carried into the second) and the whole second is
+    formatted once: the times of the changes that flow up at once fall in few
+    seconds, and formatting each whole was a tenth of the time of an apply.
     """
-    return _when(seconds).isoformat(" ", "microseconds")[:-6]
+    if not 0.0 <= seconds < _LAST_SECOND:  # negative, past year 9999, or not a number
+        return _when(seconds).isoformat(" ", "microseconds")[:-6]
+    fraction, whole = math.modf(seconds)
+    micro = round(fraction * 1e6)
+    if micro == 1_000_000:
+        whole, micro = whole + 1.0, 0
+    return f"{_sqlite_second(whole)}.{micro:06d}"
+
+
+_LAST_SECOND: Final = 253_402_300_799.0  # 9999-12-31 23:59:59 UTC
+
+
+@functools.lru_cache(maxsize=4096)
+def _sqlite_second(whole: float) -> str:
+    return _when(whole).isoformat(" ", "seconds")[:-6]
 
 
 _HELD_COLUMNS: Final = (

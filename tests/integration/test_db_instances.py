@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 import uuid as uuid_module
@@ -15,10 +16,11 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from zcells.db import hosts, migrate
 from zcells.db import instances as store
 from zcells.db.engine import Database
-from zcells.db.models import HostRow, InstanceFaultRow, InstanceRow, RequestLogRow
+from zcells.db.models import HostRow, InstanceFaultRow, InstanceRow, RequestLogRow, UTCDateTime
 
 from zcells.errors import (
     Conflict,
@@ -695,6 +697,23 @@ def test_the_index_stores_applied_rows_as_sqlalchemy_stores_them(tmp_path: Path)
         store.index_create(typed, [verdict], "verdict")
         assert raw_rows(applied) == raw_rows(typed)
         assert store.get(applied, verdict.uuid) == verdict
+
+
+def test_times_are_bound_as_the_sqlite_datetime_type_binds_them() -> None:
+    """Rounded to the microsecond as `datetime.fromtimestamp` rounds, in the type's format."""
+    bind = UTCDateTime().dialect_impl(sqlite_dialect()).bind_processor(sqlite_dialect())
+    assert bind is not None
+    rng = random.Random(7)
+    edges = [0.0, 5e-7, 1.5e-6, 2.5e-6, 0.9999995, 1.9999995, -1.5, T0, T0 + 0.9999996]
+    last = 253_402_300_799.0  # the last second of year 9999
+    edges += [last, last + 0.25, last - 1e-7, 2**31 + 0.5]
+    spread = [rng.uniform(0, 4e9) for _ in range(20_000)]
+    halves = [T0 + n / 1e6 + 5e-7 for n in range(2_000)]  # a half microsecond: to even
+    for seconds in [*edges, *spread, *halves]:
+        assert store._sqlite_time(seconds) == bind(datetime.fromtimestamp(seconds, UTC)), seconds
+    for far in (last + 1, 1e18, float("inf"), float("nan")):
+        with pytest.raises(SchemaError):
+            store._sqlite_time(far)
 
 
 def raw_rows(db: Database) -> list[tuple[object, ...]]:
