@@ -492,7 +492,7 @@ def _exact(instance: Instance) -> Instance:
     )
 
 
-def _values(instance: Instance | InstanceFields) -> dict[str, Any]:
+def _values(instance: _Record) -> dict[str, Any]:
     fault = instance.fault
     deleted_at = instance.deleted_at
     return {
@@ -577,7 +577,7 @@ def _after(conn: Connection, marker: str, project: str | None) -> ColumnElement[
     return or_(_i.created_at > created_at, and_(_i.created_at == created_at, _i.uuid > marker))
 
 
-def _record_faults(conn: Connection, instances: Sequence[Instance | InstanceFields]) -> None:
+def _record_faults(conn: Connection, instances: Sequence[_Record]) -> None:
     """Add the fault each instance carries to its history, once per instance version."""
     rows = [
         {
@@ -744,7 +744,7 @@ def _sqlite_time(seconds: float) -> str:
     as `datetime.fromtimestamp` rounds them (the fraction times a million, half
     to even, a million carried into the second) and the whole second is
     formatted once: the times of the changes that flow up at once fall in few
-    seconds, and formatting each whole was a tenth of the time of an apply.
+    seconds, and formatting each in full took about a tenth of an apply.
     """
     if not 0.0 <= seconds < _LAST_SECOND:  # negative, past year 9999, or not a number
         return _when(seconds).isoformat(" ", "microseconds")[:-6]
@@ -791,9 +791,9 @@ def _held(conn: Connection, uuids: Collection[str]) -> dict[str, _Held]:
     """Version, cell, latest fault and deletedness of the instances held here.
 
     The rows are locked on PostgreSQL. On SQLite the query is compiled once per
-    size of list, each list padded to a power of two (repeats change nothing
-    in an IN list): expanding the list for every query took about a third of
-    the time of this function on a child's batch.
+    size of list, each list padded to a power of two or to `_IN_LIMIT`
+    (repeats change nothing in an IN list): expanding the list for every
+    query took about a third of the time of this function on a child's batch.
     """
     held: dict[str, _Held] = {}
     deleted = VmState.DELETED.value

@@ -14,8 +14,9 @@ Rules kept here:
   version, so that the delete itself flows up like any other change.
 * An action starts only from the states nova allows it from (`Conflict`
   otherwise), and one action runs at a time.
-* Anything taken from the wire goes through `Instance.from_wire`, which
-  checks every field and refuses extra ones (`SchemaError`).
+* Anything taken from the wire goes through `fields_from_wire` (by itself,
+  or under `Instance.from_wire`), which checks every field and refuses extra
+  ones (`SchemaError`).
 """
 
 from __future__ import annotations
