@@ -14,7 +14,10 @@ Rules kept here (DESIGN.md §4):
   was restored while the link stayed up, or came back before any call
   failed) applies it and answers ``gap``; the cell then requeues as below.
 * One batch in flight per parent, in sequence order, bounded in rows and in
-  bytes so it always fits the parent's frame limit.
+  bytes so it always fits the parent's frame limit. While it is in flight the
+  rows after it are read and the rows acked before it trimmed, so the next
+  batch leaves as soon as the ack comes; a read ahead is used only if the
+  parent acked the whole batch.
 * A row is trimmed only once every parent has applied it.
 * If the rows a parent needs were trimmed already (its database was restored
   from an old backup, or it is a new parent), the cell requeues the current
@@ -41,6 +44,8 @@ BATCH_ROWS = 1000
 # Payload bytes per batch, well inside the parent's frame limit (max_message_bytes,
 # 1 MiB by default) with room for the envelope: a batch of large records is cut short.
 BATCH_BYTES = 512 * 1024
+
+Rows = list[tuple[int, str, bytes]]  # outbox rows: (seq, kind, payload)
 
 
 class Upstream:
@@ -96,6 +101,7 @@ class Upstream:
 
     async def _stream(self, parent: str) -> None:
         applied: int | None = None
+        ahead: Rows = []  # the rows after `applied`, read while the last batch was in flight
         while True:
             path = self.node.view.parents.get(parent)
             if path is None:
@@ -103,9 +109,10 @@ class Upstream:
                 continue
             try:
                 if applied is None:
+                    ahead = []
                     applied = await self._progress(parent, path)
                     await self._check_gap(parent, applied)
-                applied = await self._send_batch(parent, path, applied)
+                applied, ahead = await self._send_batch(parent, path, applied, ahead)
             except (WireError, DatabaseError) as exc:
                 logs.event(
                     log,
@@ -125,22 +132,36 @@ class Upstream:
         logs.event(log, logging.INFO, "upstream.resume", parent=parent, after=applied)
         return applied
 
-    async def _send_batch(self, parent: str, path: str, applied: int) -> int:
-        """Send the rows after `applied`, or wait for some; the parent's new sequence."""
+    async def _send_batch(
+        self, parent: str, path: str, applied: int, ahead: Rows
+    ) -> tuple[int, Rows]:
+        """Send the rows after `applied` (`ahead` if read already), or wait for some.
+
+        The parent's new sequence, and the rows after it if they were read
+        while the batch was in flight.
+        """
         bell = self._bells[parent]
         bell.clear()
-        rows = await self.db.read(store.read_outbox, applied, self.batch_rows)
+        rows = ahead or await self.db.read(store.read_outbox, applied, self.batch_rows)
         if not rows:
             try:
                 async with asyncio.timeout(self.idle_s):
                     await bell.wait()
             except TimeoutError:
                 pass
-            return applied
+            return applied, []
         rows = within_bytes(rows, self.batch_bytes)
-        answer = (
-            await self.node.call("updates", {"rows": [list(row) for row in rows]}, target=path)
-        ).unwrap()
+        last = rows[-1][0]
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                call = tasks.create_task(
+                    self.node.call("updates", {"rows": [list(row) for row in rows]}, target=path)
+                )
+                after = tasks.create_task(self.db.read(store.read_outbox, last, self.batch_rows))
+                tasks.create_task(self._trim())  # what every parent acked before this batch
+        except ExceptionGroup as group:
+            raise group.exceptions[0] from None  # the first failure is the batch's
+        answer = call.result().unwrap()
         new = _sequence(answer)
         self.sent += len(rows)
         self.acked[parent] = new
@@ -148,8 +169,12 @@ class Upstream:
             # The parent had applied less than this cell last heard (its database was
             # restored): the rows it lacks were trimmed here, so everything goes again.
             await self._requeue_everything(parent, new, rows[0][0])
-        await self._trim()
-        return new
+            await self._trim()
+            return new, []  # read afresh after the requeue
+        ahead = after.result() if new == last else []
+        if not ahead:
+            await self._trim()  # nothing to send at once: trim what this ack allows now
+        return new, ahead
 
     async def _check_gap(self, parent: str, applied: int) -> None:
         """Whether rows the parent has not applied were trimmed already; if so, requeue all.
@@ -189,7 +214,7 @@ class Upstream:
             await self.db.write(store.trim_outbox, upto)
 
 
-def within_bytes(rows: list[tuple[int, str, bytes]], limit: int) -> list[tuple[int, str, bytes]]:
+def within_bytes(rows: Rows, limit: int) -> Rows:
     """The leading rows whose payloads fit in `limit` bytes; always at least the first."""
     total = 0
     for index, (_, _, payload) in enumerate(rows):

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 import uuid as uuid_module
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import msgpack
 import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from zcells.db import hosts, migrate
 from zcells.db import instances as store
 from zcells.db.engine import Database
-from zcells.db.models import HostRow, InstanceFaultRow, RequestLogRow
+from zcells.db.models import HostRow, InstanceFaultRow, InstanceRow, RequestLogRow, UTCDateTime
 
 from zcells.errors import (
     Conflict,
@@ -652,6 +655,76 @@ def test_faults_in_updates_are_kept_once_per_version(synced: Database) -> None:
         (v1.uuid, 2, "E_NO_VALID_HOST", CELL),
         (v1.uuid, 4, "E_INTERNAL", None),
     ]
+
+
+def test_the_index_stores_applied_rows_as_sqlalchemy_stores_them(tmp_path: Path) -> None:
+    """On SQLite the apply binds rows itself; what it writes equals what SQLAlchemy writes."""
+    fault = Fault("E_NO_VALID_HOST", 'no host had room: "h1" \u00e9\u4e16', CELL)
+    odd = replace(
+        placed(server(2, now=1_764_000_000.123456789), CELL, "h2", 1_764_000_001.9999995),
+        metadata={
+            'quote"d\\': "caf\u00e9 \u4e16\u754c \U0001f600",
+            "empty": "",
+            "ctl": "a\n\x00\u2028\t/",
+        },
+    )
+    records = [
+        *(history(7 + n)[n] for n in range(4)),  # placed, active, deleting, deleted
+        odd,
+        failed(placed(server(3), CELL, "h1", T0 + 1), fault, T0 + 2),
+        failed(placed(server(4), CELL, "h1", T0), Fault("E_INTERNAL", "", None), 0.0000005),
+        replace(placed(server(5, now=0.0), CELL, "h1", 1), metadata={}, deleted_at=2**33 + 0.5),
+    ]
+    # The records into two indexes: through SQLAlchemy's types, and through the apply.
+    with (
+        Database(f"sqlite:///{tmp_path / 'typed.db'}") as typed,
+        Database(f"sqlite:///{tmp_path / 'applied.db'}") as applied,
+    ):
+        migrate.sync(typed)
+        migrate.sync(applied)
+        store.index_create(typed, records, "create")
+        rows = [row(seq, record) for seq, record in enumerate(records, 1)]
+        result = store.apply_updates(applied, "eu", "api!eu", rows, store_forward=False)
+        assert result.applied == len(records)
+        assert raw_rows(applied) == raw_rows(typed)
+        everything = {"include_deleted": True}
+        assert store.list_instances(applied, **everything) == store.list_instances(
+            typed, **everything
+        )
+        # A record of no cell, as a verdict at the top is, goes the same way.
+        verdict = failed(server(99), fault, T0 + 5)
+        assert store.index_put(applied, verdict)
+        store.index_create(typed, [verdict], "verdict")
+        assert raw_rows(applied) == raw_rows(typed)
+        assert store.get(applied, verdict.uuid) == verdict
+
+
+def test_times_are_bound_as_the_sqlite_datetime_type_binds_them() -> None:
+    """Rounded to the microsecond as `datetime.fromtimestamp` rounds, in the type's format."""
+    bind = UTCDateTime().dialect_impl(sqlite_dialect()).bind_processor(sqlite_dialect())
+    assert bind is not None
+    rng = random.Random(7)
+    edges = [0.0, 5e-7, 1.5e-6, 2.5e-6, 0.9999995, 1.9999995, -1.5, T0, T0 + 0.9999996]
+    last = 253_402_300_799.0  # the last second of year 9999
+    edges += [last, last + 0.25, last - 1e-7, 2**31 + 0.5]
+    spread = [rng.uniform(0, 4e9) for _ in range(20_000)]
+    halves = [T0 + n / 1e6 + 5e-7 for n in range(2_000)]  # a half microsecond: to even
+    for seconds in [*edges, *spread, *halves]:
+        assert store._sqlite_time(seconds) == bind(datetime.fromtimestamp(seconds, UTC)), seconds
+    for far in (last + 1, 1e18, float("inf"), float("nan")):
+        with pytest.raises(SchemaError):
+            store._sqlite_time(far)
+
+
+def raw_rows(db: Database) -> list[tuple[object, ...]]:
+    """Every instance row as SQLite holds it: each value with its storage class."""
+    columns = [column.name for column in InstanceRow.__table__.columns]
+    typed = ", ".join(f"{name}, typeof({name})" for name in columns)
+    with db.read() as session:
+        result = session.connection().exec_driver_sql(
+            f"SELECT {typed} FROM instances ORDER BY uuid"
+        )
+        return [tuple(r) for r in result]
 
 
 def test_index_create_is_idempotent_by_request_id(synced: Database) -> None:

@@ -37,6 +37,7 @@ class Parent:
     took: list[int] = field(default_factory=list)
     uuids: list[str] = field(default_factory=list)
     batches: list[int] = field(default_factory=list)
+    first_takes: int | None = None  # rows of the first batch it applies (None: all)
 
     def progress(self, body: dict[str, Any]) -> Any:
         return ok("api", {"applied": self.applied})
@@ -45,6 +46,8 @@ class Parent:
         seqs = [row[0] for row in body["rows"]]
         self.batches.append(len(seqs))
         fresh = [row for row in body["rows"] if row[0] > self.applied]
+        if self.first_takes is not None and len(self.batches) == 1:
+            fresh = fresh[: self.first_takes]
         self.took += [row[0] for row in fresh]
         self.uuids += [decoded(row[2]).uuid for row in fresh]
         self.applied = max([self.applied, *self.took])
@@ -117,6 +120,16 @@ def test_every_row_goes_up_once_in_order_and_is_trimmed(db: DbRunner) -> None:
     run(until_taken(up, parent, 25, trimmed=db.db))  # the only parent applied them all
     assert parent.took == list(range(1, 26))
     assert parent.batches == [10, 10, 5]
+
+
+def test_a_parent_that_applies_part_of_a_batch_gets_the_rest_next(db: DbRunner) -> None:
+    """Rows read while a batch was in flight go next only if the whole batch was applied."""
+    own(db.db, 25)
+    parent = Parent(first_takes=3)
+    up = stream(db, parent, batch_rows=10)
+    run(until_taken(up, parent, 25, trimmed=db.db))
+    assert parent.took == list(range(1, 26))
+    assert parent.batches == [10, 10, 10, 2]
 
 
 def test_a_batch_is_cut_to_fit_its_bytes() -> None:
