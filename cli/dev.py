@@ -39,7 +39,7 @@ DirOption = Annotated[
     typer.Option(
         "--dir",
         help="Where the tree's keys, configs, databases and logs live "
-        "[default: $ZCELLS_STATE_DIR/dev or ~/.local/state/zcells/dev]. "
+        "(default: $ZCELLS_STATE_DIR/dev or ~/.local/state/zcells/dev). "
         "Emptied at start if `zcells dev` made it.",
     ),
 ]
