@@ -173,15 +173,18 @@ class Placer:
         """The instance as placed in this cell's subtree; `NoValidHost`/`NoCellsAvailable` if not.
 
         `plan` holds the pause before each round of tries; `wanted`, if given,
-        is asked before each round whether the build should go on at all;
+        is asked before each round but the first whether the build should go
+        on at all (the caller has just seen the instance waiting, and asking
+        again would cost a read per build; a delete that comes in between is
+        met after the placement, as any delete during one is);
         `deadline` (node clock), if given, bounds each call to a child.
         """
         attempts = BuildAttempts()
         candidates: list[Candidate] = []
-        for delay in plan:
+        for round_, delay in enumerate(plan):
             if delay > 0:
                 await asyncio.sleep(delay)
-            if wanted is not None and not await wanted():
+            if round_ > 0 and wanted is not None and not await wanted():
                 raise InvalidRequest(f"instance {instance.uuid} was deleted while scheduling")
             candidates = self.candidates(here, hints)
             for name in self.scheduler.order(candidates, exclude=()):
