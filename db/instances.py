@@ -147,6 +147,7 @@ _GET_EACH_FOR_UPDATE: Final = (
 )
 _INSERT: Final = insert(_instances)
 _UPDATE: Final = update(_instances).where(_i.uuid == bindparam("key"))
+_TAKEN_ONE: Final = select(_i.uuid).where(_i.uuid == bindparam("key"))
 _TAKEN: Final = select(_i.uuid).where(_i.uuid.in_(bindparam("uuids", expanding=True))).limit(1)
 _LOGGED: Final = select(_requests.c.method, _requests.c.result).where(
     _requests.c.request_id == bindparam("rid")
@@ -633,7 +634,11 @@ def _current(conn: Connection, uuids: Sequence[str]) -> list[Instance]:
 
 
 def _ensure_new(conn: Connection, *uuids: str) -> None:
-    taken = conn.scalar(_TAKEN, {"uuids": uuids})
+    # One uuid (a build) needs no list: expanding one costs more than the query.
+    if len(uuids) == 1:
+        taken = conn.scalar(_TAKEN_ONE, {"key": uuids[0]})
+    else:
+        taken = conn.scalar(_TAKEN, {"uuids": uuids})
     if taken is not None:
         raise Conflict(f"instance {taken} exists already")
 
