@@ -10,16 +10,22 @@ Rules kept here:
 * Driver errors leave this module as zcells errors: locked past the timeout is
   `DatabaseBusy`, disk full is `DatabaseFull`, anything else `DatabaseError`.
   A failed transaction is rolled back whole.
+* Writes may be grouped: `group()` runs many writes of one thread in one
+  transaction, each under a savepoint of its own, so a write that raises
+  undoes only what it wrote, and all of them become durable at one commit.
+  A write's caller must not learn its result before the group commits
+  (`zcells.dbrunner` keeps to that).
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
@@ -37,6 +43,7 @@ from zcells.errors import (
 )
 
 _WRITE = "zcells_write"
+T = TypeVar("T")
 
 # PostgreSQL SQLSTATEs that mean "try again later" and "out of space".
 _PG_BUSY = {"55P03", "40001", "40P01", "57014"}
@@ -82,6 +89,7 @@ class Database:
         except NoSuchModuleError as exc:
             raise ValidationError("database connection", url, f"a known driver ({exc})") from None
         self._writer = self.engine.execution_options(**{_WRITE: True})
+        self._grouped = threading.local()  # .session: the open group of this thread
 
     @staticmethod
     def _prepare_sqlite_path(url: URL) -> None:
@@ -100,15 +108,64 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """A read-write transaction: committed on success, rolled back on any error."""
+        """A read-write transaction: committed on success, rolled back on any error.
+
+        Inside a `group()`, the group's transaction, under the savepoint of
+        the write the group is running.
+        """
+        grouped = getattr(self._grouped, "session", None)
+        if grouped is not None:
+            yield grouped
+            return
         with self._scope(self._writer) as session:
             yield session
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        """A read-only transaction (SQLite: a deferred ``BEGIN``)."""
+        """A read-only transaction (SQLite: a deferred ``BEGIN``).
+
+        Inside a `group()`, the group's transaction: it sees what the writes
+        before it in the group wrote.
+        """
+        grouped = getattr(self._grouped, "session", None)
+        if grouped is not None:
+            yield grouped
+            return
         with self._scope(self.engine) as session:
             yield session
+
+    @contextmanager
+    def group(self) -> Iterator[Callable[[Callable[[], T]], T]]:
+        """One write transaction for many writes of this thread: yields `each(call)`.
+
+        `each` runs `call` under a savepoint: if it raises, what it wrote is
+        undone and the error goes on to the caller of `each`, the group
+        carries on. Every `write()` and `read()` inside joins that savepoint.
+        The group commits when the block ends, or is rolled back whole if
+        it raises or the commit fails.
+        """
+        if getattr(self._grouped, "session", None) is not None:
+            raise RuntimeError("database write groups do not nest")
+        with self._scope(self._writer) as session:
+            conn = session.connection()
+
+            # Raw SQL: the same on SQLite and PostgreSQL, and the cheapest way, per write.
+            def each(call: Callable[[], T]) -> T:
+                _driver_sql(conn, "SAVEPOINT zcells_write")
+                try:
+                    result = call()
+                except BaseException:
+                    _driver_sql(conn, "ROLLBACK TO SAVEPOINT zcells_write")
+                    _driver_sql(conn, "RELEASE SAVEPOINT zcells_write")
+                    raise
+                _driver_sql(conn, "RELEASE SAVEPOINT zcells_write")
+                return result
+
+            self._grouped.session = session
+            try:
+                yield each
+            finally:
+                self._grouped.session = None
 
     @contextmanager
     def _scope(self, engine: Engine) -> Iterator[Session]:
@@ -168,6 +225,13 @@ def _make_engine(url: URL, busy_timeout_s: float) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _driver_sql(conn: Connection, sql: str) -> None:
+    try:
+        conn.exec_driver_sql(sql)
+    except SQLAlchemyError as exc:
+        raise map_error(exc) from exc
 
 
 def map_error(exc: SQLAlchemyError) -> DatabaseError:

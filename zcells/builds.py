@@ -10,7 +10,10 @@ Rules kept here:
   claimed a host for it: `build` is a targeted call acknowledged after that
   transaction, never before.
 * Taking the build here means the host scheduler orders the hosts and the
-  claim, the instance row and its outbox row are one transaction.
+  claim, the instance row and its outbox row are one transaction. The hosts
+  it orders are a view kept in memory (`HostView`), read again from the
+  database at least every `HOST_VIEW_S` and before any build is refused:
+  the database's conditional claim stays the only judge of room.
 * The top cell retries rounds of candidates `scheduler_retries` times,
   `scheduler_retry_delay` apart; lower cells try each candidate once and
   let the failure go back up so the level above can try elsewhere.
@@ -35,6 +38,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from zcells import logs
@@ -70,6 +74,7 @@ from zcells.routing import forward_budget_ms, is_below
 log = logs.get_logger("builds")
 
 HINTS = frozenset({"target_cell"})
+HOST_VIEW_S = 1.0
 _REACHABLE = frozenset({Liveness.ALIVE, Liveness.LATE})
 
 
@@ -140,6 +145,7 @@ class Placer:
         self.driver = driver  # None: this cell has no hosts of its own
         self._changed = changed
         self._clock = wall_clock
+        self.hosts = HostView()
 
     def candidates(self, here: str, hints: Mapping[str, str]) -> list[Candidate]:
         target = hints.get("target_cell")
@@ -173,15 +179,18 @@ class Placer:
         """The instance as placed in this cell's subtree; `NoValidHost`/`NoCellsAvailable` if not.
 
         `plan` holds the pause before each round of tries; `wanted`, if given,
-        is asked before each round whether the build should go on at all;
+        is asked before each round but the first whether the build should go
+        on at all (the caller has just seen the instance waiting, and asking
+        again would cost a read per build; a delete that comes in between is
+        met after the placement, as any delete during one is);
         `deadline` (node clock), if given, bounds each call to a child.
         """
         attempts = BuildAttempts()
         candidates: list[Candidate] = []
-        for delay in plan:
+        for round_, delay in enumerate(plan):
             if delay > 0:
                 await asyncio.sleep(delay)
-            if wanted is not None and not await wanted():
+            if round_ > 0 and wanted is not None and not await wanted():
                 raise InvalidRequest(f"instance {instance.uuid} was deleted while scheduling")
             candidates = self.candidates(here, hints)
             for name in self.scheduler.order(candidates, exclude=()):
@@ -222,7 +231,11 @@ class Placer:
         need = Resources(instance.memory_mb, instance.disk_gb, instance.vcpus)
         now = self._clock()
         hosts, taken = await self.db.write(
-            _choose_and_place, need, lambda host: placed(instance, here, host, now), request_id
+            _choose_and_place,
+            self.hosts,
+            need,
+            lambda host: placed(instance, here, host, now),
+            request_id,
         )
         if taken is None:
             raise no_valid_host(hosts, need, here)
@@ -339,16 +352,73 @@ class TopBuilds:
         await asyncio.gather(*self._running.values(), return_exceptions=True)
 
 
+class HostView:
+    """This cell's hosts as last read, with the claims made here since: what a build weighs.
+
+    Reading every host for every build took more time than the build's own
+    writes. The view is only a guide to the order in which hosts are tried:
+    each claim is still a conditional UPDATE in the database, and a build
+    the view finds no room for, or whose every host the database refuses, is
+    weighed again on hosts read afresh before it is refused. A release
+    (a delete) is not seen until the next read, at most `max_age_s` later.
+    Used on the database writer thread only.
+    """
+
+    def __init__(
+        self, max_age_s: float = HOST_VIEW_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._hosts: dict[str, Host] = {}
+        self._read_at: float | None = None
+
+    def hosts(self, db: Database, *, fresh: bool = False) -> tuple[list[Host], bool]:
+        """The hosts to weigh, and whether they were read from the database just now."""
+        now = self._clock()
+        if fresh or self._read_at is None or now - self._read_at >= self.max_age_s:
+            self._hosts = {host.name: host for host in hosts_store.list_hosts(db)}
+            self._read_at = now
+            return list(self._hosts.values()), True
+        return list(self._hosts.values()), False
+
+    def claimed(self, name: str, need: Resources) -> None:
+        host = self._hosts.get(name)
+        if host is not None:
+            self._hosts[name] = replace(
+                host,
+                memory_mb_used=host.memory_mb_used + need.memory_mb,
+                disk_gb_used=host.disk_gb_used + need.disk_gb,
+                vcpus_used=host.vcpus_used + need.vcpus,
+            )
+
+    def forget(self) -> None:
+        """Read the hosts again for the next build."""
+        self._read_at = None
+
+
 def _choose_and_place(
-    db: Database, need: Resources, make: Callable[[str], Instance], request_id: str
+    db: Database,
+    view: HostView,
+    need: Resources,
+    make: Callable[[str], Instance],
+    request_id: str,
 ) -> tuple[list[Host], Instance | None]:
     """Weigh the hosts and claim the best with room, on the writer thread.
 
-    The hosts are read on the thread that makes every claim, so each build
-    weighs them with the claims of the builds before it: a burst of builds
-    spreads over the hosts instead of all choosing the one that looked
-    emptiest when they started.
+    The hosts are weighed on the thread that makes every claim, so each
+    build weighs them with the claims of the builds before it: a burst of
+    builds spreads over the hosts instead of all choosing the one that
+    looked emptiest when they started.
     """
-    hosts = hosts_store.list_hosts(db)
+    hosts, fresh = view.hosts(db)
     order = choose_hosts(hosts, need)
-    return hosts, (store.place(db, order, make, request_id) if order else None)
+    taken = store.place(db, order, make, request_id) if order else None
+    if taken is None and not fresh:
+        hosts, _ = view.hosts(db, fresh=True)
+        order = choose_hosts(hosts, need)
+        taken = store.place(db, order, make, request_id) if order else None
+    if taken is None:
+        view.forget()  # refused on what the database holds, or a claim lost: read it next time
+    elif taken.host is not None:
+        view.claimed(taken.host, need)
+    return hosts, taken

@@ -3,8 +3,9 @@
 Rules kept here:
 
 * The driver finishes what a cell started: a spawn, a power change, a
-  reboot, a delete. Each finish is its own transaction through
-  `zcells.db.instances.change`, so it writes its outbox row with it.
+  reboot, a delete. The finishes that fall due together are written in one
+  transaction (`zcells.db.instances.change_each`), each with its own outbox
+  row: a transaction per finish cost more than the finish.
 * A finish applies only if the instance still has the task it was
   scheduled for: a delete that started meanwhile wins, and the spawn it
   interrupted is dropped.
@@ -17,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from zcells import logs
 from zcells.db import instances as store
 from zcells.dbrunner import DbRunner
-from zcells.errors import Conflict, DatabaseError, NotFoundRemote
+from zcells.errors import Conflict, DatabaseError
 from zcells.instances import Instance, TaskState, finish
 from zcells.records import Host
 
@@ -37,6 +39,7 @@ _TASK_SHARE = {
     TaskState.DELETING: 0.1,
 }
 _RETRY_S = 1.0
+FINISH_BATCH = 500  # finishes written in one transaction at most
 
 
 def fake_hosts(count: int, memory_mb: int, disk_gb: int, vcpus: int) -> list[Host]:
@@ -60,6 +63,8 @@ class FakeDriver:
         self._changed = changed  # new outbox rows: wake the upward stream
         self._clock = wall_clock
         self._tasks: set[asyncio.Task[None]] = set()
+        self._due: list[tuple[str, TaskState]] = []  # finishes to write, oldest first
+        self._writing: asyncio.Task[None] | None = None
         self.finished = 0
 
     def schedule(self, instance: Instance) -> None:
@@ -67,9 +72,13 @@ class FakeDriver:
         task_state = instance.task_state
         if task_state is None or task_state not in _TASK_SHARE:
             return
-        task = asyncio.create_task(self._finish(instance.uuid, task_state))
+        self._spawn(self._finish(instance.uuid, task_state))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def resume(self) -> int:
         """Schedule every unfinished task found in the database; how many."""
@@ -84,24 +93,37 @@ class FakeDriver:
         delay = self.build_s * _TASK_SHARE[task_state]
         if delay > 0:
             await asyncio.sleep(delay)
+        self._due.append((uuid, task_state))
+        if self._writing is None or self._writing.done():
+            self._writing = self._spawn(self._write_due())
 
+    async def _write_due(self) -> None:
+        """Write the finishes due, a batch at a time, until none is left."""
+        while self._due:
+            batch, self._due = self._due[:FINISH_BATCH], self._due[FINISH_BATCH:]
+            changes = [(uuid, self._completion(uuid, state)) for uuid, state in batch]
+            try:
+                outcomes = await self.db.write(store.change_each, changes)
+            except DatabaseError as exc:  # locked or full: try again, nothing was written
+                logs.event(
+                    log, logging.WARNING, "compute.finish_retry", tasks=len(batch), error=exc
+                )
+                self._due[:0] = batch
+                await asyncio.sleep(_RETRY_S)
+                continue
+            # Conflict (another task took over) or NotFoundRemote (gone): nothing to finish.
+            done = sum(1 for outcome in outcomes if isinstance(outcome, Instance))
+            if done:
+                self.finished += done
+                self._changed()
+
+    def _completion(self, uuid: str, task_state: TaskState) -> Callable[[Instance], Instance]:
         def complete(instance: Instance) -> Instance:
             if instance.task_state is not task_state:
                 raise Conflict(f"instance {uuid} moved on from {task_state.value}")
             return finish(instance, self._clock())
 
-        while True:
-            try:
-                await self.db.write(store.change, uuid, complete, request_id=None, method="finish")
-            except (Conflict, NotFoundRemote):
-                return  # another task took over, or the record is gone
-            except DatabaseError as exc:  # locked or full: try again, nothing was written
-                logs.event(log, logging.WARNING, "compute.finish_retry", uuid=uuid, error=exc)
-                await asyncio.sleep(_RETRY_S)
-                continue
-            self.finished += 1
-            self._changed()
-            return
+        return complete
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -6,6 +6,7 @@ nothing outside ``zcells.db`` depends on SQLAlchemy.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -88,8 +89,9 @@ class Host:
     disk_gb_used: int = 0
     vcpus_used: int = 0
 
-    @property
+    @functools.cached_property
     def free(self) -> Resources:
+        # Cached: every filter and the weigher ask for it, for every host, for every build.
         return Resources(
             self.memory_mb - self.memory_mb_used,
             self.disk_gb - self.disk_gb_used,

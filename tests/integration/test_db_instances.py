@@ -270,6 +270,35 @@ def test_change_refused_by_fn_writes_nothing(cell: Database) -> None:
     assert after.task_state is TaskState.POWERING_ON and after.version == 5
 
 
+def test_change_each_gives_each_change_its_outcome_and_outbox_row(cell: Database) -> None:
+    first = store.place(cell, ["h2"], on_host(server(1)), "req-1")
+    second = store.place(cell, ["h2"], on_host(server(2)), "req-2")
+    assert first is not None and second is not None
+
+    def start(instance: Instance) -> Instance:
+        return begin(instance, Action.START, T0 + 9)
+
+    outcomes = store.change_each(
+        cell,
+        [
+            (first.uuid, lambda i: finish(i, T0 + 2)),
+            (second.uuid, start),  # refused: it is still spawning
+            (uid(7), lambda i: i),  # not held here
+            (second.uuid, lambda i: finish(i, T0 + 3)),
+            (first.uuid, lambda i: begin(i, Action.STOP, T0 + 4)),  # after its finish above
+        ],
+    )
+    done, refused, missing, second_done, stopping = outcomes
+    assert isinstance(refused, Conflict) and isinstance(missing, NotFoundRemote)
+    assert isinstance(done, Instance) and done.vm_state is VmState.ACTIVE
+    assert isinstance(stopping, Instance) and stopping.version == done.version + 1
+    assert isinstance(second_done, Instance) and second_done.vm_state is VmState.ACTIVE
+    assert store.get(cell, first.uuid) == stopping
+    assert store.get(cell, second.uuid) == second_done
+    queued = [decoded(p) for _, _, p in store.read_outbox(cell, 0, 10)]
+    assert queued == [first, second, done, second_done, stopping]
+
+
 def test_change_of_an_unknown_instance_is_not_found(cell: Database) -> None:
     with pytest.raises(NotFoundRemote, match=f"no instance {uid(7)}"):
         store.change(cell, uid(7), lambda i: i, request_id=None, method="stop")

@@ -14,13 +14,14 @@ from zcells.db.engine import Database
 
 from tests.fakes import run
 from tests.unit.scripted_node import ScriptedNode, instance, ok, runner, uuids
-from zcells.builds import Placer, TopBuilds, orphan_request_id, time_left_s
+from zcells.builds import HostView, Placer, TopBuilds, orphan_request_id, time_left_s
 from zcells.cellsched import RandomCellScheduler
 from zcells.compute import FakeDriver, fake_hosts
 from zcells.dbrunner import DbRunner
 from zcells.errors import NoCellsAvailable, NoValidHost
 from zcells.instances import Action, Fault, Instance, VmState, begin, failed, finish, placed
 from zcells.messages import CellResult, Outcome
+from zcells.records import Host
 
 UUID = next(iter(uuids(1)))
 
@@ -214,3 +215,35 @@ def test_a_burst_of_builds_spreads_over_the_hosts(db: DbRunner) -> None:
 
     hosts = Counter(taken.host for taken in run(burst()))
     assert hosts == {"h001": 2, "h002": 2, "h003": 2, "h004": 2}
+
+
+def test_a_host_freed_since_the_view_was_read_is_found_before_a_build_is_refused(
+    db: DbRunner,
+) -> None:
+    """The host view is a guide only: what the database holds decides a refusal."""
+    run(db.write(hosts_store.sync_hosts, [Host("h001", True, 512, 1, 1)]))
+    node = ScriptedNode(here="api!c1")
+    first, second = uuids(2)
+
+    async def main() -> None:
+        driver = FakeDriver(db, 60.0, lambda: None)
+        cell = Placer(
+            node.as_node(), db, RandomCellScheduler(random.Random(1)), driver, lambda: None
+        )
+        cell.hosts = HostView(max_age_s=3600)  # never read again on age alone
+        try:
+            taken = await cell.place(instance(first), {}, "build-1", "api!c1", plan=[0.0])
+            assert taken.host == "h001"  # the view now holds h001 full
+            await db.write(
+                store.change,
+                first,
+                lambda held: finish(begin(held, Action.DELETE, 3.0), 4.0),
+                request_id=None,
+                method="instance_action",
+            )
+            again = await cell.place(instance(second), {}, "build-2", "api!c1", plan=[0.0])
+            assert again.host == "h001"
+        finally:
+            await driver.close()
+
+    run(main())
