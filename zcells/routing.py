@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from zcells.errors import (
     CallTimeout,
+    CellUnreachable,
     MaxHopsExceeded,
     RoutingInconsistency,
     SenderMismatch,
@@ -155,7 +156,12 @@ def _sender_path(view: View, sender: Peer, here: str) -> str:
         return f"{here}{PATH_SEPARATOR}{sender.name}"
     parent_path = view.parents.get(sender.name)
     if parent_path is None:
-        raise SenderMismatch(f"parent {sender.name} has not said hello yet", view.label)
+        # Not an impersonation: the key is the parent's. The link is not ready (the parent
+        # sent this before its answer to this cell's hello after a restart): try again.
+        raise CellUnreachable(
+            f"parent {sender.name} has not said hello yet: not linked into the tree yet",
+            view.label,
+        )
     return parent_path
 
 

@@ -9,6 +9,7 @@ import pytest
 from zcells import routing
 from zcells.errors import (
     CallTimeout,
+    CellUnreachable,
     MaxHopsExceeded,
     RoutingInconsistency,
     SenderMismatch,
@@ -174,7 +175,7 @@ def test_parent_sending_outside_subtree_is_inconsistent() -> None:
         # a loop
         (C1, FROM_API, targeted("api!c1!g1", ("api!c1", "api")), RoutingInconsistency),
         # a parent that has not said hello
-        (C1_UNPLACED, FROM_API, targeted("api!c1", ("api",)), SenderMismatch),
+        (C1_UNPLACED, FROM_API, targeted("api!c1", ("api",)), CellUnreachable),
     ],
 )
 def test_accept_refuses(
