@@ -29,6 +29,9 @@ Rules kept here:
   the microsecond. What is written is rounded first, so what a call returns
   equals what a later read returns.
 * Callers get `zcells.instances.Instance` and `zcells.records.Host`, never rows.
+* On SQLite the index upsert, which runs once for every change in the tree,
+  hands the driver rows it built itself (`_sqlite_row`) instead of going
+  through SQLAlchemy's bind processing; tests keep both ways byte-identical.
 """
 
 from __future__ import annotations
