@@ -39,6 +39,10 @@ STATE: Final = "dev.json"
 ENV: Final = "env"
 LOCK: Final = ".lock"
 
+# The live view's own admin key: a cell answers a client name on its latest
+# connection, so the view and the user's commands (as "ops") must not share one.
+VIEW_CLIENT: Final = "view"
+
 MAX_CHILDREN: Final = 20
 MAX_GRANDCHILDREN: Final = 50
 MAX_HOSTS: Final = 100
@@ -160,6 +164,7 @@ class DevDir:
             self.path,
             log_level=log_level,
             new_session=True,
+            extra_clients=(VIEW_CLIENT,),
             compute={"fake_hosts": hosts, "fake_build_seconds": 1.0},
             **DEV_CELLS_OPTIONS,
         )
