@@ -147,7 +147,7 @@ async def _watch_until_stopped(tree: CellTree) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    top = devrun.top(tree)
+    top = tree.top
     keys = tree.clients[devrun.VIEW_CLIENT]
     target = Target(top.api_endpoint, top.keys.public, keys.public, keys.secret)
     gone = asyncio.create_task(_all_exited(tree, stop))

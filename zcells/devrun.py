@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from zcells.devtree import CellProc, CellTree, Tree
+from zcells.devtree import CellTree, Tree
 from zcells.errors import AlreadyRunning, ValidationError
 
 MARKER: Final = ".zcells-dev"
@@ -202,11 +202,6 @@ class DevDir:
 def exports(tree: CellTree) -> list[str]:
     """The shell lines that point the client commands at the top cell as its admin."""
     return [f"export {name}={shlex.quote(value)}" for name, value in tree.client_env().items()]
-
-
-def top(tree: CellTree) -> CellProc:
-    """The tree's root cell, the one clients talk to."""
-    return next(iter(tree.cells.values()))
 
 
 def _write(path: Path, text: str) -> None:

@@ -293,7 +293,7 @@ class CellTree:
         self, name: str | None = None, timeout_s: float = 5.0, *, as_client: str = "ops"
     ) -> CellClient:
         """A connection to cell `name` (default: the top) as the client `as_client`."""
-        cell = self.cells[name] if name else next(iter(self.cells.values()))
+        cell = self.cells[name] if name else self.top
         keys = self.clients[as_client]
         transport = ZmqClient(
             cell.api_endpoint,
@@ -303,9 +303,14 @@ class CellTree:
         )
         return CellClient(transport, timeout_s=timeout_s)
 
+    @property
+    def top(self) -> CellProc:
+        """The tree's root cell, the one clients talk to by default."""
+        return next(iter(self.cells.values()))
+
     def client_env(self, name: str | None = None) -> dict[str, str]:
         """The ZCELLS_* variables that point client commands at cell `name` (default: the top)."""
-        cell = self.cells[name] if name else next(iter(self.cells.values()))
+        cell = self.cells[name] if name else self.top
         return {
             "ZCELLS_ENDPOINT": cell.api_endpoint,
             "ZCELLS_SERVER_KEY": cell.keys.public,
