@@ -18,6 +18,11 @@ ratio to raw throughput shows how much of the gap is Python's, not zcells'.
 
 Every figure is the median of three rounds.
 
+Beside each throughput it prints the CPU time each process spent per
+message (all its threads, libzmq's included), and the most CPU per message
+the whole path may use if the forwarding target is to be met on this
+machine, with every core busy all the time: cores / (0.4 x raw rate).
+
 Targets: 1-hop ping p50 within 2.5x of the raw round trip; forwarding
 throughput at least 40% of raw one-way throughput. The last line is JSON.
 """
@@ -38,7 +43,7 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Report, summary_us
+from bench.common import Report, cpu_seconds, median, summary_us
 from zcells import codec
 from zcells.devtree import CellTree, free_ports
 from zcells.messages import Direction, Targeted, new_message_id
@@ -159,7 +164,8 @@ def bare_forwarder(report: Report, raw_rate: float) -> None:
     ]
     for proc in procs:
         proc.start()
-    samples = []
+    samples: list[float] = []
+    cpus: list[float] = []
     ctx = zmq.Context()
     try:
         if not (ready_sink.wait(10) and ready_forwarder.wait(10)):
@@ -169,10 +175,15 @@ def bare_forwarder(report: Report, raw_rate: float) -> None:
         sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
         sock.sndhwm = 0
         sock.connect(listen)
+        forwarder = procs[1].pid
+        assert forwarder is not None
         for _ in range(ROUNDS):
-            for message in _casts(CASTS, "api!c1"):
+            frames = _casts(CASTS, "api!c1")
+            cpu_before = cpu_seconds(forwarder)
+            for message in frames:
                 sock.send_multipart(message)
             samples.append(rates.get(timeout=120))
+            cpus.append((cpu_seconds(forwarder) - cpu_before) / CASTS * 1e6)
         sock.close(0)
     finally:
         ctx.term()
@@ -180,11 +191,8 @@ def bare_forwarder(report: Report, raw_rate: float) -> None:
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
-    report.figure("bare_python_forward_msgs_per_s", _median(samples), "msg/s", raw_rate)
-
-
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
+    report.figure("bare_python_forward_msgs_per_s", median(samples), "msg/s", raw_rate)
+    report.figure("bare_forwarder_cpu_us_per_msg", median(cpus), "us")
 
 
 def raw_baseline(report: Report) -> tuple[float, float]:
@@ -197,6 +205,8 @@ def raw_baseline(report: Report) -> tuple[float, float]:
         target=_raw_server, args=(endpoint, server_secret, ready, CASTS)
     )
     server.start()
+    server_pid = server.pid
+    assert server_pid is not None
     ready.wait(10)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -211,7 +221,7 @@ def raw_baseline(report: Report) -> tuple[float, float]:
     for _ in range(200):  # warm up: handshake, caches
         sock.send(msgpack.packb(BODY))
         msgpack.unpackb(sock.recv())
-    p50s, p99s, rates = [], [], []
+    p50s, p99s, rates, cpus = [], [], [], []
     for _ in range(ROUNDS):
         samples = []
         for _ in range(ROUND_TRIPS):
@@ -223,19 +233,24 @@ def raw_baseline(report: Report) -> tuple[float, float]:
         p50s.append(rtt["p50_us"])
         p99s.append(rtt["p99_us"])
         cast = dict(BODY, cast=True)
+        cpu_before = cpu_seconds(server_pid)
         started = time.perf_counter()
         for _ in range(CASTS):
             sock.send(msgpack.packb(cast))
         msgpack.unpackb(sock.recv())
         rates.append(CASTS / (time.perf_counter() - started))
-    report.figure("raw_rtt_p50_us", _median(p50s), "us")
-    report.figure("raw_rtt_p99_us", _median(p99s), "us")
-    report.figure("raw_oneway_msgs_per_s", _median(rates), "msg/s")
+        cpus.append((cpu_seconds(server_pid) - cpu_before) / CASTS * 1e6)
+    report.figure("raw_rtt_p50_us", median(p50s), "us")
+    report.figure("raw_rtt_p99_us", median(p99s), "us")
+    report.figure("raw_oneway_msgs_per_s", median(rates), "msg/s")
+    report.figure("raw_receiver_cpu_us_per_msg", median(cpus), "us")
+    budget = (os.cpu_count() or 1) / (0.4 * median(rates)) * 1e6
+    report.figure("forward_target_cpu_budget_us_per_msg", budget, "us")
     sock.send(msgpack.packb({"stop": True}))
     sock.close(0)
     ctx.term()
     server.join(10)
-    return _median(p50s), _median(rates)
+    return median(p50s), median(rates)
 
 
 def _casts(count: int, target: str) -> list[list[bytes]]:
@@ -280,6 +295,12 @@ def _blast(tree: CellTree, frames: list[list[bytes]]) -> None:
     ctx.term()
 
 
+def _cell_cpu(tree: CellTree, name: str) -> float:
+    proc = tree.cells[name].proc
+    assert proc is not None
+    return cpu_seconds(proc.pid)
+
+
 async def zcells_figures(report: Report, tree: CellTree, raw_p50: float, raw_rate: float) -> None:
     async with tree.client(timeout_s=10) as client:
         deadline = time.monotonic() + 30
@@ -301,19 +322,21 @@ async def zcells_figures(report: Report, tree: CellTree, raw_p50: float, raw_rat
                 rtt = summary_us(samples)
                 p50s.append(rtt["p50_us"])
                 p99s.append(rtt["p99_us"])
-            report.figure(f"zcells_ping_{label}_p50_us", _median(p50s), "us", raw_p50)
-            report.figure(f"zcells_ping_{label}_p99_us", _median(p99s), "us")
+            report.figure(f"zcells_ping_{label}_p50_us", median(p50s), "us", raw_p50)
+            report.figure(f"zcells_ping_{label}_p99_us", median(p99s), "us")
             if label == "1hop":
-                report.check("1hop ping p50 <= 2.5x raw rtt", _median(p50s) <= 2.5 * raw_p50)
+                report.check("1hop ping p50 <= 2.5x raw rtt", median(p50s) <= 2.5 * raw_p50)
 
         async def handled() -> int:
             stats = (await client.call("stats", {}, target="api!c1")).unwrap()
             return int(stats.get("handled", 0))
 
-        rates = []
+        rates: list[float] = []
+        cpus: dict[str, list[float]] = {"api": [], "c1": []}
         for _ in range(ROUNDS):
             frames = _casts(CASTS, "api!c1")
             before = await handled()
+            cpu_before = {name: _cell_cpu(tree, name) for name in cpus}
             started = time.perf_counter()
             await asyncio.to_thread(_blast, tree, frames)
             deadline = time.monotonic() + 120
@@ -322,8 +345,12 @@ async def zcells_figures(report: Report, tree: CellTree, raw_p50: float, raw_rat
                     raise SystemExit("casts did not all arrive")
                 await asyncio.sleep(0.005)
             rates.append(CASTS / (time.perf_counter() - started))
-        rate = _median(rates)
+            for name, spent in cpus.items():
+                spent.append((_cell_cpu(tree, name) - cpu_before[name]) / CASTS * 1e6)
+        rate = median(rates)
         report.figure("zcells_forward_msgs_per_s", rate, "msg/s", raw_rate)
+        report.figure("zcells_forwarding_cell_cpu_us_per_msg", median(cpus["api"]), "us")
+        report.figure("zcells_target_cell_cpu_us_per_msg", median(cpus["c1"]), "us")
         report.check("forwarding >= 40% of raw throughput", rate >= 0.4 * raw_rate)
 
 
