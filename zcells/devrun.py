@@ -39,8 +39,8 @@ STATE: Final = "dev.json"
 ENV: Final = "env"
 LOCK: Final = ".lock"
 
-# The live view's own admin key: a cell answers a client name on its latest
-# connection, so the view and the user's commands (as "ops") must not share one.
+# The live view's own admin key, so that the cells' logs tell its refreshes apart
+# from the user's commands (as "ops").
 VIEW_CLIENT: Final = "view"
 
 MAX_CHILDREN: Final = 20

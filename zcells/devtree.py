@@ -154,8 +154,7 @@ class CellTree:
             **cells_options,
         }
         self.cells: dict[str, CellProc] = {}
-        # "ops" is the admin client of every cell; more clients on request (one per
-        # connection: a cell answers a client name on its latest connection).
+        # "ops" is the admin client of every cell; more clients on request.
         self.roles: dict[str, tuple[str, str | None]] = {
             **{name: ("admin", None) for name in ("ops", *extra_clients)},
             **(clients or {}),

@@ -30,13 +30,16 @@ from tests.integration.test_transport_conformance import (
     link_event,
     new_keys,
     next_event,
+    response,
     targeted,
     until,
 )
 from zcells import codec
 from zcells.errors import Busy, CellUnreachable, FrameError, KeyRevoked
+from zcells.messages import Response
 from zcells.peer import Peer, Role
 from zcells.sockets.auth import Keyring, ZapHandler, parse_user_id
+from zcells.sockets.client import send_now
 from zcells.sockets.transport import ZmqClient, ZmqTransport
 from zcells.transport import Identity, ParentLink, Received, Topology
 
@@ -327,6 +330,58 @@ def test_routing_id_spoofing_before_a(spoof: bytes) -> None:
                 assert codec.decode(await b.recv_multipart()) == for_b
 
     run(scenario)
+
+
+# -- answers go back on the connection that asked ----------------------------------------
+
+
+def test_two_connections_with_one_client_key_each_get_their_own_answers() -> None:
+    async def scenario() -> None:
+        async with net() as w:
+            client = Peer(Role.CLIENT, "K")
+            first, second = await w.good_dealer("K", "api"), await w.good_dealer("K", "api")
+
+            async def ask(sock: zmq.asyncio.Socket) -> bytes:
+                await sock.send_multipart(codec.encode(request := targeted()))
+                assert await next_event(w.t) == Received(client, message=request)
+                return request.id
+
+            async def answered(sock: zmq.asyncio.Socket, reply_to: bytes) -> None:
+                async with asyncio.timeout(WAIT_S):
+                    got = codec.decode(await sock.recv_multipart())
+                assert isinstance(got, Response) and got.reply_to == reply_to
+
+            asked_first = await ask(first)
+            asked_second = await ask(second)  # second is now K's latest connection
+            w.t.send(client, response(asked_first))
+            await answered(first, asked_first)
+            w.t.send(client, response(asked_second))
+            await answered(second, asked_second)
+            assert await first.poll(0) == 0 and await second.poll(0) == 0
+
+            w.t.send(client, for_latest := heartbeat())  # not an answer: the latest connection
+            async with asyncio.timeout(WAIT_S):
+                assert codec.decode(await second.recv_multipart()) == for_latest
+
+            asked_again = await ask(first)
+            await ask(second)
+            first_id = w.t._asked[(client.name, asked_again)]
+            w.sockets.remove(first)
+            first.close(linger=0)  # gone before its answer: the latest connection gets it
+            await until(lambda: _gone(w.t, first_id), "T noticing the closed connection")
+            w.t.send(client, response(asked_again))
+            await answered(second, asked_again)
+
+    run(scenario)
+
+
+def _gone(t: ZmqTransport, routing_id: bytes) -> bool:
+    """Whether T's api ROUTER has dropped the connection with this routing id."""
+    try:
+        send_now(t._listeners[Role.CLIENT].socket, [routing_id, *codec.encode(heartbeat())])
+    except zmq.ZMQError as exc:
+        return exc.errno == zmq.EHOSTUNREACH
+    return False
 
 
 # -- row 6: revoked while connected ------------------------------------------------------

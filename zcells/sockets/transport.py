@@ -12,9 +12,11 @@ cell's api endpoint. Rules kept here (SECURITY.md §0, §1):
    every message, so a key removed or replaced while connected gets
    `KeyRevoked` on its next message.
 3. Children and clients set no routing id: the ROUTER assigns one, and a name
-   routes to the id of its most recent authenticated message. Routing ids are
-   never logged: libzmq 4.3.5 aborts the process when a peer-chosen id equals
-   the next one it assigns, so they must stay unguessable.
+   routes to the id of its most recent authenticated message. A client's
+   answer goes to the connection its request came on while that is open, so
+   two connections with one client key each get their own answers. Routing
+   ids are never logged: libzmq 4.3.5 aborts the process when a peer-chosen
+   id equals the next one it assigns, so they must stay unguessable.
 4. A message is exactly two frames; any other count is a `FrameError` before
    any decode. One bad message never ends a receive loop.
 5. `send` never waits on a peer: ROUTER_MANDATORY and IMMEDIATE turn "nobody
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
@@ -52,7 +54,7 @@ from zcells.errors import (
     TransportBroken,
     TransportClosed,
 )
-from zcells.messages import Message
+from zcells.messages import Message, Request, Response
 from zcells.peer import Peer, Role
 from zcells.sockets.auth import DOMAIN_PREFIX, Keyring, SocketOptions, ZapHandler, parse_user_id
 from zcells.sockets.client import (
@@ -83,6 +85,9 @@ log = logs.get_logger("sockets.transport")
 
 _COUNTERS: Final = ("received", "sent", "malformed", "frames_rejected", "revoked", "busy")
 _LINK_COUNTERS: Final = ("unauthenticated", "unreachable", "handshake_refused", "parent_refused")
+# Client requests awaiting an answer whose connection is remembered; past this, the
+# oldest is forgotten and its answer goes to the client's latest connection instead.
+ASKED_LIMIT: Final = 65536
 
 
 def _log(level: int, event: str, **fields: Any) -> None:
@@ -170,6 +175,8 @@ class ZmqTransport(Transport):
         self._zap: ZapHandler | None = None
         self._listeners: dict[Role, _Listener] = {}
         self._parents: dict[str, _Parent] = {}
+        # (client name, request id) -> the routing id of the connection that asked
+        self._asked: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
         self._started = False
         self._closed = False
 
@@ -287,8 +294,19 @@ class ZmqTransport(Transport):
         if peer is None or peer.role is not listener.role:
             self._stranger(listener, user_id)
             return
-        listener.routes[peer.name] = frames[0].bytes
-        self._inbox.put(self._frames_in(peer, frames[1:], count - 1))
+        listener.routes[peer.name] = routing_id = frames[0].bytes
+        received = self._frames_in(peer, frames[1:], count - 1)
+        if listener.role is Role.CLIENT:
+            self._remember_asker(peer, received.message, routing_id)
+        self._inbox.put(received)
+
+    def _remember_asker(self, peer: Peer, message: Message | None, routing_id: bytes) -> None:
+        """Note which connection sent a client request that wants an answer (rule 3)."""
+        if isinstance(message, Request) and message.want_response:
+            asked = self._asked
+            asked[(peer.name, message.id)] = routing_id
+            if len(asked) > ASKED_LIMIT:
+                asked.popitem(last=False)
 
     def _stranger(self, listener: _Listener, user_id: str | None) -> None:
         """A message whose User-Id is not a current key of this endpoint's role."""
@@ -334,32 +352,60 @@ class ZmqTransport(Transport):
         if self._closed:
             raise TransportClosed("transport is closed", self.identity.name)
         frames = codec.encode(message)
-        parent = self._parents.get(peer.name) if peer.role is Role.PARENT else None
-        listener = None if peer.role is Role.PARENT else self._listeners.get(peer.role)
-        routing_id = None if listener is None else listener.routes.get(peer.name)
-        if parent is not None:
-            sock, pump = parent.socket, parent.pumps[-1]
-        elif listener is not None and routing_id is not None:
-            sock, pump = listener.socket, listener.pump
-            frames = [routing_id, *frames]
-        else:
+        if peer.role is Role.PARENT:
+            parent = self._parents.get(peer.name)
+            if parent is None:
+                raise self._refuse(CellUnreachable, peer, "no link to it")
+            self._to_parent(parent, frames)
+            return
+        listener = self._listeners.get(peer.role)
+        latest = None if listener is None else listener.routes.get(peer.name)
+        if listener is not None and self._asked and type(message) is Response:
+            # An answer goes to the connection that asked while it is open (rule 3),
+            # else to the latest one.
+            asked = self._asked.pop((peer.name, message.reply_to), None)
+            if asked not in (None, latest) and self._routed(listener, peer, asked, frames):
+                return
+        if listener is None or latest is None:
             raise self._refuse(CellUnreachable, peer, "no link to it")
+        if not self._routed(listener, peer, latest, frames):
+            if listener.routes.get(peer.name) == latest:
+                del listener.routes[peer.name]  # the connection that spoke for it is gone
+            raise self._refuse(CellUnreachable, peer, "its connection is gone")
+
+    def _to_parent(self, parent: _Parent, frames: list[bytes]) -> None:
         try:
-            send_now(sock, frames)
+            send_now(parent.socket, frames)
         except zmq.Again:  # a DEALER under IMMEDIATE says the same when it has no link
-            if parent is not None and parent.state != "up":
-                raise self._refuse(CellUnreachable, peer, f"the link is {parent.state}") from None
+            if parent.state != "up":
+                raise self._refuse(
+                    CellUnreachable, parent.peer, f"the link is {parent.state}"
+                ) from None
+            raise self._refuse(Busy, parent.peer, "its queue is full") from None
+        except zmq.ZMQError as exc:
+            why = f"sending to {parent.peer} failed: {exc.strerror}"
+            raise TransportBroken(why, self.identity.name) from exc
+        finally:
+            parent.pumps[-1].poke()  # the send may have consumed the socket's edge
+        self.counters["sent"] += 1
+
+    def _routed(
+        self, listener: _Listener, peer: Peer, routing_id: bytes, frames: list[bytes]
+    ) -> bool:
+        """Send on one ROUTER connection; False if that connection is gone."""
+        try:
+            send_now(listener.socket, [routing_id, *frames])
+        except zmq.Again:
             raise self._refuse(Busy, peer, "its queue is full") from None
         except zmq.ZMQError as exc:
-            if listener is None or exc.errno != zmq.EHOSTUNREACH:
-                why = f"sending to {peer} failed: {exc.strerror}"
-                raise TransportBroken(why, self.identity.name) from exc
-            if listener.routes.get(peer.name) == routing_id:
-                del listener.routes[peer.name]  # the connection that spoke for it is gone
-            raise self._refuse(CellUnreachable, peer, "its connection is gone") from None
+            if exc.errno == zmq.EHOSTUNREACH:
+                return False
+            why = f"sending to {peer} failed: {exc.strerror}"
+            raise TransportBroken(why, self.identity.name) from exc
         finally:
-            pump.poke()  # the send may have consumed the socket's edge
+            listener.pump.poke()  # the send may have consumed the socket's edge
         self.counters["sent"] += 1
+        return True
 
     def _refuse(self, kind: type[CellUnreachable | Busy], peer: Peer, why: str) -> Exception:
         self.counters["unreachable" if kind is CellUnreachable else "busy"] += 1
