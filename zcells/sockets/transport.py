@@ -360,7 +360,7 @@ class ZmqTransport(Transport):
             return
         listener = self._listeners.get(peer.role)
         latest = None if listener is None else listener.routes.get(peer.name)
-        if listener is not None and self._asked and type(message) is Response:
+        if listener is not None and peer.role is Role.CLIENT and type(message) is Response:
             # An answer goes to the connection that asked while it is open (rule 3),
             # else to the latest one.
             asked = self._asked.pop((peer.name, message.reply_to), None)
