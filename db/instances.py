@@ -71,6 +71,7 @@ from zcells.db.engine import Database, dialect_insert
 from zcells.db.hosts import claim, release
 from zcells.db.models import (
     Base,
+    BuildHintsRow,
     ChildProgressRow,
     CounterRow,
     HostRow,
@@ -123,6 +124,7 @@ _outbox: Final = Base.metadata.tables[OutboxRow.__tablename__]
 _counters: Final = Base.metadata.tables[CounterRow.__tablename__]
 _progress: Final = Base.metadata.tables[ChildProgressRow.__tablename__]
 _requests: Final = Base.metadata.tables[RequestLogRow.__tablename__]
+_hints: Final = Base.metadata.tables[BuildHintsRow.__tablename__]
 
 _i = _instances.c
 # Set when an instance is created and never changed: an update leaves them (and their
@@ -499,8 +501,16 @@ def apply_updates(
         )
 
 
-def index_create(db: Database, instances: list[Instance], request_id: str) -> list[Instance]:
-    """Record new instances in the API cell's index; a repeat answers their records now."""
+def index_create(
+    db: Database,
+    instances: list[Instance],
+    request_id: str,
+    hints: Mapping[str, str] | None = None,
+) -> list[Instance]:
+    """Record new instances in the API cell's index; a repeat answers their records now.
+
+    Scheduler `hints`, if any, are kept with each instance until `forget_hints`.
+    """
     _check_request_id(request_id)
     created = [_exact(instance) for instance in instances]
     uuids = [instance.uuid for instance in created]
@@ -517,8 +527,42 @@ def index_create(db: Database, instances: list[Instance], request_id: str) -> li
                 _ensure_new(conn, *chunk)
             conn.execute(insert(_instances), [_values(instance) for instance in created])
             _record_faults(conn, created)
+            if hints:
+                conn.execute(
+                    insert(_hints),
+                    [{"instance_uuid": uuid, "hints": dict(hints)} for uuid in uuids],
+                )
         _log(conn, request_id, "server_create", _pack(uuids))
         return created
+
+
+def unplaced_builds(db: Database) -> list[tuple[Instance, dict[str, str]]]:
+    """The instances the index holds building and in no cell, with their scheduler hints.
+
+    What a restarted API cell builds again, oldest first. The hints of builds
+    that ended without `forget_hints` (a crash in between) are dropped here.
+    """
+    waiting = and_(_i.cell_name.is_(None), _i.deleted == false(), _STATUS_WHERE["BUILD"])
+    with db.write() as session:
+        conn = session.connection()
+        conn.execute(
+            delete(_hints).where(
+                _hints.c.instance_uuid.not_in(select(_i.uuid).where(waiting).scalar_subquery())
+            )
+        )
+        rows = conn.execute(
+            select(_instances, _hints.c.hints)
+            .outerjoin(_hints, _hints.c.instance_uuid == _i.uuid)
+            .where(waiting)
+            .order_by(_i.created_at, _i.uuid)
+        )
+        return [(_instance(row), dict(row.hints or {})) for row in rows]
+
+
+def forget_hints(db: Database, uuid: str) -> None:
+    """Drop the scheduler hints of an instance whose build has ended."""
+    with db.write() as session:
+        session.connection().execute(delete(_hints).where(_hints.c.instance_uuid == uuid))
 
 
 def index_put(db: Database, instance: Instance) -> bool:

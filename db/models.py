@@ -167,6 +167,21 @@ class InstanceFaultRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class BuildHintsRow(Base):
+    """The scheduler hints of an instance the API cell has not placed yet.
+
+    Kept so that a build resumed after a restart still goes where it was
+    asked to; removed once the build ends, whatever its outcome.
+    """
+
+    __tablename__ = "build_hints"
+
+    instance_uuid: Mapped[str] = mapped_column(
+        String(UUID_LENGTH), ForeignKey("instances.uuid", ondelete="CASCADE"), primary_key=True
+    )
+    hints: Mapped[dict[str, str]] = mapped_column(JSON)
+
+
 class HostRow(Base):
     """A compute host in this cell and the resources claimed on it."""
 

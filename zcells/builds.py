@@ -305,14 +305,18 @@ class TopBuilds:
         task.add_done_callback(lambda _: self._running.pop(instance.uuid, None))
 
     async def resume(self) -> int:
-        """After a restart: build again every instance the index holds unplaced."""
-        pending = await self.db.read(store.list_instances, statuses=["BUILD"], limit=10_000_000)
-        waiting = [i for i in pending if i.cell is None]
-        for instance in waiting:
-            self.start(instance)
+        """After a restart: build again, with its hints, every instance the index holds unplaced."""
+        waiting = await self.db.write(store.unplaced_builds)
+        for instance, hints in waiting:
+            self.start(instance, hints)
         return len(waiting)
 
     async def _build(self, instance: Instance, hints: dict[str, str]) -> None:
+        await self._place(instance, hints)
+        if hints:  # not when cancelled: a build cut short by a stop resumes with them
+            await self.db.write(store.forget_hints, instance.uuid)
+
+    async def _place(self, instance: Instance, hints: dict[str, str]) -> None:
         here = self.placer.node.view.home_path()
 
         async def wanted() -> bool:

@@ -6,8 +6,10 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from sqlalchemy import text
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
 from zcells.db.engine import Database
@@ -191,6 +193,43 @@ def test_a_placement_the_index_already_holds_newer_is_left_alone(db: DbRunner) -
         assert await db.read(store.get, UUID) == active
 
     run(main())
+
+
+def test_a_resumed_build_keeps_its_hints_and_ended_builds_drop_theirs(db: DbRunner) -> None:
+    """After a restart each unplaced instance is built again where it was asked to go."""
+    node = ScriptedNode(children=("c1", "c2"))
+    for child in node.children:
+
+        def take(body: dict[str, Any], cell: str = f"api!{child}") -> CellResult:
+            taken = placed(Instance.from_wire(body["instance"]), cell, "h001", 2.0)
+            return ok(cell, {"instance": taken.to_wire()})
+
+        node.calls[("build", f"api!{child}")] = take
+    hinted, plain, done = (instance(uuid) for uuid in sorted(uuids(3)))
+    to_c2 = {"target_cell": "api!c2"}
+
+    async def main() -> None:
+        await db.write(store.index_create, [hinted], "create-1", to_c2)
+        await db.write(store.index_create, [plain], "create-2")
+        await db.write(store.index_create, [done], "create-3", to_c2)
+        # placed before a crash that came ahead of forgetting its hints
+        assert await db.write(store.index_put, placed(done, "api!c2", "h001", 2.0))
+        assert await db.write(store.unplaced_builds) == [(hinted, to_c2), (plain, {})]
+
+        builds = _top_builds(node, db)
+        assert await builds.resume() == 2
+        await _drained(builds)
+        sent = {s.body["instance"]["uuid"]: s for s in node.sent}
+        assert sent.keys() == {hinted.uuid, plain.uuid}
+        assert (sent[hinted.uuid].target, sent[hinted.uuid].body["hints"]) == ("api!c2", to_c2)
+        assert sent[plain.uuid].body["hints"] == {}
+        assert await db.write(store.unplaced_builds) == []
+        held = await db.read(store.get, hinted.uuid)
+        assert held is not None and held.cell == "api!c2"
+
+    run(main())
+    with db.db.read() as session:  # every build ended: no hints are kept
+        assert session.connection().execute(text("SELECT count(*) FROM build_hints")).scalar() == 0
 
 
 def test_a_burst_of_builds_spreads_over_the_hosts(db: DbRunner) -> None:

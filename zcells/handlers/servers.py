@@ -196,7 +196,7 @@ class ServerHandlers:
             ]
         except WireError as exc:
             raise InvalidRequest(exc.message, call.cell) from None
-        created = await self.db.write(store.index_create, wanted, request_id)
+        created = await self.db.write(store.index_create, wanted, request_id, hints)
         for instance in created:
             self.builds.start(instance, hints)
         return {"servers": [instance.uuid for instance in created]}
