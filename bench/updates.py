@@ -54,6 +54,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zcells.db import instances as store
+from zcells.db import outbox as outbox_store
 from zcells.db.engine import Database
 
 from bench.common import Report, cpu_seconds, median, poll_until
@@ -151,8 +152,8 @@ def fill_cell(path: Path, cell: str, seed: int) -> int:
     """A compute cell's records, each queued once for the parents; the last outbox seq."""
     with Database(f"sqlite:///{path}") as db:
         fill_index(db, [after for _, after in instances(PER_CELL, cell, seed)], "fill")
-        store.requeue(db, None)
-        return store.last_seq(db)
+        outbox_store.requeue(db, None)
+        return outbox_store.last_seq(db)
 
 
 # -- the ceiling: raw pyzmq, msgpack and SQLite ------------------------------------------
@@ -329,7 +330,7 @@ def outbox_batches(tree: CellTree, last: dict[str, int]) -> list[Batch]:
     per_cell = []
     for name in CELLS:
         with Database(f"sqlite:///{db_path(tree, name)}") as db:
-            rows = store.read_outbox(db, 0, last[name])
+            rows = outbox_store.read_outbox(db, 0, last[name])
         batches: list[Batch] = []
         while rows:
             batch = within_bytes(rows[:BATCH_ROWS], BATCH_BYTES)

@@ -1,17 +1,14 @@
-"""Instances, the outbox and the parent's index: a cell's instance state.
+"""A cell's instances: its own records as their owner, and the index as a parent.
 
 One table holds both a compute cell's own full records and the API cell's
-index of the instances of every cell. The module is longer than most because
-its callers use it as one store; the owner side, the outbox and the parent
-side share the row mapping, the outbox and the request log.
+index of the instances of every cell. The row mapping and the merge into the
+index live in `zcells.db.instance_rows`, the outbox in `zcells.db.outbox`.
 
 Rules kept here:
 
 * Every call that writes is one transaction; a call that raises wrote nothing.
 * A change to an instance and its outbox row are written in the same
-  transaction. The outbox seq is taken from the ``outbox`` counter moved in
-  that transaction, so sequence numbers are gap-free, committed in seq order
-  and never reused after a trim, on SQLite and PostgreSQL alike.
+  transaction (`outbox.append` on the same connection).
 * A request id answers its first result again: the result is stored in the
   request log by the transaction that did the work. On PostgreSQL the
   transactions of one request id (and the batches of one child) are serialised
@@ -19,72 +16,60 @@ Rules kept here:
 * Resources are claimed by a conditional UPDATE of the host, so two placements
   never overcommit it; a delete frees them, never below zero; `sync_hosts`
   recomputes usage from the instances, which heals a crash in between.
-* A parent takes an update only if its version is newer than what it holds and
-  it holds the instance under no cell or the same cell; another cell is a
-  conflict, reported and not applied. A child speaks only for its own subtree:
-  one update naming a cell outside it rejects the whole batch.
-* The latest fault is kept on the instance row, so a page of instances is one
-  query; instance_faults keeps each new fault once per (instance, version).
-* Times are epoch seconds (floats) outside and UTC timestamps inside, kept to
-  the microsecond. What is written is rounded first, so what a call returns
-  equals what a later read returns.
+* A child speaks only for its own subtree: one update naming a cell outside
+  it rejects the whole batch.
 * Callers get `zcells.instances.Instance` and `zcells.records.Host`, never rows.
-* On SQLite the index upsert, which runs once for every change in the tree,
-  hands the driver rows it built itself (`_sqlite_row`) instead of going
-  through SQLAlchemy's bind processing; tests keep both ways byte-identical.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from json.encoder import encode_basestring_ascii
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Final
 
-import msgpack  # type: ignore[import-untyped]
 from sqlalchemy import (
-    BindParameter,
     ColumnElement,
     Connection,
-    Insert,
-    Row,
     and_,
     bindparam,
-    case,
     delete,
     false,
     func,
     insert,
-    literal_column,
-    not_,
     or_,
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
+from zcells.db import outbox
 from zcells.db.engine import Database, dialect_insert
 from zcells.db.hosts import claim, release
+from zcells.db.instance_rows import (
+    IN_LIMIT,
+    INSTANCES,
+    Record,
+    chunks,
+    exact,
+    from_row,
+    merge,
+    mutable_values,
+    pack,
+    record_faults,
+    row_values,
+    unpack,
+    when,
+)
 from zcells.db.models import (
     Base,
     BuildHintsRow,
     ChildProgressRow,
-    CounterRow,
     HostRow,
-    InstanceFaultRow,
-    InstanceRow,
-    OutboxRow,
     RequestLogRow,
     utcnow,
 )
 
 from zcells.errors import (
     Conflict,
-    DecodeError,
     InvalidRequest,
     NotFoundRemote,
     SchemaError,
@@ -93,22 +78,15 @@ from zcells.errors import (
 )
 from zcells.instances import (
     STATUSES,
-    Fault,
     Instance,
     InstanceFields,
-    PowerState,
     TaskState,
     VmState,
     fields_from_wire,
 )
 from zcells.names import PATH_SEPARATOR
 
-INSTANCE_KIND: Final = "instance"
-REQUEUE_BATCH: Final = 1000
-
-_OUTBOX_COUNTER: Final = "outbox"
 _REQUEST_ID_LENGTH: Final = 64
-_IN_LIMIT: Final = 500  # uuids in one IN (...) list
 _UNFINISHED: Final = (
     TaskState.SPAWNING,
     TaskState.POWERING_OFF,
@@ -117,19 +95,12 @@ _UNFINISHED: Final = (
     TaskState.DELETING,
 )
 
-_instances: Final = Base.metadata.tables[InstanceRow.__tablename__]
-_faults: Final = Base.metadata.tables[InstanceFaultRow.__tablename__]
 _hosts: Final = Base.metadata.tables[HostRow.__tablename__]
-_outbox: Final = Base.metadata.tables[OutboxRow.__tablename__]
-_counters: Final = Base.metadata.tables[CounterRow.__tablename__]
 _progress: Final = Base.metadata.tables[ChildProgressRow.__tablename__]
 _requests: Final = Base.metadata.tables[RequestLogRow.__tablename__]
 _hints: Final = Base.metadata.tables[BuildHintsRow.__tablename__]
 
-_i = _instances.c
-# Set when an instance is created and never changed: an update leaves them (and their
-# indexes) alone.
-_IMMUTABLE: Final = frozenset({"uuid", "project_id", "user_id", "created_at"})
+_i = INSTANCES.c
 # The status a user filters on, as SQL: the same derivation as `Instance.status`.
 _STATUS_WHERE: Final[dict[str, ColumnElement[bool]]] = {
     "BUILD": _i.vm_state == VmState.BUILDING.value,
@@ -145,23 +116,19 @@ _STATUS_WHERE: Final[dict[str, ColumnElement[bool]]] = {
 
 # The statements of every build and finish, built once: building them anew (and their
 # cache keys) took longer than SQLite took to run them.
-_GET: Final = select(_instances).where(_i.uuid == bindparam("key"))
+_GET: Final = select(INSTANCES).where(_i.uuid == bindparam("key"))
 _GET_FOR_UPDATE: Final = _GET.with_for_update()
 _GET_EACH_FOR_UPDATE: Final = (
-    select(_instances).where(_i.uuid.in_(bindparam("keys", expanding=True))).with_for_update()
+    select(INSTANCES).where(_i.uuid.in_(bindparam("keys", expanding=True))).with_for_update()
 )
-_INSERT: Final = insert(_instances)
-_UPDATE: Final = update(_instances).where(_i.uuid == bindparam("key"))
+_INSERT: Final = insert(INSTANCES)
+_UPDATE: Final = update(INSTANCES).where(_i.uuid == bindparam("key"))
 _TAKEN_ONE: Final = select(_i.uuid).where(_i.uuid == bindparam("key"))
 _TAKEN: Final = select(_i.uuid).where(_i.uuid.in_(bindparam("uuids", expanding=True))).limit(1)
 _LOGGED: Final = select(_requests.c.method, _requests.c.result).where(
     _requests.c.request_id == bindparam("rid")
 )
 _LOG: Final = insert(_requests)
-_ADD_OUTBOX: Final = insert(_outbox)
-
-# What the index takes: an instance, or the checked fields of one a child sent.
-_Record = Instance | InstanceFields
 
 
 @dataclass(frozen=True)
@@ -193,14 +160,14 @@ def place(
         if logged is not None:
             return _decode_instance(logged)
         for host in candidates:
-            instance = _exact(make(host))
+            instance = exact(make(host))
             _ensure_new(conn, instance.uuid)
             if not claim(conn, host, instance):
                 continue
-            conn.execute(_INSERT, _values(instance))
-            _record_faults(conn, [instance])
-            payload = _pack(instance.to_wire())
-            _append_outbox(conn, [(INSTANCE_KIND, payload)])
+            conn.execute(_INSERT, row_values(instance))
+            record_faults(conn, [instance])
+            payload = pack(instance.to_wire())
+            outbox.append(conn, [(outbox.INSTANCE_KIND, payload)])
             _log(conn, request_id, "build", payload)
             return instance
         return None
@@ -231,15 +198,15 @@ def change(
         row = conn.execute(_GET_FOR_UPDATE, {"key": uuid}).first()
         if row is None:
             raise NotFoundRemote(f"no instance {uuid}")
-        old = _instance(row)
-        new = _exact(fn(old))
-        conn.execute(_UPDATE, {"key": uuid, **_mutable_values(new)})
+        old = from_row(row)
+        new = exact(fn(old))
+        conn.execute(_UPDATE, {"key": uuid, **mutable_values(new)})
         if new.deleted and not old.deleted and old.host is not None:
             release(conn, old.host, old)
         if new.fault is not None and new.fault != old.fault:
-            _record_faults(conn, [new])
-        payload = _pack(new.to_wire())
-        _append_outbox(conn, [(INSTANCE_KIND, payload)])
+            record_faults(conn, [new])
+        payload = pack(new.to_wire())
+        outbox.append(conn, [(outbox.INSTANCE_KIND, payload)])
         if request_id is not None:
             _log(conn, request_id, method, payload)
         return new
@@ -260,9 +227,9 @@ def change_each(
     with db.write() as session:
         conn = session.connection()
         held: dict[str, Instance] = {}
-        for chunk in _chunks(list(dict.fromkeys(uuid for uuid, _ in changes)), _IN_LIMIT):
+        for chunk in chunks(list(dict.fromkeys(uuid for uuid, _ in changes)), IN_LIMIT):
             rows = conn.execute(_GET_EACH_FOR_UPDATE, {"keys": chunk})
-            held.update((row.uuid, _instance(row)) for row in rows)
+            held.update((row.uuid, from_row(row)) for row in rows)
         outcomes: list[Instance | ZcellsError] = []
         newest: dict[str, Instance] = {}
         payloads: list[tuple[str, bytes]] = []
@@ -273,7 +240,7 @@ def change_each(
                 outcomes.append(NotFoundRemote(f"no instance {uuid}"))
                 continue
             try:
-                new = _exact(fn(old))
+                new = exact(fn(old))
             except ZcellsError as exc:
                 outcomes.append(exc)
                 continue
@@ -282,21 +249,21 @@ def change_each(
             if new.fault is not None and new.fault != old.fault:
                 faulted.append(new)
             held[uuid] = newest[uuid] = new
-            payloads.append((INSTANCE_KIND, _pack(new.to_wire())))
+            payloads.append((outbox.INSTANCE_KIND, pack(new.to_wire())))
             outcomes.append(new)
         if newest:
             conn.execute(
-                _UPDATE, [{"key": uuid, **_mutable_values(new)} for uuid, new in newest.items()]
+                _UPDATE, [{"key": uuid, **mutable_values(new)} for uuid, new in newest.items()]
             )
-        _record_faults(conn, faulted)
-        _append_outbox(conn, payloads)
+        record_faults(conn, faulted)
+        outbox.append(conn, payloads)
         return outcomes
 
 
 def get(db: Database, uuid: str) -> Instance | None:
     with db.read() as session:
         row = session.connection().execute(_GET, {"key": uuid}).first()
-        return None if row is None else _instance(row)
+        return None if row is None else from_row(row)
 
 
 def list_instances(
@@ -338,9 +305,9 @@ def list_instances(
         if marker is not None:
             where.append(_after(conn, marker, project))
         rows = conn.execute(
-            select(_instances).where(*where).order_by(_i.created_at, _i.uuid).limit(limit)
+            select(INSTANCES).where(*where).order_by(_i.created_at, _i.uuid).limit(limit)
         )
-        return [_instance(row) for row in rows]
+        return [from_row(row) for row in rows]
 
 
 def unfinished(db: Database) -> list[Instance]:
@@ -348,9 +315,9 @@ def unfinished(db: Database) -> list[Instance]:
     tasks = [task.value for task in _UNFINISHED]
     with db.read() as session:
         rows = session.connection().execute(
-            select(_instances).where(_i.task_state.in_(tasks)).order_by(_i.created_at, _i.uuid)
+            select(INSTANCES).where(_i.task_state.in_(tasks)).order_by(_i.created_at, _i.uuid)
         )
-        return [_instance(row) for row in rows]
+        return [from_row(row) for row in rows]
 
 
 def counts(db: Database) -> dict[str, int]:
@@ -360,93 +327,6 @@ def counts(db: Database) -> dict[str, int]:
     with db.read() as session:
         row = session.connection().execute(select(*each).where(_i.deleted == false())).one()
     return {status: int(count) for status, count in zip(shown, row, strict=True)}
-
-
-# -- outbox -------------------------------------------------------------------------------
-
-
-def read_outbox(db: Database, after: int, limit: int) -> list[tuple[int, str, bytes]]:
-    """Up to `limit` outbox rows with seq > `after`, in seq order."""
-    o = _outbox.c
-    with db.read() as session:
-        rows = session.connection().execute(
-            select(o.seq, o.kind, o.payload).where(o.seq > after).order_by(o.seq).limit(limit)
-        )
-        return [(row.seq, row.kind, bytes(row.payload)) for row in rows]
-
-
-def trim_outbox(db: Database, upto: int) -> int:
-    """Forget outbox rows with seq <= `upto` (every parent has them); how many went."""
-    with db.write() as session:
-        return session.connection().execute(delete(_outbox).where(_outbox.c.seq <= upto)).rowcount
-
-
-def outbox_backlog(db: Database) -> tuple[int, float | None]:
-    """How many outbox rows wait, and when the oldest was written."""
-    o = _outbox.c
-    with db.read() as session:
-        waiting, oldest = (
-            session.connection().execute(select(func.count(), func.min(o.created_at))).one()
-        )
-    return waiting, None if oldest is None else oldest.timestamp()
-
-
-def requeue(db: Database, uuids: Collection[str] | None) -> int:
-    """Queue the current record of these instances (all when None) again; how many.
-
-    For the periodic heal and a forced resync. One transaction per batch of
-    `REQUEUE_BATCH`, so other writers wait for a batch, never for all of it.
-    """
-    queued = 0
-    if uuids is None:
-        after = ""
-        while True:
-            count, last = _requeue_batch(db, _i.uuid > after, REQUEUE_BATCH)
-            queued += count
-            if last is None:
-                return queued
-            after = last
-    for chunk in _chunks(sorted(set(uuids)), REQUEUE_BATCH):
-        queued += _requeue_batch(db, _i.uuid.in_(chunk), len(chunk))[0]
-    return queued
-
-
-def heal(db: Database, since: float, after: str, limit: int) -> tuple[int, str | None]:
-    """Queue again up to `limit` instances changed since `since`, in uuid order after `after`.
-
-    One step of the periodic heal; (how many, the last uuid queued, or None
-    when none were left after `after`, so the next step starts over).
-    """
-    return _requeue_batch(db, and_(_i.updated_at >= _when(since), _i.uuid > after), limit)
-
-
-def last_seq(db: Database) -> int:
-    """The highest outbox seq ever used, trimmed or not (0 before the first)."""
-    with db.read() as session:
-        value = session.connection().scalar(
-            select(_counters.c.value).where(_counters.c.name == _OUTBOX_COUNTER)
-        )
-    return 0 if value is None else int(value)
-
-
-def skip_seq(db: Database, past: int) -> int:
-    """Move the outbox counter past `past` if it is behind; the counter's value after.
-
-    For a cell whose database is older than what a parent has applied (restored
-    from a backup, or made anew): its next rows must not reuse sequence numbers
-    the parent has taken already, or the parent would skip them as seen.
-    """
-    with db.write() as session:
-        conn = session.connection()
-        upsert = dialect_insert(conn, _counters).values(name=_OUTBOX_COUNTER, value=past)
-        return int(
-            conn.execute(
-                upsert.on_conflict_do_update(
-                    index_elements=[_counters.c.name],
-                    set_={"value": case((_counters.c.value < past, past), else_=_counters.c.value)},
-                ).returning(_counters.c.value)
-            ).scalar_one()
-        )
 
 
 # -- parent side --------------------------------------------------------------------------
@@ -482,13 +362,13 @@ def apply_updates(
         if not fresh:
             return Applied(start, 0, skipped, (), False)
         records = [_from_child(child_path, kind, payload) for _, kind, payload in fresh]
-        conflicts: list[_Record] = []
+        conflicts: list[Record] = []
         if store_forward:
-            _append_outbox(conn, [(kind, payload) for _, kind, payload in fresh])
+            outbox.append(conn, [(kind, payload) for _, kind, payload in fresh])
             applied = len(fresh)
         else:
             updates = [record for record in records if record is not None]
-            applied, stale, conflicts = _merge(conn, updates)
+            applied, stale, conflicts = merge(conn, updates)
             skipped += stale + len(records) - len(updates)
         end = fresh[-1][0]
         _set_applied_seq(conn, child, end)
@@ -512,7 +392,7 @@ def index_create(
     Scheduler `hints`, if any, are kept with each instance until `forget_hints`.
     """
     _check_request_id(request_id)
-    created = [_exact(instance) for instance in instances]
+    created = [exact(instance) for instance in instances]
     uuids = [instance.uuid for instance in created]
     with db.write() as session:
         conn = session.connection()
@@ -523,16 +403,16 @@ def index_create(
             twice = next(uuid for uuid in uuids if uuids.count(uuid) > 1)
             raise Conflict(f"instance {twice} is named twice")
         if uuids:
-            for chunk in _chunks(uuids, _IN_LIMIT):
+            for chunk in chunks(uuids, IN_LIMIT):
                 _ensure_new(conn, *chunk)
-            conn.execute(insert(_instances), [_values(instance) for instance in created])
-            _record_faults(conn, created)
+            conn.execute(insert(INSTANCES), [row_values(instance) for instance in created])
+            record_faults(conn, created)
             if hints:
                 conn.execute(
                     insert(_hints),
                     [{"instance_uuid": uuid, "hints": dict(hints)} for uuid in uuids],
                 )
-        _log(conn, request_id, "server_create", _pack(uuids))
+        _log(conn, request_id, "server_create", pack(uuids))
         return created
 
 
@@ -551,12 +431,12 @@ def unplaced_builds(db: Database) -> list[tuple[Instance, dict[str, str]]]:
             )
         )
         rows = conn.execute(
-            select(_instances, _hints.c.hints)
+            select(INSTANCES, _hints.c.hints)
             .outerjoin(_hints, _hints.c.instance_uuid == _i.uuid)
             .where(waiting)
             .order_by(_i.created_at, _i.uuid)
         )
-        return [(_instance(row), dict(row.hints or {})) for row in rows]
+        return [(from_row(row), dict(row.hints or {})) for row in rows]
 
 
 def forget_hints(db: Database, uuid: str) -> None:
@@ -568,13 +448,13 @@ def forget_hints(db: Database, uuid: str) -> None:
 def index_put(db: Database, instance: Instance) -> bool:
     """Take one record into the index if it is newer and held under no or the same cell."""
     with db.write() as session:
-        applied, _, _ = _merge(session.connection(), [instance])
+        applied, _, _ = merge(session.connection(), [instance])
         return applied == 1
 
 
 def trim_request_log(db: Database, older_than: float) -> int:
     """Forget request results recorded before `older_than`; how many went."""
-    before = _when(older_than)
+    before = when(older_than)
     with db.write() as session:
         return (
             session.connection()
@@ -583,100 +463,15 @@ def trim_request_log(db: Database, older_than: float) -> int:
         )
 
 
-# -- rows and records ---------------------------------------------------------------------
-
-
-def _when(seconds: float) -> datetime:
-    try:
-        return datetime.fromtimestamp(seconds, UTC)
-    except (OverflowError, OSError, ValueError):
-        raise SchemaError(f"instance: time {seconds!r} is out of range") from None
-
-
-def _exact(instance: Instance) -> Instance:
-    """`instance` with its times rounded to the microsecond, as the database keeps them."""
-    deleted_at = instance.deleted_at
-    return replace(
-        instance,
-        created_at=_when(instance.created_at).timestamp(),
-        updated_at=_when(instance.updated_at).timestamp(),
-        deleted_at=None if deleted_at is None else _when(deleted_at).timestamp(),
-    )
-
-
-def _values(instance: _Record) -> dict[str, Any]:
-    fault = instance.fault
-    deleted_at = instance.deleted_at
-    return {
-        "uuid": instance.uuid,
-        "name": instance.name,
-        "project_id": instance.project,
-        "user_id": instance.user,
-        "flavor_name": instance.flavor,
-        "memory_mb": instance.memory_mb,
-        "disk_gb": instance.disk_gb,
-        "vcpus": instance.vcpus,
-        "image": instance.image,
-        "vm_state": instance.vm_state.value,
-        "task_state": None if instance.task_state is None else instance.task_state.value,
-        "power_state": instance.power_state.value,
-        "cell_name": instance.cell,
-        "host": instance.host,
-        "version": instance.version,
-        "deleted": instance.deleted,
-        "metadata": dict(instance.metadata),
-        "created_at": _when(instance.created_at),
-        "updated_at": _when(instance.updated_at),
-        "deleted_at": None if deleted_at is None else _when(deleted_at),
-        "fault_code": None if fault is None else fault.code,
-        "fault_message": None if fault is None else fault.message,
-        "fault_cell": None if fault is None else fault.cell,
-    }
-
-
-def _mutable_values(instance: Instance) -> dict[str, Any]:
-    """`_values` without the columns an update leaves alone."""
-    values = _values(instance)
-    for name in _IMMUTABLE:
-        del values[name]
-    return values
-
-
-def _instance(row: Row[Any]) -> Instance:
-    return Instance(
-        uuid=row.uuid,
-        name=row.name,
-        project=row.project_id,
-        user=row.user_id,
-        flavor=row.flavor_name,
-        memory_mb=row.memory_mb,
-        disk_gb=row.disk_gb,
-        vcpus=row.vcpus,
-        image=row.image,
-        vm_state=VmState(row.vm_state),
-        task_state=None if row.task_state is None else TaskState(row.task_state),
-        power_state=PowerState(row.power_state),
-        cell=row.cell_name,
-        host=row.host,
-        version=row.version,
-        created_at=row.created_at.timestamp(),
-        updated_at=row.updated_at.timestamp(),
-        deleted_at=None if row.deleted_at is None else row.deleted_at.timestamp(),
-        metadata=row.metadata,
-        fault=_fault(row.fault_code, row.fault_message, row.fault_cell),
-    )
-
-
-def _fault(code: str | None, message: str | None, cell: str | None) -> Fault | None:
-    return None if code is None else Fault(code, message or "", cell)
+# -- queries both sides use ---------------------------------------------------------------
 
 
 def _current(conn: Connection, uuids: Sequence[str]) -> list[Instance]:
     """The records of `uuids` as held now, in that order."""
     found: dict[str, Instance] = {}
-    for chunk in _chunks(uuids, _IN_LIMIT):
-        rows = conn.execute(select(_instances).where(_i.uuid.in_(chunk)))
-        found.update((row.uuid, _instance(row)) for row in rows)
+    for chunk in chunks(uuids, IN_LIMIT):
+        rows = conn.execute(select(INSTANCES).where(_i.uuid.in_(chunk)))
+        found.update((row.uuid, from_row(row)) for row in rows)
     return [found[uuid] for uuid in uuids if uuid in found]
 
 
@@ -701,249 +496,6 @@ def _after(conn: Connection, marker: str, project: str | None) -> ColumnElement[
     return or_(_i.created_at > created_at, and_(_i.created_at == created_at, _i.uuid > marker))
 
 
-def _record_faults(conn: Connection, instances: Sequence[_Record]) -> None:
-    """Add the fault each instance carries to its history, once per instance version."""
-    rows = [
-        {
-            "instance_uuid": instance.uuid,
-            "version": instance.version,
-            "code": instance.fault.code,
-            "message": instance.fault.message,
-            "cell_name": instance.fault.cell,
-            "created_at": _when(instance.updated_at),
-        }
-        for instance in instances
-        if instance.fault is not None
-    ]
-    if rows:
-        add = dialect_insert(conn, _faults).on_conflict_do_nothing(
-            index_elements=[_faults.c.instance_uuid, _faults.c.version]
-        )
-        conn.execute(add, rows)
-
-
-# -- merging into the index ---------------------------------------------------------------
-
-
-def _merge(conn: Connection, updates: Sequence[_Record]) -> tuple[int, int, list[_Record]]:
-    """Write the updates the index should take, in order; (applied, stale, conflicting).
-
-    Decided in memory against what is held, as if applied one by one, then
-    written once per instance. The upsert repeats the rule as its condition,
-    so a concurrent writer on PostgreSQL cannot make it overwrite a newer row.
-    """
-    held = _held(conn, {update.uuid for update in updates})
-    latest: dict[str, _Record] = {}
-    faulted: list[_Record] = []
-    conflicts: list[_Record] = []
-    applied = stale = 0
-    for record in updates:
-        version, cell, fault, gone = held.get(record.uuid, (-1, None, None, False))
-        if (cell is not None and cell != record.cell) or (
-            gone and cell is None and not record.deleted
-        ):
-            # Held under another cell, or deleted by the top before any cell was
-            # known to hold it: the copy that cell reports alive is an orphan.
-            conflicts.append(record)
-        elif record.version <= version:
-            stale += 1
-        else:
-            held[record.uuid] = (record.version, record.cell, record.fault, record.deleted)
-            latest[record.uuid] = record
-            if record.fault is not None and record.fault != fault:
-                faulted.append(record)
-            applied += 1
-    if latest:
-        _upsert(conn, latest.values())
-    _record_faults(conn, faulted)
-    return applied, stale, conflicts
-
-
-def _upsert_statement(upsert: sqlite.Insert | postgresql.Insert) -> Insert:
-    """Insert records, or replace what is held if older and of the same or no cell."""
-    # A constant in the SQL, not a parameter: the compiled form binds one value per column.
-    deleted: ColumnElement[str] = literal_column(f"'{VmState.DELETED.value}'")
-    top_deleted = and_(_i.cell_name.is_(None), _i.vm_state == deleted)
-    newer = and_(
-        _i.version < upsert.excluded.version,
-        or_(_i.cell_name.is_(None), _i.cell_name == upsert.excluded.cell_name),
-        or_(not_(top_deleted), upsert.excluded.vm_state == deleted),
-    )
-    return upsert.on_conflict_do_update(
-        index_elements=[_i.uuid],
-        set_={
-            column.name: upsert.excluded[column.name]
-            for column in _instances.c
-            if column.name not in _IMMUTABLE
-        },
-        where=newer,
-    )
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled_upsert(dialect: Dialect) -> str:
-    """The SQLite upsert of `_upsert_statement` for this engine's dialect, binding `_sqlite_row`."""
-    compiled = _upsert_statement(sqlite.insert(_instances)).compile(dialect=dialect)
-    names = tuple(compiled.positiontup or ())
-    if names != tuple(_instances.c.keys()):
-        raise AssertionError(f"the index upsert binds {names}, not each column in table order")
-    return compiled.string
-
-
-def _upsert(conn: Connection, records: Iterable[_Record]) -> None:
-    """Write records into the index under `_upsert_statement`'s condition, in one executemany.
-
-    On SQLite the statement is compiled once and each row goes to the driver
-    as the tuple `_sqlite_row` makes: SQLAlchemy's per-row parameter handling
-    and the column types' bind processors took more time than SQLite's own
-    work on a child's batch. Other backends take the statement through
-    SQLAlchemy, which batches the rows itself.
-    """
-    if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql(
-            _compiled_upsert(conn.dialect), [_sqlite_row(record) for record in records]
-        )
-    else:
-        conn.execute(
-            _upsert_statement(dialect_insert(conn, _instances)),
-            [_values(record) for record in records],
-        )
-
-
-def _sqlite_row(record: _Record) -> tuple[Any, ...]:
-    """`_values(record)` as SQLAlchemy binds it on SQLite, one value per column in table order.
-
-    The same values the column types' bind processors make, so a row reads
-    back the same whichever path wrote it: booleans as 0 or 1, metadata as
-    `_sqlite_json` text, times as `_sqlite_time` text.
-    """
-    fault = record.fault
-    task_state = record.task_state
-    deleted_at = record.deleted_at
-    vm_state = record.vm_state
-    return (
-        record.uuid,
-        record.name,
-        record.project,
-        record.user,
-        record.flavor,
-        record.memory_mb,
-        record.disk_gb,
-        record.vcpus,
-        record.image,
-        vm_state.value,
-        None if task_state is None else task_state.value,
-        record.power_state.value,
-        record.cell,
-        record.host,
-        record.version,
-        1 if vm_state is VmState.DELETED else 0,
-        _sqlite_json(record.metadata),
-        _sqlite_time(record.created_at),
-        _sqlite_time(record.updated_at),
-        None if deleted_at is None else _sqlite_time(deleted_at),
-        None if fault is None else fault.code,
-        None if fault is None else fault.message,
-        None if fault is None else fault.cell,
-    )
-
-
-def _sqlite_json(metadata: Mapping[str, str]) -> str:
-    """`json.dumps(metadata)`, as the JSON type binds it, for a map of strings to strings.
-
-    Each string is escaped by the function `json.dumps` escapes it with, and
-    put together with its separators; `json.dumps` builds an encoder on
-    every call, which took more than twice as long.
-    """
-    items = [
-        f"{encode_basestring_ascii(k)}: {encode_basestring_ascii(v)}" for k, v in metadata.items()
-    ]
-    return "{" + ", ".join(items) + "}"
-
-
-def _sqlite_time(seconds: float) -> str:
-    """`_when(seconds)` as SQLAlchemy's SQLite DATETIME stores it: naive UTC, to the microsecond.
-
-    Its format is ``YYYY-MM-DD HH:MM:SS.ffffff``. The microseconds are rounded
-    as `datetime.fromtimestamp` rounds them (the fraction times a million, half
-    to even, a million carried into the second) and the whole second is
-    formatted once: the times of the changes that flow up at once fall in few
-    seconds, and formatting each in full took about a tenth of an apply.
-    """
-    if not 0.0 <= seconds < _LAST_SECOND:  # negative, past year 9999, or not a number
-        return _when(seconds).isoformat(" ", "microseconds")[:-6]
-    fraction, whole = math.modf(seconds)
-    micro = round(fraction * 1e6)
-    if micro == 1_000_000:
-        whole, micro = whole + 1.0, 0
-    return f"{_sqlite_second(whole)}.{micro:06d}"
-
-
-_LAST_SECOND: Final = 253_402_300_799.0  # 9999-12-31 23:59:59 UTC
-
-
-@functools.lru_cache(maxsize=4096)
-def _sqlite_second(whole: float) -> str:
-    return _when(whole).isoformat(" ", "seconds")[:-6]
-
-
-_HELD_COLUMNS: Final = (
-    _i.uuid,
-    _i.version,
-    _i.cell_name,
-    _i.fault_code,
-    _i.fault_message,
-    _i.fault_cell,
-    _i.vm_state,
-)
-_HELD: Final = (
-    select(*_HELD_COLUMNS).where(_i.uuid.in_(bindparam("uuids", expanding=True))).with_for_update()
-)
-
-
-@functools.lru_cache(maxsize=32)
-def _held_sqlite(dialect: Dialect, count: int) -> str:
-    """`_HELD` for exactly `count` uuids, compiled once for this SQLite dialect."""
-    names: list[BindParameter[str]] = [bindparam(f"uuid_{n}") for n in range(count)]
-    return str(select(*_HELD_COLUMNS).where(_i.uuid.in_(names)).compile(dialect=dialect))
-
-
-_Held = tuple[int, str | None, Fault | None, bool]
-
-
-def _held(conn: Connection, uuids: Collection[str]) -> dict[str, _Held]:
-    """Version, cell, latest fault and deletedness of the instances held here.
-
-    The rows are locked on PostgreSQL. On SQLite the query is compiled once per
-    size of list, each list padded to a power of two or to `_IN_LIMIT`
-    (repeats change nothing in an IN list): expanding the list for every
-    query took about a third of the time of this function on a child's batch.
-    """
-    held: dict[str, _Held] = {}
-    deleted = VmState.DELETED.value
-    sqlite = conn.dialect.name == "sqlite"
-    for chunk in _chunks(sorted(uuids), _IN_LIMIT):
-        if sqlite:
-            size = min(1 << (len(chunk) - 1).bit_length(), _IN_LIMIT)
-            padded = (*chunk, *(chunk[-1],) * (size - len(chunk)))
-            rows = conn.exec_driver_sql(_held_sqlite(conn.dialect, size), padded).all()
-        else:
-            rows = conn.execute(_HELD, {"uuids": chunk}).all()
-        held.update(
-            (
-                uuid,
-                (
-                    version,
-                    cell,
-                    None if code is None else Fault(code, message or "", at),
-                    vm_state == deleted,
-                ),
-            )
-            for uuid, version, cell, code, message, at, vm_state in rows
-        )
-    return held
-
-
 def _fresh(
     rows: Iterable[tuple[int, str, bytes]], start: int
 ) -> tuple[list[tuple[int, str, bytes]], int, bool]:
@@ -964,9 +516,9 @@ def _fresh(
 
 def _from_child(child_path: str, kind: str, payload: bytes) -> InstanceFields | None:
     """The instance record a child sent, checked to be of its subtree (None: another kind)."""
-    if kind != INSTANCE_KIND:
+    if kind != outbox.INSTANCE_KIND:
         return None
-    record = fields_from_wire(_unpack(payload))
+    record = fields_from_wire(unpack(payload))
     cell = record.cell
     if cell is None or (cell != child_path and not cell.startswith(child_path + PATH_SEPARATOR)):
         raise SenderMismatch(
@@ -994,46 +546,7 @@ def _set_applied_seq(conn: Connection, child: str, seq: int) -> None:
     )
 
 
-# -- outbox, request log, plumbing --------------------------------------------------------
-
-
-def _append_outbox(conn: Connection, entries: Sequence[tuple[str, bytes]]) -> None:
-    """Append (kind, payload) rows under the next seqs, taken from the counter."""
-    if not entries:
-        return
-    last = conn.execute(
-        _count_statement(conn.dialect.name), {"name": _OUTBOX_COUNTER, "n": len(entries)}
-    ).scalar_one()
-    first = last - len(entries) + 1
-    now = utcnow()
-    conn.execute(
-        _ADD_OUTBOX,
-        [
-            {"seq": first + offset, "kind": kind, "payload": payload, "created_at": now}
-            for offset, (kind, payload) in enumerate(entries)
-        ],
-    )
-
-
-@functools.cache
-def _count_statement(dialect_name: str) -> Insert:
-    """Move a counter by :n (made at :n if new), returning its new value."""
-    add = (postgresql if dialect_name == "postgresql" else sqlite).insert(_counters)
-    counted = add.values(name=bindparam("name"), value=bindparam("n"))
-    statement: Insert = counted.on_conflict_do_update(
-        index_elements=[_counters.c.name],
-        set_={"value": _counters.c.value + bindparam("n")},
-    ).returning(_counters.c.value)
-    return statement
-
-
-def _requeue_batch(db: Database, where: ColumnElement[bool], limit: int) -> tuple[int, str | None]:
-    """Queue up to `limit` current records matching `where`; (how many, last uuid)."""
-    with db.write() as session:
-        conn = session.connection()
-        rows = conn.execute(select(_instances).where(where).order_by(_i.uuid).limit(limit)).all()
-        _append_outbox(conn, [(INSTANCE_KIND, _pack(_instance(row).to_wire())) for row in rows])
-    return len(rows), rows[-1].uuid if rows else None
+# -- request log, plumbing ----------------------------------------------------------------
 
 
 def _check_request_id(request_id: str) -> None:
@@ -1067,30 +580,12 @@ def _serialise(conn: Connection, key: str) -> None:
     conn.execute(select(func.pg_advisory_xact_lock(int.from_bytes(digest, "big", signed=True))))
 
 
-def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
-
-
-def _unpack(payload: bytes) -> Any:
-    try:
-        return msgpack.unpackb(payload, raw=False)
-    except (ValueError, TypeError) as exc:  # every msgpack decode error is a ValueError
-        raise DecodeError(f"payload is not valid msgpack ({type(exc).__name__})") from None
-    except RecursionError:
-        raise DecodeError("payload nests too deeply") from None
-
-
 def _decode_instance(payload: bytes) -> Instance:
-    return Instance.from_wire(_unpack(payload))
+    return Instance.from_wire(unpack(payload))
 
 
 def _decode_uuids(payload: bytes) -> list[str]:
-    uuids = _unpack(payload)
+    uuids = unpack(payload)
     if type(uuids) is not list or not all(type(uuid) is str for uuid in uuids):
         raise SchemaError("request log: expected a list of instance uuids")
     return uuids

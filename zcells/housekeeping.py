@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from zcells import logs
 from zcells.db import instances as store
+from zcells.db import outbox as outbox_store
 from zcells.dbrunner import DbRunner
 from zcells.errors import DatabaseError
 
@@ -79,7 +80,9 @@ class Housekeeping:
     async def heal_once(self) -> int:
         """Queue the next few recently changed instances again; how many."""
         since = self._wall_clock() - self.settings.heal_window_s
-        count, last = await self.db.write(store.heal, since, self._cursor, self.settings.heal_count)
+        count, last = await self.db.write(
+            outbox_store.heal, since, self._cursor, self.settings.heal_count
+        )
         self._cursor = last if last is not None and count == self.settings.heal_count else ""
         if count:
             self.healed += count

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from zcells import logs
-from zcells.db import instances as store
+from zcells.db import outbox as outbox_store
 from zcells.dbrunner import DbRunner
 from zcells.errors import DatabaseError, SchemaError, WireError
 from zcells.node import Node
@@ -142,7 +142,7 @@ class Upstream:
         """
         bell = self._bells[parent]
         bell.clear()
-        rows = ahead or await self.db.read(store.read_outbox, applied, self.batch_rows)
+        rows = ahead or await self.db.read(outbox_store.read_outbox, applied, self.batch_rows)
         if not rows:
             try:
                 async with asyncio.timeout(self.idle_s):
@@ -157,7 +157,9 @@ class Upstream:
                 call = tasks.create_task(
                     self.node.call("updates", {"rows": [list(row) for row in rows]}, target=path)
                 )
-                after = tasks.create_task(self.db.read(store.read_outbox, last, self.batch_rows))
+                after = tasks.create_task(
+                    self.db.read(outbox_store.read_outbox, last, self.batch_rows)
+                )
                 tasks.create_task(self._trim())  # what every parent acked before this batch
         except ExceptionGroup as group:
             raise group.exceptions[0] from None  # the first failure is the batch's
@@ -184,12 +186,12 @@ class Upstream:
         counter moves past it, so new rows are not taken as seen, and
         everything is queued again.
         """
-        last = await self.db.read(store.last_seq)  # first: rows may be added meanwhile
+        last = await self.db.read(outbox_store.last_seq)  # first: rows may be added meanwhile
         if applied > last:
-            await self.db.write(store.skip_seq, applied)
+            await self.db.write(outbox_store.skip_seq, applied)
             await self._requeue_everything(parent, applied, last + 1)
             return
-        rows = await self.db.read(store.read_outbox, applied, 1)
+        rows = await self.db.read(outbox_store.read_outbox, applied, 1)
         first = rows[0][0] if rows else last + 1
         if first > applied + 1:
             await self._requeue_everything(parent, applied, first)
@@ -204,14 +206,14 @@ class Upstream:
             oldest_kept=first,
             action="requeue every instance of the subtree",
         )
-        await self.db.write(store.requeue, None)
+        await self.db.write(outbox_store.requeue, None)
         await self._resync_children()
 
     async def _trim(self) -> None:
         parents = set(self.node.view.parents)
         if parents and parents <= self.acked.keys():
             upto = min(self.acked[name] for name in parents)
-            await self.db.write(store.trim_outbox, upto)
+            await self.db.write(outbox_store.trim_outbox, upto)
 
 
 def within_bytes(rows: Rows, limit: int) -> Rows:

@@ -17,8 +17,9 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
-from zcells.db import hosts, migrate
+from zcells.db import hosts, instance_rows, migrate
 from zcells.db import instances as store
+from zcells.db import outbox as outbox_store
 from zcells.db.engine import Database
 from zcells.db.models import HostRow, InstanceFaultRow, InstanceRow, RequestLogRow, UTCDateTime
 
@@ -134,10 +135,10 @@ def test_place_claims_the_first_host_with_room_and_queues_the_record(cell: Datab
     assert usage(cell) == {"h1": (2048, 20, 1), "h2": (2048, 20, 1)}
     assert store.get(cell, first.uuid) == first
     assert store.get(cell, second.uuid) == second
-    outbox = store.read_outbox(cell, 0, 10)
+    outbox = outbox_store.read_outbox(cell, 0, 10)
     assert [(seq, kind) for seq, kind, _ in outbox] == [(1, "instance"), (2, "instance")]
     assert [decoded(payload) for _, _, payload in outbox] == [first, second]
-    assert store.last_seq(cell) == 2
+    assert outbox_store.last_seq(cell) == 2
 
 
 def test_place_skips_disabled_and_unknown_hosts(cell: Database) -> None:
@@ -159,7 +160,7 @@ def test_place_without_room_writes_nothing(cell: Database) -> None:
     assert store.place(cell, ["h1", "h2"], on_host(big), "req-1") is None
     assert store.place(cell, [], on_host(big), "req-2") is None
     assert store.get(cell, big.uuid) is None
-    assert store.read_outbox(cell, 0, 10) == [] and store.last_seq(cell) == 0
+    assert outbox_store.read_outbox(cell, 0, 10) == [] and outbox_store.last_seq(cell) == 0
     assert usage(cell) == {"h1": (0, 0, 0), "h2": (0, 0, 0)}
     # the request id was not used up: once a host has room the same request places it
     hosts.sync_hosts(cell, [Host("h1", True, 2048, 20, 1), Host("h2", True, 200_000, 80, 4)])
@@ -177,7 +178,7 @@ def test_place_repeated_by_request_id_answers_the_first_result(cell: Database) -
 
     assert store.place(cell, ["h1", "h2"], other, "req-1") == first
     assert calls == []
-    assert len(store.read_outbox(cell, 0, 10)) == 1
+    assert len(outbox_store.read_outbox(cell, 0, 10)) == 1
     assert usage(cell)["h2"] == (2048, 20, 1) and usage(cell)["h1"] == (0, 0, 0)
     with pytest.raises(InvalidRequest, match="was a build"):
         store.change(cell, uid(1), lambda i: i, request_id="req-1", method="stop")
@@ -188,7 +189,7 @@ def test_place_of_an_existing_uuid_is_a_conflict(cell: Database) -> None:
     with pytest.raises(Conflict, match="exists"):
         store.place(cell, ["h2"], on_host(server(1)), "req-2")
     assert usage(cell)["h2"] == (2048, 20, 1)
-    assert len(store.read_outbox(cell, 0, 10)) == 1
+    assert len(outbox_store.read_outbox(cell, 0, 10)) == 1
 
 
 def test_concurrent_placements_never_overcommit(cell: Database) -> None:
@@ -210,7 +211,7 @@ def test_concurrent_placements_never_overcommit(cell: Database) -> None:
     assert errors == []
     assert placed_hosts.count("h2") == 4 and placed_hosts.count(None) == 4
     assert usage(cell)["h2"] == (8192, 80, 4)
-    assert [seq for seq, _, _ in store.read_outbox(cell, 0, 10)] == [1, 2, 3, 4]
+    assert [seq for seq, _, _ in outbox_store.read_outbox(cell, 0, 10)] == [1, 2, 3, 4]
 
 
 def test_request_ids_are_checked(cell: Database) -> None:
@@ -227,7 +228,7 @@ def test_times_round_trip_to_the_microsecond(cell: Database) -> None:
     assert made.created_at == 1_764_000_000.123457
     assert made.updated_at == 1_764_000_002.0
     assert store.get(cell, made.uuid) == made
-    assert decoded(store.read_outbox(cell, 0, 1)[0][2]) == made
+    assert decoded(outbox_store.read_outbox(cell, 0, 1)[0][2]) == made
     stopped = act(cell, made.uuid, lambda i: finish(i, 1_764_000_003.0000004))
     assert stopped.updated_at == 1_764_000_003.0 and store.get(cell, made.uuid) == stopped
 
@@ -249,7 +250,11 @@ def test_change_writes_the_record_and_queues_it(cell: Database) -> None:
         cell, made.uuid, lambda i: pytest.fail("called"), request_id="r-stop", method="stop"
     )
     assert again == stopping
-    assert [decoded(p) for _, _, p in store.read_outbox(cell, 0, 10)] == [made, active, stopping]
+    assert [decoded(p) for _, _, p in outbox_store.read_outbox(cell, 0, 10)] == [
+        made,
+        active,
+        stopping,
+    ]
 
 
 def test_change_refused_by_fn_writes_nothing(cell: Database) -> None:
@@ -262,7 +267,7 @@ def test_change_refused_by_fn_writes_nothing(cell: Database) -> None:
     with pytest.raises(Conflict, match="cannot start"):
         store.change(cell, made.uuid, start, request_id="r-start", method="start")
     assert store.get(cell, made.uuid) == made
-    assert store.last_seq(cell) == 1
+    assert outbox_store.last_seq(cell) == 1
     # the refusal did not use the request id up: once stopped, the same request starts it
     act(cell, made.uuid, lambda i: finish(i, T0 + 2))
     act(cell, made.uuid, lambda i: finish(begin(i, Action.STOP, T0 + 3), T0 + 4))
@@ -295,7 +300,7 @@ def test_change_each_gives_each_change_its_outcome_and_outbox_row(cell: Database
     assert isinstance(second_done, Instance) and second_done.vm_state is VmState.ACTIVE
     assert store.get(cell, first.uuid) == stopping
     assert store.get(cell, second.uuid) == second_done
-    queued = [decoded(p) for _, _, p in store.read_outbox(cell, 0, 10)]
+    queued = [decoded(p) for _, _, p in outbox_store.read_outbox(cell, 0, 10)]
     assert queued == [first, second, done, second_done, stopping]
 
 
@@ -485,38 +490,41 @@ def test_sync_hosts_creates_resizes_disables_and_recounts(cell: Database) -> Non
 
 
 def test_outbox_read_trim_backlog_and_seqs_never_reused(cell: Database) -> None:
-    assert store.outbox_backlog(cell) == (0, None)
-    assert store.last_seq(cell) == 0
+    assert outbox_store.outbox_backlog(cell) == (0, None)
+    assert outbox_store.last_seq(cell) == 0
     for n in range(1, 4):
         store.place(cell, ["h2"], on_host(server(n)), f"r{n}")
-    assert [seq for seq, _, _ in store.read_outbox(cell, 1, 10)] == [2, 3]
-    assert [seq for seq, _, _ in store.read_outbox(cell, 0, 2)] == [1, 2]
-    waiting, oldest = store.outbox_backlog(cell)
+    assert [seq for seq, _, _ in outbox_store.read_outbox(cell, 1, 10)] == [2, 3]
+    assert [seq for seq, _, _ in outbox_store.read_outbox(cell, 0, 2)] == [1, 2]
+    waiting, oldest = outbox_store.outbox_backlog(cell)
     assert waiting == 3 and oldest is not None and abs(oldest - time.time()) < 60
-    assert store.trim_outbox(cell, 2) == 2
-    assert store.trim_outbox(cell, 2) == 0
-    assert [seq for seq, _, _ in store.read_outbox(cell, 0, 10)] == [3]
-    assert store.trim_outbox(cell, 3) == 1
-    assert store.outbox_backlog(cell) == (0, None) and store.last_seq(cell) == 3
+    assert outbox_store.trim_outbox(cell, 2) == 2
+    assert outbox_store.trim_outbox(cell, 2) == 0
+    assert [seq for seq, _, _ in outbox_store.read_outbox(cell, 0, 10)] == [3]
+    assert outbox_store.trim_outbox(cell, 3) == 1
+    assert outbox_store.outbox_backlog(cell) == (0, None) and outbox_store.last_seq(cell) == 3
     # an empty outbox goes on from the last seq, never back to 1
     store.place(cell, ["h2"], on_host(server(4)), "r4")
-    assert [seq for seq, _, _ in store.read_outbox(cell, 0, 10)] == [4]
-    assert store.last_seq(cell) == 4
+    assert [seq for seq, _, _ in outbox_store.read_outbox(cell, 0, 10)] == [4]
+    assert outbox_store.last_seq(cell) == 4
 
 
 def test_requeue_queues_current_records_in_batches(
     synced: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store, "REQUEUE_BATCH", 3)
+    monkeypatch.setattr(outbox_store, "REQUEUE_BATCH", 3)
     created = store.index_create(synced, [server(n) for n in range(1, 8)], "create")
-    assert store.last_seq(synced) == 0  # the API cell's own records do not flow up
-    assert store.requeue(synced, None) == 7
-    queued = store.read_outbox(synced, 0, 100)
+    assert outbox_store.last_seq(synced) == 0  # the API cell's own records do not flow up
+    assert outbox_store.requeue(synced, None) == 7
+    queued = outbox_store.read_outbox(synced, 0, 100)
     assert [seq for seq, _, _ in queued] == list(range(1, 8))
     assert sorted(decoded(p).uuid for _, _, p in queued) == sorted(i.uuid for i in created)
-    assert store.requeue(synced, [uid(2), uid(5), uid(99), uid(2)]) == 2
-    assert [decoded(p).uuid for _, _, p in store.read_outbox(synced, 7, 100)] == [uid(2), uid(5)]
-    assert store.requeue(synced, []) == 0
+    assert outbox_store.requeue(synced, [uid(2), uid(5), uid(99), uid(2)]) == 2
+    assert [decoded(p).uuid for _, _, p in outbox_store.read_outbox(synced, 7, 100)] == [
+        uid(2),
+        uid(5),
+    ]
+    assert outbox_store.requeue(synced, []) == 0
 
 
 # -- the parent's index ---------------------------------------------------------------------
@@ -619,7 +627,7 @@ def test_a_child_speaking_for_another_subtree_writes_nothing(synced: Database) -
                     synced, "eu", "api!eu", [row(1, v1), row(2, bad)], store_forward=store_forward
                 )
     assert store.get(synced, v1.uuid) is None
-    assert store.applied_seq(synced, "eu") == 0 and store.last_seq(synced) == 0
+    assert store.applied_seq(synced, "eu") == 0 and outbox_store.last_seq(synced) == 0
 
 
 def test_bad_payloads_write_nothing(synced: Database) -> None:
@@ -650,7 +658,7 @@ def test_store_and_forward_appends_to_our_outbox_with_the_progress(synced: Datab
     rows = [row(1, v1), (2, "capacity", b"\x81\xa1a\x01"), row(3, v2)]
     result = store.apply_updates(synced, "eu-1", "api!eu!eu-1", rows, store_forward=True)
     assert result == store.Applied(3, 3, 0, (), False)
-    assert store.read_outbox(synced, 0, 10) == [
+    assert outbox_store.read_outbox(synced, 0, 10) == [
         (1, *rows[0][1:]),
         (2, *rows[1][1:]),
         (3, *rows[2][1:]),
@@ -660,7 +668,7 @@ def test_store_and_forward_appends_to_our_outbox_with_the_progress(synced: Datab
     # a resend is not forwarded twice
     result = store.apply_updates(synced, "eu-1", "api!eu!eu-1", rows, store_forward=True)
     assert result == store.Applied(3, 0, 3, (), False)
-    assert store.last_seq(synced) == 3
+    assert outbox_store.last_seq(synced) == 3
 
 
 def test_faults_in_updates_are_kept_once_per_version(synced: Database) -> None:
@@ -739,10 +747,12 @@ def test_times_are_bound_as_the_sqlite_datetime_type_binds_them() -> None:
     spread = [rng.uniform(0, 4e9) for _ in range(20_000)]
     halves = [T0 + n / 1e6 + 5e-7 for n in range(2_000)]  # a half microsecond: to even
     for seconds in [*edges, *spread, *halves]:
-        assert store._sqlite_time(seconds) == bind(datetime.fromtimestamp(seconds, UTC)), seconds
+        assert instance_rows.sqlite_time(seconds) == bind(datetime.fromtimestamp(seconds, UTC)), (
+            seconds
+        )
     for far in (last + 1, 1e18, float("inf"), float("nan")):
         with pytest.raises(SchemaError):
-            store._sqlite_time(far)
+            instance_rows.sqlite_time(far)
 
 
 def raw_rows(db: Database) -> list[tuple[object, ...]]:
@@ -819,10 +829,10 @@ def test_upgrade_keeps_outbox_seqs_and_downgrade_round_trips(database: Database)
                 {"seq": seq, "payload": b"x", "at": "2026-01-01 00:00:00"},
             )
     migrate.sync(database)
-    assert store.last_seq(database) == 3
+    assert outbox_store.last_seq(database) == 3
     store.index_create(database, [server(1)], "c")
-    assert store.requeue(database, None) == 1
-    assert [seq for seq, _, _ in store.read_outbox(database, 0, 10)] == [1, 2, 3, 4]
+    assert outbox_store.requeue(database, None) == 1
+    assert [seq for seq, _, _ in outbox_store.read_outbox(database, 0, 10)] == [1, 2, 3, 4]
     store.index_put(database, failed(server(1), Fault("E_INTERNAL", "boom", None), T0 + 1))
 
     # back to 0002: the outbox numbers its own rows again and goes on from 4
@@ -840,5 +850,5 @@ def test_upgrade_keeps_outbox_seqs_and_downgrade_round_trips(database: Database)
         )
         assert session.scalar(sa.text("SELECT MAX(seq) FROM outbox")) == 5
     migrate.sync(database)
-    assert store.last_seq(database) == 5
+    assert outbox_store.last_seq(database) == 5
     assert store.get(database, uid(1)) is not None

@@ -11,6 +11,7 @@ import msgpack
 import pytest
 import sqlalchemy as sa
 from zcells.db import instances as store
+from zcells.db import outbox as outbox_store
 from zcells.db.engine import Database
 from zcells.db.models import RequestLogRow
 
@@ -49,7 +50,7 @@ def owned(db: Database, n: int, changed_at: float) -> None:
 
 
 def queued(db: Database, after: int = 0) -> list[str]:
-    rows = store.read_outbox(db, after, 1000)
+    rows = outbox_store.read_outbox(db, after, 1000)
     return [Instance.from_wire(msgpack.unpackb(p, raw=False)).uuid for _, _, p in rows]
 
 
@@ -169,7 +170,7 @@ def test_a_failing_step_is_logged_and_the_next_one_runs(
         calls += 1
         raise DatabaseError("disk I/O error")
 
-    monkeypatch.setattr(store, "heal", broken)
+    monkeypatch.setattr(outbox_store, "heal", broken)
 
     async def main() -> None:
         await heal.step()

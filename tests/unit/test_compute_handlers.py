@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
+from zcells.db import outbox as outbox_store
 from zcells.db.engine import Database
 
 from tests.fakes import run
@@ -54,7 +55,7 @@ def test_an_action_sent_twice_is_done_once(db: DbRunner) -> None:
     async def main() -> None:
         active = await held_here(db, UUID)
         cell = handlers(db)
-        before = await db.read(store.last_seq)
+        before = await db.read(outbox_store.last_seq)
         once = await cell.instance_action(
             parent_call("instance_action", action(UUID, "stop", "r1"))
         )
@@ -63,7 +64,7 @@ def test_an_action_sent_twice_is_done_once(db: DbRunner) -> None:
         )
         assert once == twice
         assert once["instance"]["version"] == active.version + 1
-        assert await db.read(store.last_seq) == before + 1  # one change, one outbox row
+        assert await db.read(outbox_store.last_seq) == before + 1  # one change, one outbox row
         # The first result, whatever the second asked for under the same id.
         start = await cell.instance_action(
             parent_call("instance_action", action(UUID, "start", "r1"))
@@ -71,7 +72,7 @@ def test_an_action_sent_twice_is_done_once(db: DbRunner) -> None:
         assert start == once
         with pytest.raises(Conflict):  # a new id is new work: it runs already
             await cell.instance_action(parent_call("instance_action", action(UUID, "stop", "r2")))
-        assert await db.read(store.last_seq) == before + 1
+        assert await db.read(outbox_store.last_seq) == before + 1
 
     run(main())
 

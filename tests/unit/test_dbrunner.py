@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
+from zcells.db import outbox as outbox_store
 from zcells.db.engine import Database
 
 from tests.fakes import run
@@ -45,7 +46,7 @@ def test_a_write_that_fails_in_a_group_undoes_only_its_own_work(db: DbRunner) ->
 
     async def main() -> None:
         await db.write(hosts_store.sync_hosts, [Host("h001", True, 4096, 100, 8)])
-        before = await db.read(store.last_seq)
+        before = await db.read(outbox_store.last_seq)
         blocker = asyncio.ensure_future(db.write(held_open))
         await asyncio.sleep(0.05)
         writes = [
@@ -62,7 +63,7 @@ def test_a_write_that_fails_in_a_group_undoes_only_its_own_work(db: DbRunner) ->
         assert isinstance(failed, Conflict)
         assert isinstance(third, Instance) and third.uuid == THIRD
         assert await db.read(store.get, SECOND) is None
-        assert await db.read(store.last_seq) == before + 2
+        assert await db.read(outbox_store.last_seq) == before + 2
         (host,) = await db.read(hosts_store.list_hosts)
         assert host.memory_mb_used == 2 * first.memory_mb
 

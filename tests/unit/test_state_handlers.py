@@ -8,6 +8,7 @@ from typing import Any
 import msgpack
 import pytest
 from zcells.db import instances as store
+from zcells.db import outbox as outbox_store
 from zcells.db.engine import Database
 
 from tests.fakes import run
@@ -64,7 +65,7 @@ def test_resync_answers_one_flat_entry_per_cell_of_a_deep_subtree(db: DbRunner) 
         "api!c1!g2": {"code": "E_TIMEOUT", "message": "no answer"},
     }
     assert depth(said) <= 3 < MAX_BODY_DEPTH
-    assert len(store.read_outbox(db.db, 0, 10)) == 3
+    assert len(outbox_store.read_outbox(db.db, 0, 10)) == 3
     assert all(sent.timeout_s is not None for sent in node.sent)  # bounded by the request
 
 
@@ -72,7 +73,7 @@ def test_resync_at_a_cell_with_no_parent_is_refused(db: DbRunner) -> None:
     node = ScriptedNode(here="api")
     with pytest.raises(InvalidRequest):
         run(handlers(db, node).resync(parent_call("resync", {}, cell="api")))
-    assert store.read_outbox(db.db, 0, 10) == []
+    assert outbox_store.read_outbox(db.db, 0, 10) == []
 
 
 def test_a_batch_past_what_was_applied_is_taken_and_answered_as_a_gap(db: DbRunner) -> None:
@@ -95,4 +96,6 @@ def test_a_batch_past_what_was_applied_is_taken_and_answered_as_a_gap(db: DbRunn
 
     assert from_g1(rows[:1]) == {"applied": 1}
     assert from_g1(rows[2:]) == {"applied": 3, "gap": True}  # row 2 never came
-    assert len(store.read_outbox(db.db, 0, 10)) == 2  # stored for this cell's parent all the same
+    assert (
+        len(outbox_store.read_outbox(db.db, 0, 10)) == 2
+    )  # stored for this cell's parent all the same

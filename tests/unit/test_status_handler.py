@@ -11,6 +11,7 @@ from typing import Any, cast
 import pytest
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
+from zcells.db import outbox as outbox_store
 from zcells.db.engine import Database
 
 from tests.fakes import run
@@ -159,7 +160,7 @@ def test_a_compute_cell_answers_its_hosts_servers_backlog_children_and_rate(
         "counts": {"BUILD": 1, "ACTIVE": 0, "SHUTOFF": 1, "REBOOT": 0, "ERROR": 0},
     }
     # rows 1..3; "other" has applied only row 1, so rows 2 and 3 still wait
-    assert [row[0] for row in store.read_outbox(db.db, 0, 10)] == [1, 2, 3]
+    assert [row[0] for row in outbox_store.read_outbox(db.db, 0, 10)] == [1, 2, 3]
     assert said["backlog"]["count"] == 2
     assert 60.0 <= said["backlog"]["oldest_s"] < 70.0
     assert said["msgs_per_s"] == 15.0

@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 import pytest
 from zcells.db import instances as store
+from zcells.db import outbox as outbox_store
 from zcells.db.engine import Database
 
 from tests.fakes import run
@@ -89,7 +90,7 @@ def own(db: Database, count: int) -> list[Instance]:
         record = placed(instance(uuid), "api!c1", "h1", 2.0)
         assert store.index_put(db, record)
         made.append(record)
-    assert store.requeue(db, None) == count
+    assert outbox_store.requeue(db, None) == count
     return made
 
 
@@ -101,7 +102,7 @@ async def until_taken(
     def done() -> bool:
         if parent.applied < seq or up.acked.get("api", 0) < seq:
             return False
-        return trimmed is None or store.read_outbox(trimmed, 0, 1) == []
+        return trimmed is None or outbox_store.read_outbox(trimmed, 0, 1) == []
 
     task = asyncio.create_task(up.run())
     try:
@@ -149,7 +150,7 @@ def test_the_stream_resumes_after_what_the_parent_applied(db: DbRunner) -> None:
 
 def test_rows_trimmed_before_the_parent_took_them_requeue_the_subtree(db: DbRunner) -> None:
     made = own(db.db, 5)
-    store.trim_outbox(db.db, 3)  # another parent took 1-3; this one took nothing
+    outbox_store.trim_outbox(db.db, 3)  # another parent took 1-3; this one took nothing
     parent = Parent()
     resyncs: list[int] = []
     up = stream(db, parent, resyncs=resyncs)
@@ -169,7 +170,7 @@ def test_a_parent_ahead_of_this_database_gets_everything_under_new_numbers(
     run(until_taken(up, parent, 53, trimmed=db.db))  # all trimmed once taken
     assert parent.took == [51, 52, 53]
     assert resyncs == [1]
-    assert store.last_seq(db.db) == 53
+    assert outbox_store.last_seq(db.db) == 53
     assert parent.uuids == [r.uuid for r in made]  # every instance went up again
 
 
@@ -213,11 +214,11 @@ def test_a_parent_that_reports_a_gap_gets_every_instance_again(db: DbRunner) -> 
         task = asyncio.create_task(up.run())
         try:
             async with asyncio.timeout(10):
-                while up.acked.get("api", 0) < 3 or store.read_outbox(db.db, 0, 1):
+                while up.acked.get("api", 0) < 3 or outbox_store.read_outbox(db.db, 0, 1):
                     await asyncio.sleep(0.01)
                 assert resyncs == []
                 parent.applied = 1  # restored: it forgets rows 2-3, trimmed here already
-                assert store.requeue(db.db, None) == 3  # rows 4-6: the parent finds its gap
+                assert outbox_store.requeue(db.db, None) == 3  # rows 4-6: the parent finds its gap
                 up.wake()
                 while parent.applied < 9:  # then every instance again as 7-9
                     await asyncio.sleep(0.01)

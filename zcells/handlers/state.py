@@ -24,6 +24,7 @@ from typing import Any
 from zcells import logs
 from zcells.builds import delete_orphan, time_left_s
 from zcells.db import instances as store
+from zcells.db import outbox as outbox_store
 from zcells.dbrunner import DbRunner
 from zcells.errors import InvalidRequest, SchemaError, WireError
 from zcells.messages import Kind
@@ -106,7 +107,7 @@ class StateHandlers:
         """
         if not self.node.view.parents:
             raise InvalidRequest("a cell with no parent has nowhere to resync to", call.cell)
-        count = await self.db.write(store.requeue, None)
+        count = await self.db.write(outbox_store.requeue, None)
         self._changed()
         below = await resync_children(self.node, call.cell, time_left_s(self.node, call.deadline))
         return {"cells": {call.cell: count, **below["cells"]}, "errors": below["errors"]}
