@@ -40,6 +40,7 @@ from zcells.messages import Response
 from zcells.peer import Peer, Role
 from zcells.sockets.auth import Keyring, ZapHandler, parse_user_id
 from zcells.sockets.client import send_now
+from zcells.sockets.ids import new_routing_id
 from zcells.sockets.transport import ZmqClient, ZmqTransport
 from zcells.transport import Identity, ParentLink, Received, Topology
 
@@ -288,7 +289,8 @@ def test_routing_id_spoofing_after_a(spoof: bytes | str) -> None:
     async def scenario() -> None:
         async with net() as w:
             a = await w.child("A")
-            a_rid = w.t._listeners[CHILD].routes["A"]
+            a_rid = w.t._listeners[CHILD].routes.latest("A")
+            assert a_rid is not None
             b = await w.good_dealer("B", routing_id=a_rid if isinstance(spoof, str) else spoof)
             await b.send_multipart(codec.encode(from_b := heartbeat()))
             a.send(Peer(Role.PARENT, "T"), from_a := heartbeat())
@@ -328,6 +330,54 @@ def test_routing_id_spoofing_before_a(spoof: bytes) -> None:
             w.t.send(Peer(CHILD, "B"), for_b := heartbeat())
             async with asyncio.timeout(WAIT_S):
                 assert codec.decode(await b.recv_multipart()) == for_b
+
+    run(scenario)
+
+
+def test_a_routing_id_names_a_peer_only_while_its_connection_is_open() -> None:
+    """Row 25: B takes the routing id A used once A has gone, and gets nothing meant for A."""
+
+    async def scenario() -> None:
+        async with net() as w:
+            rid = new_routing_id()
+            a = await w.good_dealer("A", routing_id=rid)
+            await a.send_multipart(codec.encode(from_a := heartbeat()))
+            assert await next_event(w.t) == Received(Peer(CHILD, "A"), message=from_a)
+            routes = w.t._listeners[CHILD].routes
+            assert routes.latest("A") == rid
+            w.sockets.remove(a)
+            a.close(linger=0)
+            await until(lambda: routes.latest("A") is None, "T unbinding A's closed connection")
+            with pytest.raises(CellUnreachable):
+                w.t.send(Peer(CHILD, "A"), heartbeat())
+
+            b = await w.good_dealer("B", routing_id=rid)  # as if B had guessed A's id
+            with pytest.raises(CellUnreachable):
+                w.t.send(Peer(CHILD, "A"), heartbeat())
+            await b.send_multipart(codec.encode(from_b := heartbeat()))
+            assert await next_event(w.t) == Received(Peer(CHILD, "B"), message=from_b)
+            with pytest.raises(CellUnreachable):  # B speaking on the id makes it B's, not A's
+                w.t.send(Peer(CHILD, "A"), heartbeat())
+            assert await b.poll(0) == 0
+            w.t.send(Peer(CHILD, "B"), for_b := heartbeat())
+            async with asyncio.timeout(WAIT_S):
+                assert codec.decode(await b.recv_multipart()) == for_b
+            await w.still_serves()
+
+    run(scenario)
+
+
+def test_our_dealers_choose_unguessable_routing_ids() -> None:
+    """Row 25: a child of ours speaks on a random 16-byte id, never one T assigned."""
+
+    async def scenario() -> None:
+        async with net() as w:
+            await w.child("A")
+            await w.child("B")
+            routes = w.t._listeners[CHILD].routes
+            ids = [routes.latest("A"), routes.latest("B")]
+            assert all(rid is not None and len(rid) == 16 and rid[0] != 0 for rid in ids)
+            assert ids[0] != ids[1]
 
     run(scenario)
 

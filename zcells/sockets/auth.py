@@ -44,6 +44,7 @@ from zmq.utils import z85
 
 from zcells import codec, logs
 from zcells.peer import Peer, Role
+from zcells.sockets.ids import new_routing_id
 from zcells.transport import Topology
 
 log = logs.get_logger("sockets.auth")
@@ -104,6 +105,7 @@ class SocketOptions:
         sock.setsockopt(zmq.CURVE_PUBLICKEY, keypair[0].encode("ascii"))
         sock.setsockopt(zmq.CURVE_SECRETKEY, keypair[1].encode("ascii"))
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.ROUTING_ID, new_routing_id())  # unguessable (zcells.sockets.ids)
         sock.setsockopt(zmq.RECONNECT_IVL, self.reconnect_ivl_ms)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, self.reconnect_ivl_max_ms)
 

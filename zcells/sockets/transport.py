@@ -11,12 +11,15 @@ cell's api endpoint. Rules kept here (SECURITY.md §0, §1):
    a payload field. The User-Id is checked against the current keyring on
    every message, so a key removed or replaced while connected gets
    `KeyRevoked` on its next message.
-3. Children and clients set no routing id: the ROUTER assigns one, and a name
-   routes to the id of its most recent authenticated message. A client's
+3. Routing ids prove nothing and are never guessable (`zcells.sockets.ids`):
+   the C library's rand() is seeded before each ROUTER is made, our DEALERs
+   choose 16 random bytes, and a name routes only to an id its own
+   authenticated message came on, while that connection is open. A client's
    answer goes to the connection its request came on while that is open, so
    two connections with one client key each get their own answers. Routing
-   ids are never logged: libzmq 4.3.5 aborts the process when a peer-chosen
-   id equals the next one it assigns, so they must stay unguessable.
+   ids are never logged. A parent link that goes down is dialled afresh on a
+   new socket, so a new routing id never waits behind the parent's stale copy
+   of the old one.
 4. A message is exactly two frames; any other count is a `FrameError` before
    any decode. One bad message never ends a receive loop.
 5. `send` never waits on a peer: ROUTER_MANDATORY and IMMEDIATE turn "nobody
@@ -43,6 +46,7 @@ from functools import partial
 from typing import Any, Final
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from zcells import codec, logs
 from zcells.errors import (
@@ -68,6 +72,7 @@ from zcells.sockets.client import (
     next_state,
     send_now,
 )
+from zcells.sockets.ids import Routes, seed_router_ids
 from zcells.sockets.keys import check_environment
 from zcells.transport import (
     Event,
@@ -94,6 +99,9 @@ def _log(level: int, event: str, **fields: Any) -> None:
     logs.event(log, level, event, **fields)
 
 
+_SRCFD: Final = int(zmq.SRCFD)  # the connection a frame came on, to unbind it when it closes
+
+
 def _user_id(frame: zmq.Frame) -> str | None:
     """The ZAP User-Id libzmq attached to a received frame; None when there is none."""
     try:
@@ -105,14 +113,21 @@ def _user_id(frame: zmq.Frame) -> str | None:
 
 @dataclass(eq=False)
 class _Listener:
-    """One bound ROUTER, its pump, and the routes it learned: name -> routing id."""
+    """One bound ROUTER, its monitor, their pumps, and the routes it learned (rule 3)."""
 
     role: Role
     domain: str
     socket: Socket
+    monitor: Socket
     endpoint: str
-    routes: dict[str, bytes] = field(default_factory=dict)
+    routes: Routes = field(default_factory=Routes)
     pump: Pump = field(init=False)
+    watch: Pump = field(init=False)
+
+    def stop(self, linger_ms: int) -> None:
+        self.watch.stop()
+        self.pump.stop()
+        close_socket(self.socket, self.monitor, linger_ms)
 
 
 @dataclass(eq=False)
@@ -209,19 +224,25 @@ class ZmqTransport(Transport):
 
     def _bind(self, role: Role, domain: str, endpoint: str) -> None:
         assert self._ctx is not None
+        seed_router_ids()  # before the ROUTER draws its first routing id (rule 3)
         sock = self._ctx.socket(zmq.ROUTER)
+        monitor: Socket | None = None
         try:  # every option before bind
             self.options.listener(sock, domain, self.identity.secret_key)
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED)
             sock.bind(endpoint)
             bound = sock.getsockopt(zmq.LAST_ENDPOINT)
         except (zmq.ZMQError, UnicodeError) as exc:
-            sock.close(linger=0)
+            close_socket(sock, monitor, 0)
             why = exc.strerror if isinstance(exc, zmq.ZMQError) else "the key is not ASCII"
             raise TransportBroken(
                 f"cannot listen on {endpoint} ({domain}): {why}", self.identity.name
             ) from exc
         text = bound.decode("ascii", "replace") if isinstance(bound, bytes) else endpoint
-        listener = _Listener(role, domain, sock, text)
+        listener = _Listener(role, domain, sock, monitor, text)
+        listener.watch = Pump(
+            monitor, partial(self._connection_closed, listener), partial(self._failed, domain)
+        )
         listener.pump = Pump(
             sock,
             partial(self._from_router, listener),
@@ -250,8 +271,7 @@ class ZmqTransport(Transport):
         for parent in self._parents.values():
             parent.stop(self.options.linger_ms)
         for listener in self._listeners.values():
-            listener.pump.stop()
-            listener.socket.close(linger=self.options.linger_ms)
+            listener.stop(self.options.linger_ms)
         if self._zap is not None:
             self._zap.stop()
         if self._ctx is not None:
@@ -269,7 +289,7 @@ class ZmqTransport(Transport):
         return event
 
     def statistics(self) -> dict[str, Any]:
-        routes = {role: sorted(listener.routes) for role, listener in self._listeners.items()}
+        routes = {role: listener.routes.names() for role, listener in self._listeners.items()}
         return {
             **dict.fromkeys(_COUNTERS + _LINK_COUNTERS, 0),
             **self.counters,
@@ -294,11 +314,19 @@ class ZmqTransport(Transport):
         if peer is None or peer.role is not listener.role:
             self._stranger(listener, user_id)
             return
-        listener.routes[peer.name] = routing_id = frames[0].bytes
+        first = frames[0]
+        routing_id = first.bytes
+        listener.routes.heard(peer.name, routing_id, first.get(_SRCFD))
         received = self._frames_in(peer, frames[1:], count - 1)
         if listener.role is Role.CLIENT:
             self._remember_asker(peer, received.message, routing_id)
         self._inbox.put(received)
+
+    def _connection_closed(self, listener: _Listener, frames: list[Any], count: int) -> None:
+        """A connection to this ROUTER closed: its routing ids name nobody now (rule 3)."""
+        event = parse_monitor_message(frames)
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            listener.routes.closed(int(event["value"]))
 
     def _remember_asker(self, peer: Peer, message: Message | None, routing_id: bytes) -> None:
         """Note which connection sent a client request that wants an answer (rule 3)."""
@@ -359,18 +387,25 @@ class ZmqTransport(Transport):
             self._to_parent(parent, frames)
             return
         listener = self._listeners.get(peer.role)
-        latest = None if listener is None else listener.routes.get(peer.name)
-        if listener is not None and peer.role is Role.CLIENT and type(message) is Response:
+        if listener is None:
+            raise self._refuse(CellUnreachable, peer, "no link to it")
+        routes = listener.routes
+        latest = routes.latest(peer.name)
+        if peer.role is Role.CLIENT and type(message) is Response:
             # An answer goes to the connection that asked while it is open (rule 3),
             # else to the latest one.
             asked = self._asked.pop((peer.name, message.reply_to), None)
-            if asked not in (None, latest) and self._routed(listener, peer, asked, frames):
+            if (
+                asked is not None
+                and asked != latest
+                and routes.owns(peer.name, asked)
+                and self._routed(listener, peer, asked, frames)
+            ):
                 return
-        if listener is None or latest is None:
+        if latest is None:
             raise self._refuse(CellUnreachable, peer, "no link to it")
         if not self._routed(listener, peer, latest, frames):
-            if listener.routes.get(peer.name) == latest:
-                del listener.routes[peer.name]  # the connection that spoke for it is gone
+            routes.forget(peer.name, latest)  # the connection that spoke for it is gone
             raise self._refuse(CellUnreachable, peer, "its connection is gone")
 
     def _to_parent(self, parent: _Parent, frames: list[bytes]) -> None:
@@ -488,9 +523,9 @@ class ZmqTransport(Transport):
     def _watch(self, parent: _Parent, frames: list[Any], count: int) -> None:
         """One event from a DEALER's monitor: a LinkChange, and a log line, on a change of state."""
         event = monitor_event(frames, count)
+        loop = asyncio.get_running_loop()
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # libzmq gives up on this endpoint
             self.counters["parent_refused"] += 1
-            loop = asyncio.get_running_loop()
             parent.timers.append(
                 loop.call_later(self.refused_retry_ms / 1000, self._redial, parent)
             )
@@ -498,6 +533,8 @@ class ZmqTransport(Transport):
         if change is None:
             return
         parent.state, reason = change
+        if parent.state == "down":  # a new socket, a new routing id (rule 3)
+            parent.timers.append(loop.call_later(0, self._redial, parent))
         level = logging.WARNING if parent.state in ("refused", "failed") else logging.INFO
         _log(
             level,

@@ -1,0 +1,176 @@
+"""Hostile peers holding registered keys, against a tree of real `zcells serve` processes.
+
+The tree is api -> {c1 -> g1, c2}; every key an attacker here holds is
+legitimately registered (a reader client, a child cell, a grandchild). Each
+test reproduces one way a key used to crash, hijack, corrupt or wedge a cell
+(SECURITY.md §5 rows 25-32), asserts the refusal or the repair, and ends by
+checking that every cell still answers a broadcast ping.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+from tests.fakes import child_request, run
+from zcells import codec
+from zcells.devtree import CellProc, CellTree, running_tree
+from zcells.messages import Direction, Response, Targeted
+
+TREE = {"api": {"c1": {"g1": {}}, "c2": {}}}
+CELLS = ("api", "api!c1", "api!c1!g1", "api!c2")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CellTree]:
+    clients = {"eve": ("reader", "p-eve"), "mallory": ("member", "p-mallory")}
+    with running_tree(TREE, tmp_path_factory.mktemp("hostile"), clients=clients) as cells:
+        yield cells
+
+
+def every_cell_answers(tree: CellTree) -> None:
+    """A broadcast ping from the top reaches every cell, and no cell process has exited."""
+    for cell in tree.cells.values():
+        assert cell.proc is not None and cell.proc.poll() is None, f"{cell.name} exited"
+
+    async def check() -> list[str]:
+        async with tree.client(timeout_s=15) as client:
+            rows = await client.ping_all(timeout_s=10)
+            return sorted(row.cell for row in rows if row.ok)
+
+    assert run(check()) == list(CELLS)
+
+
+class Dealer:
+    """A raw DEALER holding a registered key, dialling one of a cell's ROUTERs."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        server: CellProc,
+        keys: tuple[str, str],
+        *,
+        api: bool = False,
+        routing_id: bytes | None = None,
+    ) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.rcvtimeo = 5000
+        self.sock.curve_serverkey = server.keys.public.encode()
+        self.sock.curve_publickey = keys[0].encode()
+        self.sock.curve_secretkey = keys[1].encode()
+        if routing_id is not None:
+            self.sock.routing_id = routing_id
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        )
+        port = server.api_port if api else server.cells_port
+        self.sock.connect(f"tcp://127.0.0.1:{port}")
+
+    def handshake(self, timeout_s: float = 30.0) -> int:
+        """The event that settled the handshake."""
+        if not self.monitor.poll(int(timeout_s * 1000)):
+            raise AssertionError("no handshake outcome")
+        event = zmq.utils.monitor.recv_monitor_message(self.monitor)["event"]
+        return int(event)
+
+    def send(self, message: Targeted) -> None:
+        self.sock.send_multipart(codec.encode(message))
+
+    def answer_to(self, request_id: bytes, timeout_s: float = 10.0) -> Response:
+        """The response to `request_id`, skipping hellos and heartbeats (bounded)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.sock.poll(200):
+                continue
+            message = codec.decode(self.sock.recv_multipart())
+            if isinstance(message, Response) and message.reply_to == request_id:
+                return message
+        raise AssertionError("no answer")
+
+    def ask(self, message: Targeted) -> Response:
+        self.send(message)
+        return self.answer_to(message.id)
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+
+def cell_keys(tree: CellTree, name: str) -> tuple[str, str]:
+    keys = tree.cells[name].keys
+    return keys.public, keys.secret
+
+
+def client_keys(tree: CellTree, name: str) -> tuple[str, str]:
+    keys = tree.clients[name]
+    return keys.public, keys.secret
+
+
+# -- finding 1: a peer-chosen routing id equal to the ROUTER's next one ------------------
+
+_UNSEEDED = """
+import ctypes
+libc = ctypes.CDLL(None)
+libc.srand(1)
+print(" ".join(str(libc.rand()) for _ in range(24)))
+"""
+
+
+def unseeded_router_ids(per_draw: int) -> list[bytes]:
+    """The ids libzmq assigns first in a process that never seeded rand(), and the next ones.
+
+    Each ROUTER draws its starting number from two rand() calls (low, then the
+    bit above); the attacker cannot know how many draws came before, so it
+    covers the first few.
+    """
+    out = subprocess.run(
+        [sys.executable, "-c", _UNSEEDED], capture_output=True, text=True, check=True, timeout=60
+    )
+    draws = [int(x) for x in out.stdout.split()]
+    ids = []
+    for i in range(0, 20, 2):
+        start = draws[i] | ((draws[i + 1] & 1) << 31)
+        ids += [b"\x00" + ((start + k) & 0xFFFFFFFF).to_bytes(4, "big") for k in range(per_draw)]
+    return ids
+
+
+def test_chosen_routing_ids_cannot_abort_a_cell(tree: CellTree) -> None:
+    """Row 25: a reader holds connections on every id libzmq would assign next, then one more."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    held: list[Dealer] = []
+    try:
+        for routing_id in unseeded_router_ids(per_draw=25):
+            dealer = Dealer(
+                ctx, tree.cells["api"], client_keys(tree, "eve"), api=True, routing_id=routing_id
+            )
+            held.append(dealer)
+        for dealer in held:
+            assert dealer.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        for _ in range(3):  # ordinary connections: the ROUTER numbers these itself
+            plain = Dealer(ctx, tree.cells["api"], client_keys(tree, "eve"), api=True)
+            held.append(plain)
+            assert plain.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            assert plain.ask(ping_request()).results[0].cell == "api"  # answered
+        # and on the cells endpoint, with a child's key
+        child = Dealer(ctx, tree.cells["api"], cell_keys(tree, "c2"), routing_id=b"\x00" * 5)
+        held.append(child)
+        assert child.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        every_cell_answers(tree)
+    finally:
+        for dealer in held:
+            dealer.close()
+        ctx.destroy(linger=0)
+
+
+def ping_request(**changes: Any) -> Targeted:
+    """A client's ping to the top: empty path, no hops."""
+    fields: dict[str, Any] = {"path": (), "hops": 0, "direction": Direction.DOWN, **changes}
+    return child_request(**fields)
