@@ -36,6 +36,9 @@ from zcells.db.instance_rows import INSTANCES, chunks, from_row, pack, when
 from zcells.db.models import Base, CounterRow, OutboxRow, utcnow
 
 INSTANCE_KIND: Final = "instance"
+# The highest sequence number a stream may reach: a signed 64-bit column with room
+# to spare, so no peer can push a counter (a child's, or one kept for it) to overflow.
+MAX_SEQ: Final = (1 << 62) - 1
 REQUEUE_BATCH: Final = 1000
 
 _OUTBOX_COUNTER: Final = "outbox"

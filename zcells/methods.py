@@ -11,6 +11,10 @@ Rules kept here:
   ``member``, ``reader``) from this cell's own database.
 * Each method declares its parameters with exact types; a missing, extra or
   mistyped argument is refused before the handler runs, naming the argument.
+* A method marked `own_link` is spoken between neighbours only, by a cell for
+  itself (the upward stream's `progress` and `updates`): it must start at the
+  neighbour that sends it and end at this cell. A copy relayed from further
+  away would make this cell take a grandchild's words as its child's.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class Method:
     kinds: frozenset[Kind]
     allowed: frozenset[str]
     params: Mapping[str, Param] = field(default_factory=dict)
+    own_link: bool = False
 
     @functools.cached_property  # asked once per request
     def is_coroutine(self) -> bool:

@@ -383,6 +383,8 @@ class Node:
         if isinstance(stamped, Targeted):
             try:
                 decision = routing.route_targeted(view, stamped, peer)
+                if method.own_link:
+                    routing.check_own_link(stamped, decision, peer)
             except WireError as exc:
                 self._refuse(peer, message, exc)
                 return

@@ -228,6 +228,25 @@ def route_targeted(view: View, message: Targeted, sender: Peer | None) -> Delive
     return Forward(Peer(Role.PARENT, parent), _heading(message, Direction.UP))
 
 
+def check_own_link(message: Targeted, decision: Deliver | Forward, sender: Peer) -> None:
+    """A method a neighbour speaks for itself: it started at `sender` and ends here.
+
+    Refused at the first hop, so a grandchild's `updates` addressed further up
+    is never taken as its parent's.
+    """
+    if sender.role is Role.CLIENT or len(message.path) != 2:
+        raise SenderMismatch(
+            f"{message.method} is spoken by a neighbour for itself; "
+            f"this one started at {message.path[0]}, not at {sender}",
+            message.path[-1],
+        )
+    if not isinstance(decision, Deliver):
+        raise RoutingInconsistency(
+            f"{message.method} goes to the sender's own neighbour only, not on to {message.target}",
+            message.path[-1],
+        )
+
+
 def _heading(message: Targeted, direction: Direction) -> Targeted:
     return message if message.direction is direction else evolve(message, direction=direction)
 

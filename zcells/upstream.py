@@ -228,6 +228,6 @@ def within_bytes(rows: Rows, limit: int) -> Rows:
 
 def _sequence(answer: Any) -> int:
     value = answer.get("applied") if isinstance(answer, dict) else None
-    if type(value) is not int or value < 0:
+    if type(value) is not int or not 0 <= value <= outbox_store.MAX_SEQ:
         raise SchemaError("the parent's answer has no applied sequence")
     return value

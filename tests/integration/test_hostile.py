@@ -13,14 +13,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
+import msgpack
 import pytest
 import zmq
+import zmq.utils.monitor
 
 from tests.fakes import child_request, run
+from tests.integration.trees import answer, until
 from zcells import codec
 from zcells.devtree import CellProc, CellTree, running_tree
+from zcells.instances import VmState, new_instance, placed
 from zcells.messages import Direction, Response, Targeted
 
 TREE = {"api": {"c1": {"g1": {}}, "c2": {}}}
@@ -174,3 +179,91 @@ def ping_request(**changes: Any) -> Targeted:
     """A client's ping to the top: empty path, no hops."""
     fields: dict[str, Any] = {"path": (), "hops": 0, "direction": Direction.DOWN, **changes}
     return child_request(**fields)
+
+
+# -- finding 3: a grandchild speaking for its parent's stream ----------------------------
+
+
+async def create_in(tree: CellTree, cell: str, name: str) -> dict[str, Any]:
+    """One server built in `cell` (an admin's hint), once ACTIVE at the top."""
+    async with tree.client(timeout_s=30) as ops:
+        body = {"name": name, "flavor": "m1.tiny", "image": "cirros", "count": 1}
+        body["hints"] = {"target_cell": cell}
+        made = {"uuid": (await answer(ops, "server_create", body))["servers"][0]}
+
+        async def active() -> dict[str, Any] | None:
+            shown = await answer(ops, "server_show", {"uuid": made["uuid"]})
+            return shown if shown["status"] == "ACTIVE" else None
+
+        shown: dict[str, Any] = await until(active, 60, f"{name} ACTIVE in {cell}")
+        return shown
+
+
+def forged_row(uuid: str, cell: str, seq: int, version: int) -> list[Any]:
+    """An outbox row saying `uuid` of `cell` was deleted, at `version`."""
+    record = new_instance(
+        uuid=uuid,
+        name="forged",
+        project="ops",
+        user="ops",
+        flavor="m1.tiny",
+        memory_mb=512,
+        disk_gb=1,
+        vcpus=1,
+        image="cirros",
+        metadata={},
+        now=time.time(),
+    )
+    record = replace(placed(record, cell, "h001", time.time()), version=version)
+    record = replace(record, vm_state=VmState.DELETED)
+    return [seq, "instance", msgpack.packb(record.to_wire(), use_bin_type=True)]
+
+
+def grandchild_request(method: str, target: str, body: dict[str, Any]) -> Targeted:
+    return child_request(
+        path=("api!c1!g1",), method=method, target=target, body=body, timeout_ms=5000
+    )
+
+
+def test_a_grandchild_cannot_speak_for_its_parents_stream(tree: CellTree) -> None:
+    """Row 26: g1's `updates`/`progress` addressed to the top are refused by c1, the first hop."""
+    shown = run(create_in(tree, "api!c1", "c1-own"), timeout_s=90)
+    uuid, version = shown["uuid"], shown["version"]
+    ctx: zmq.Context[Any] = zmq.Context()
+    g1 = Dealer(ctx, tree.cells["c1"], cell_keys(tree, "g1"))
+    try:
+        assert g1.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        huge = (1 << 63) - 1
+        rows = [forged_row(uuid, "api!c1", huge, (1 << 62) - 1)]
+        for method, body in (("updates", {"rows": rows}), ("progress", {})):
+            result = g1.ask(grandchild_request(method, "api", body)).results[0]
+            assert result.error is not None and result.error.code == "E_ROUTING", result
+            assert result.error.cell == "api!c1"  # refused at the first hop, not relayed
+        # Addressed to c1 itself: g1's own stream, but not a record of c1's, nor a seq past the
+        # columns.
+        for row, code in (
+            (forged_row(uuid, "api!c1", 1, 5), "E_SENDER_MISMATCH"),
+            (forged_row(uuid, "api!c1!g1", huge, 5), "E_SCHEMA"),
+        ):
+            request = grandchild_request("updates", "api!c1", {"rows": [row]})
+            result = g1.ask(request).results[0]
+            assert result.error is not None and result.error.code == code, result
+    finally:
+        g1.close()
+        ctx.destroy(linger=0)
+
+    async def still_c1s() -> None:
+        async with tree.client(timeout_s=30) as ops:
+            await answer(ops, "server_action", {"uuid": uuid, "action": "stop"})
+
+            async def stopped() -> dict[str, Any] | None:
+                now = await answer(ops, "server_show", {"uuid": uuid})
+                return now if now["status"] == "SHUTOFF" else None
+
+            now = await until(stopped, 60, "the stop to reach the top")
+            assert now["cell"] == "api!c1" and now["version"] > version
+        # c1's own writes and builds still work: its outbox counter is untouched
+        await create_in(tree, "api!c1", "c1-after")
+
+    run(still_c1s(), timeout_s=150)
+    every_cell_answers(tree)

@@ -415,7 +415,7 @@ def test_two_connections_with_one_client_key_each_get_their_own_answers() -> Non
 
             asked_again = await ask(first)
             await ask(second)
-            first_id = w.t._asked[(client.name, asked_again)]
+            first_id = w.t._asked[(client, asked_again)]
             w.sockets.remove(first)
             first.close(linger=0)  # gone before its answer: the latest connection gets it
             await until(lambda: _gone(w.t, first_id), "T noticing the closed connection")

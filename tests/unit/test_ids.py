@@ -95,3 +95,13 @@ def test_seeding_moves_the_first_id_a_router_assigns() -> None:
     assert _first_assigned_id("plain") not in seeded
     assert len(seeded) == 3
     assert seed_router_ids()
+
+
+def test_a_name_falls_back_to_its_earlier_connection_when_the_latest_closes() -> None:
+    routes = Routes()
+    routes.heard("A", b"a1", 10)
+    routes.heard("A", b"a2", 11)
+    routes.closed(11)
+    assert routes.latest("A") == b"a1"
+    routes.heard("A", b"a1", 10)
+    assert routes.latest("A") == b"a1" and len(routes) == 1

@@ -57,6 +57,8 @@ def check_rows(raw: Any) -> list[tuple[int, str, bytes]]:
             raise SchemaError("updates: each row is [seq, kind, payload]")
         if row[0] <= previous:
             raise SchemaError("updates: sequence numbers must rise")
+        if row[0] > outbox_store.MAX_SEQ:
+            raise SchemaError(f"updates: sequence numbers must not pass {outbox_store.MAX_SEQ}")
         previous = row[0]
         rows.append((row[0], row[1], row[2]))
     return rows
@@ -120,13 +122,20 @@ class StateHandlers:
     def methods(self) -> list[Method]:
         targeted = frozenset({Kind.TARGETED})
         return [
-            Method("progress", self.progress, kinds=targeted, allowed=frozenset({"child"})),
+            Method(
+                "progress",
+                self.progress,
+                kinds=targeted,
+                allowed=frozenset({"child"}),
+                own_link=True,
+            ),
             Method(
                 "updates",
                 self.updates,
                 kinds=targeted,
                 allowed=frozenset({"child"}),
                 params={"rows": Param(list)},
+                own_link=True,
             ),
             Method("resync", self.resync, kinds=targeted, allowed=frozenset({"parent", "admin"})),
         ]

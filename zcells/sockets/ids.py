@@ -54,38 +54,44 @@ def new_routing_id() -> bytes:
 
 
 class Routes:
-    """The routing ids of one ROUTER bound to peer names by their own messages (rule 3)."""
+    """The routing ids of one ROUTER bound to peer names by their own messages (rule 3).
+
+    A name may speak on several connections at once (two terminals with one
+    client key, or a cell and an impostor holding its key): it routes to the
+    one it spoke on last, and to the one before when that closes.
+    """
 
     def __init__(self, limit: int = MAX_BOUND) -> None:
         self._limit = limit
-        self._latest: dict[str, bytes] = {}  # name -> the id its latest message came on
         self._owner: OrderedDict[bytes, tuple[str, int]] = OrderedDict()  # id -> (name, fd)
+        self._ids: dict[str, OrderedDict[bytes, None]] = {}  # name -> its ids, latest last
         self._by_fd: dict[int, set[bytes]] = {}
 
     def __len__(self) -> int:
         return len(self._owner)
 
     def names(self) -> list[str]:
-        return sorted(self._latest)
+        return sorted(self._ids)
 
     def heard(self, name: str, routing_id: bytes, fd: int) -> None:
         """`name`'s authenticated message came on `routing_id`, over connection `fd`."""
         owner = self._owner.get(routing_id)
         if owner == (name, fd):
             self._owner.move_to_end(routing_id)
-            self._latest[name] = routing_id
+            self._ids[name].move_to_end(routing_id)
             return
         if owner is not None:
             self._unbind(routing_id)  # another key, or a new connection, took the id
         self._owner[routing_id] = (name, fd)
         self._by_fd.setdefault(fd, set()).add(routing_id)
-        self._latest[name] = routing_id
+        self._ids.setdefault(name, OrderedDict())[routing_id] = None
         if len(self._owner) > self._limit:
             self._unbind(next(iter(self._owner)))
 
     def latest(self, name: str) -> bytes | None:
-        """The id `name` last spoke on, while it is still bound to `name`."""
-        return self._latest.get(name)
+        """The id `name` last spoke on among those still bound to it."""
+        ids = self._ids.get(name)
+        return next(reversed(ids)) if ids else None
 
     def owns(self, name: str, routing_id: bytes) -> bool:
         owner = self._owner.get(routing_id)
@@ -105,10 +111,12 @@ class Routes:
 
     def _unbind(self, routing_id: bytes) -> None:
         name, fd = self._owner.pop(routing_id)
-        ids = self._by_fd.get(fd)
-        if ids is not None:
-            ids.discard(routing_id)
-            if not ids:
+        on_fd = self._by_fd.get(fd)
+        if on_fd is not None:
+            on_fd.discard(routing_id)
+            if not on_fd:
                 del self._by_fd[fd]
-        if self._latest.get(name) == routing_id:
-            del self._latest[name]
+        ids = self._ids[name]
+        del ids[routing_id]
+        if not ids:
+            del self._ids[name]

@@ -14,9 +14,9 @@ cell's api endpoint. Rules kept here (SECURITY.md §0, §1):
 3. Routing ids prove nothing and are never guessable (`zcells.sockets.ids`):
    the C library's rand() is seeded before each ROUTER is made, our DEALERs
    choose 16 random bytes, and a name routes only to an id its own
-   authenticated message came on, while that connection is open. A client's
-   answer goes to the connection its request came on while that is open, so
-   two connections with one client key each get their own answers. Routing
+   authenticated message came on, while that connection is open. An answer
+   goes to the connection its request came on while that is open, so two
+   connections with one key each get their own answers. Routing
    ids are never logged. A parent link that goes down is dialled afresh on a
    new socket, so a new routing id never waits behind the parent's stale copy
    of the old one.
@@ -90,8 +90,8 @@ log = logs.get_logger("sockets.transport")
 
 _COUNTERS: Final = ("received", "sent", "malformed", "frames_rejected", "revoked", "busy")
 _LINK_COUNTERS: Final = ("unauthenticated", "unreachable", "handshake_refused", "parent_refused")
-# Client requests awaiting an answer whose connection is remembered; past this, the
-# oldest is forgotten and its answer goes to the client's latest connection instead.
+# Requests awaiting an answer whose connection is remembered; past this, the oldest
+# is forgotten and its answer goes to the sender's latest connection instead.
 ASKED_LIMIT: Final = 65536
 
 
@@ -190,8 +190,8 @@ class ZmqTransport(Transport):
         self._zap: ZapHandler | None = None
         self._listeners: dict[Role, _Listener] = {}
         self._parents: dict[str, _Parent] = {}
-        # (client name, request id) -> the routing id of the connection that asked
-        self._asked: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
+        # (peer, request id) -> the routing id of the connection that asked
+        self._asked: OrderedDict[tuple[Peer, bytes], bytes] = OrderedDict()
         self._started = False
         self._closed = False
 
@@ -318,8 +318,7 @@ class ZmqTransport(Transport):
         routing_id = first.bytes
         listener.routes.heard(peer.name, routing_id, first.get(_SRCFD))
         received = self._frames_in(peer, frames[1:], count - 1)
-        if listener.role is Role.CLIENT:
-            self._remember_asker(peer, received.message, routing_id)
+        self._remember_asker(peer, received.message, routing_id)
         self._inbox.put(received)
 
     def _connection_closed(self, listener: _Listener, frames: list[Any], count: int) -> None:
@@ -329,10 +328,10 @@ class ZmqTransport(Transport):
             listener.routes.closed(int(event["value"]))
 
     def _remember_asker(self, peer: Peer, message: Message | None, routing_id: bytes) -> None:
-        """Note which connection sent a client request that wants an answer (rule 3)."""
+        """Note which connection sent a request that wants an answer (rule 3)."""
         if isinstance(message, Request) and message.want_response:
             asked = self._asked
-            asked[(peer.name, message.id)] = routing_id
+            asked[(peer, message.id)] = routing_id
             if len(asked) > ASKED_LIMIT:
                 asked.popitem(last=False)
 
@@ -391,10 +390,10 @@ class ZmqTransport(Transport):
             raise self._refuse(CellUnreachable, peer, "no link to it")
         routes = listener.routes
         latest = routes.latest(peer.name)
-        if peer.role is Role.CLIENT and type(message) is Response:
+        if type(message) is Response:
             # An answer goes to the connection that asked while it is open (rule 3),
             # else to the latest one.
-            asked = self._asked.pop((peer.name, message.reply_to), None)
+            asked = self._asked.pop((peer, message.reply_to), None)
             if (
                 asked is not None
                 and asked != latest
