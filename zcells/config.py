@@ -7,10 +7,13 @@ Rules kept here:
 * A bad value fails with `ConfigError` naming the file, section, key, value and
   what was expected. Nothing is read from a global: `load_config` returns a
   `Config` that callers pass along.
-* Keys from nova's ``[cells]`` section that zcells has no use for (``enable``,
-  ``topic``, ...) are accepted and reported as warnings, so an operator's
-  existing section carries over; any other unknown key is a warning too, so a
-  typo is visible without stopping a cell.
+* Configuration fails closed: an unknown key in a zcells section is a
+  `ConfigError` naming the file, section, key and the nearest valid key, so a
+  typo never leaves a cell running on a default. Keys from nova's ``[cells]``
+  section that zcells has no use for (``enable``, ``topic``, ...) are the one
+  exception: accepted and reported as warnings, so an operator's existing
+  section carries over. A section zcells does not know is a warning.
+* Options that are read but not acted on yet (`NOT_USED_YET`) warn when set.
 * Relative paths in a file are relative to that file's directory.
 * With no file at all (the embedded default) the cell is an API cell named
   ``api`` on loopback, with its state under ``$ZCELLS_STATE_DIR`` or
@@ -20,6 +23,7 @@ Rules kept here:
 from __future__ import annotations
 
 import configparser
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +37,12 @@ from zcells.errors import ConfigError
 CONFIG_ENV: Final = "ZCELLS_CONFIG"
 STATE_DIR_ENV: Final = "ZCELLS_STATE_DIR"
 EMBEDDED: Final = "<embedded defaults>"
+
+# Options accepted and kept, but not acted on yet: setting one warns, and says why.
+NOT_USED_YET: Final[Mapping[tuple[str, str], str]] = {
+    ("cells", "capabilities"): "not used yet: cells are not scheduled by capability yet",
+    ("cells", "reserve_percent"): "not used yet: cells are not scheduled by capacity yet",
+}
 
 CELL_TYPES: Final = ("api", "compute")
 COMPUTE_DRIVERS: Final = ("fake",)
@@ -488,13 +498,14 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
                     continue
                 option = known.get((section, key))
                 if option is None:
-                    why = (
-                        "a nova-cells option zcells does not use"
-                        if (section == "cells" and key in NOVA_ONLY_KEYS)
-                        else "not a zcells option"
-                    )
-                    warnings.append(f"{source}: [{section}] {key}: {why}; ignored")
-                    continue
+                    if section == "cells" and key in NOVA_ONLY_KEYS:
+                        why = "a nova-cells option zcells does not use"
+                        warnings.append(f"{source}: [{section}] {key}: {why}; ignored")
+                        continue
+                    raise ConfigError(source, section, key, None, _valid_keys(section, key))
+                if (section, key) in NOT_USED_YET:
+                    why = NOT_USED_YET[(section, key)]
+                    warnings.append(f"{source}: [{section}] {key}: {why}")
                 try:
                     value = option.parse(raw)
                 except ValueError:
@@ -507,6 +518,14 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     _derive_defaults(values, env)
     sections = {name: cls(**values[name]) for name, cls in SECTIONS.items()}
     return Config(source=source, warnings=tuple(warnings), **sections)
+
+
+def _valid_keys(section: str, key: str) -> str:
+    """What `ConfigError` says for an unknown key: the nearest valid one, then all."""
+    keys = sorted(o.key for o in OPTIONS if o.section == section)
+    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    hint = f"a zcells option (did you mean {near[0]!r}?); " if near else "a zcells option; "
+    return hint + f"[{section}] takes " + ", ".join(keys)
 
 
 def _derive_defaults(values: dict[str, dict[str, Any]], env: Mapping[str, str]) -> None:

@@ -73,7 +73,10 @@ fake_hosts = 4
     assert config.transport.keys_dir == tmp_path / "keys"  # relative to the file
     assert config.database.connection == "sqlite:////var/lib/zcells/eu.db"
     assert config.compute.fake_hosts == 4
-    assert config.warnings == ()
+    assert [w.split(": ", 1)[1].split(":")[0] for w in config.warnings] == [
+        "[cells] capabilities",
+        "[cells] reserve_percent",
+    ]  # read, not acted on yet
 
 
 def test_config_env_variable_names_the_file(tmp_path: Path) -> None:
@@ -126,18 +129,33 @@ def test_missing_file_and_bad_syntax_are_config_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "bin.conf", env={})
 
 
-def test_nova_keys_and_unknown_keys_warn_but_load(tmp_path: Path) -> None:
+def test_nova_keys_and_unknown_sections_warn_but_load(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        "[cells]\nenable = True\ntopic = cells\nnmae = typo\n"
+        "[cells]\nenable = True\ntopic = cells\ncapabilities = os=linux\n"
         "[DEFAULT]\nverbose = true\n[weird]\nx = 1\n",
     )
     config = load_config(path, env={})
     text = "\n".join(config.warnings)
     assert "[cells] enable: a nova-cells option" in text
-    assert "[cells] nmae: not a zcells option" in text
     assert "[weird] is not a zcells section" in text
+    assert "[cells] capabilities: not used yet" in text
     assert config.cells.name == "api"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "nearest"),
+    [("transport", "cels_endpoint", "cells_endpoint"), ("cells", "nmae", "name")],
+)
+def test_an_unknown_key_in_a_zcells_section_fails_naming_the_nearest(
+    tmp_path: Path, section: str, key: str, nearest: str
+) -> None:
+    path = write(tmp_path, f"[{section}]\n{key} = tcp://127.0.0.1:9\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    message = str(caught.value)
+    assert str(path) in message and f"[{section}] {key}" in message
+    assert f"did you mean {nearest!r}?" in message
 
 
 def test_config_is_frozen(tmp_path: Path) -> None:
