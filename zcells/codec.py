@@ -10,9 +10,10 @@ Rules kept here (docs/protocol.md states them for implementers):
   is not an int); a missing, extra or mistyped key is a `SchemaError` naming
   the key. Bodies are maps of plain values at most `MAX_BODY_DEPTH` deep with
   finite floats.
-* Every failure is a `ProtocolError` subclass; when the header got far enough
-  to name the message, the error carries `reply_to` so the receiver can answer
-  with a typed error instead of dropping silently.
+* Every failure is a `ProtocolError` subclass, whatever the bytes (a seeded
+  fuzzer checks it); when the header names a request, even one that broke a
+  limit or was followed by extra bytes, the error carries `reply_to` so the
+  receiver can answer with a typed error instead of dropping silently.
 """
 
 from __future__ import annotations
@@ -261,7 +262,8 @@ def _check_header(header: Any) -> tuple[Kind, dict[str, Any]]:
         raise VersionMismatch(
             f"protocol version {version} is not supported (this cell speaks {PROTOCOL_VERSION})"
         )
-    kind = _KINDS.get(header.get("kind"))  # type: ignore[arg-type]
+    kind_value = header.get("kind")
+    kind = _KINDS.get(kind_value) if type(kind_value) is str else None
     if kind is None:
         raise SchemaError(
             "header: field 'kind': expected one of " + ", ".join(k.value for k in Kind)
@@ -400,13 +402,32 @@ def decode(frames: list[bytes], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
     for frame in frames:
         if len(frame) > max_frame_bytes:
             raise FrameError(f"a frame of {len(frame)} bytes exceeds {max_frame_bytes}")
-    raw = _unpack(frames[0], _HEADER_LIMITS, "header")
+    try:
+        raw = _unpack(frames[0], _HEADER_LIMITS, "header")
+    except ProtocolError as exc:
+        exc.reply_to = _salvaged_request_id(frames[0])
+        raise
     try:
         kind, header = _check_header(raw)
         return _build(kind, header, frames[1])
     except ProtocolError as exc:
         exc.reply_to = _request_id(raw)
         raise
+
+
+def _salvaged_request_id(frame: bytes) -> bytes | None:
+    """The request id of a header refused whole (a value past a limit, trailing bytes).
+
+    Decoded again under msgpack's own limits, which are the frame's length,
+    so this costs no more memory than the frame itself; only the id is used.
+    """
+    try:
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_no_ext)
+    except msgpack.ExtraData as extra:  # a whole header, then more bytes
+        raw = extra.unpacked
+    except Exception:  # anything else: there is no id to answer
+        return None
+    return _request_id(raw)
 
 
 def _request_id(raw: Any) -> bytes | None:

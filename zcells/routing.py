@@ -27,6 +27,7 @@ Rules (docs/protocol.md explains them with examples):
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -165,6 +166,26 @@ def _sender_path(view: View, sender: Peer, here: str) -> str:
     return parent_path
 
 
+def _check_chain(path: tuple[str, ...], label: str, *, down_allowed: bool) -> None:
+    """Each hop of a routing path is a neighbour of the one before: up, then (from a parent) down.
+
+    Only the last element is the sender's; the rest it could have made up, and
+    a forged origin would have a reply, or an error, pin the wrong cell.
+    """
+    going_down = False
+    for before, after in itertools.pairwise(path):
+        if not going_down and parent_of(before) == after:
+            continue
+        if down_allowed and parent_of(after) == before:
+            going_down = True
+            continue
+        raise SenderMismatch(
+            f"the routing path goes from {before} to {after}, which are not neighbours "
+            "in that direction",
+            label,
+        )
+
+
 def accept(view: View, sender: Peer, message: Request) -> Request:
     """Check a request against who sent it, and stamp this hop on it.
 
@@ -203,6 +224,7 @@ def accept(view: View, sender: Peer, message: Request) -> Request:
             )
         if here in message.path:
             raise RoutingInconsistency(f"routing loop: {here} is already in the path", view.label)
+        _check_chain(message.path, view.label, down_allowed=sender.role is Role.PARENT)
     limit = min(view.max_hop_count, message.max_hops)
     hops = message.hops + 1
     if hops > limit:

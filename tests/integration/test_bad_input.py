@@ -98,6 +98,7 @@ def header(message: Targeted, **changes: Any) -> bytes:
     ("changes", "code"),
     [
         ({"path": ("api!other",)}, "E_SENDER_MISMATCH"),  # row 3
+        ({"path": ("api!c2", "api!r"), "hops": 2}, "E_SENDER_MISMATCH"),  # a forged origin
         ({"method": "__init__"}, "E_UNKNOWN_METHOD"),  # row 12
         ({"method": "_private"}, "E_UNKNOWN_METHOD"),
         ({"method": "getattr"}, "E_UNKNOWN_METHOD"),
@@ -129,6 +130,12 @@ def test_bad_requests_get_typed_errors(
         ({"path": ["api!r", 5]}, "E_SCHEMA"),
         ({"extra": True}, "E_SCHEMA"),
         ({"v": 99}, "E_VERSION"),
+        ({"dir": ["up"]}, "E_SCHEMA"),  # an array where a string goes
+        ({"method": {"a": 1}}, "E_SCHEMA"),  # a map where a string goes
+        ({"method": "m" * 5000}, "E_DECODE"),  # past the header's string limit
+        ({"path": ["api!r"] * 200}, "E_DECODE"),  # past its array limit
+        ({"ctx": {f"k{i}": 1 for i in range(40)}}, "E_DECODE"),  # past its map limit
+        ({"target": b"x" * 100}, "E_DECODE"),  # past its bin limit
     ],
 )
 def test_malformed_headers_with_a_readable_id_are_answered(
@@ -139,6 +146,26 @@ def test_malformed_headers_with_a_readable_id_are_answered(
     (result,) = rogue.answer_to(message.id).results
     assert result.error is not None and result.error.code == code
     still_serving(tree)
+
+
+def test_a_header_with_trailing_bytes_is_answered(tree: CellTree, rogue: Rogue) -> None:
+    message = rogue.request()
+    rogue.send([codec.encode(message)[0] + b"\x00\x01", msgpack.packb({})])
+    (result,) = rogue.answer_to(message.id).results
+    assert result.error is not None and result.error.code == "E_DECODE"
+    still_serving(tree)
+
+
+@pytest.mark.parametrize("kind", [["targeted"], {"targeted": 1}])
+def test_a_kind_of_another_shape_is_counted_and_the_link_still_works(
+    tree: CellTree, rogue: Rogue, kind: Any
+) -> None:
+    before = still_serving(tree)["transport"].get("malformed", 0)
+    rogue.send([header(rogue.request(), kind=kind), msgpack.packb({})])
+    deadline = time.monotonic() + 5
+    while still_serving(tree)["transport"].get("malformed", 0) <= before:
+        assert time.monotonic() < deadline, "the bad header was not counted"
+    assert rogue.ask(rogue.request()).results[0].ok
 
 
 def nested(depth: int) -> bytes:

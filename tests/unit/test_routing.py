@@ -176,11 +176,32 @@ def test_parent_sending_outside_subtree_is_inconsistent() -> None:
         (C1, FROM_API, targeted("api!c1!g1", ("api!c1", "api")), RoutingInconsistency),
         # a parent that has not said hello
         (C1_UNPLACED, FROM_API, targeted("api!c1", ("api",)), CellUnreachable),
+        # a forged origin: every hop must neighbour the one before (finding 8)
+        (C1, FROM_G1, targeted("api", ("api!c2", "api!c1!g1"), Direction.UP), SenderMismatch),
+        (API, FROM_C1_UP, targeted("api", ("api!c2!x", "api!c1"), Direction.UP), SenderMismatch),
+        # from a child, never a step down before it
+        (
+            API,
+            FROM_C1_UP,
+            targeted("api", ("api!c1", "api!c1!g1", "api!c1"), Direction.UP),
+            SenderMismatch,
+        ),
+        # from a parent, up then down, never up again
+        (G1, Peer(Role.PARENT, "c1"), targeted("api!c1!g1", ("api!c2", "api", "api!c1")), None),
+        (
+            G1,
+            Peer(Role.PARENT, "c1"),
+            targeted("api!c1!g1", ("api!c1!g2", "api", "api!c1")),
+            SenderMismatch,
+        ),
     ],
 )
 def test_accept_refuses(
-    view: routing.View, sender: Peer, message: Targeted, error: type[Exception]
+    view: routing.View, sender: Peer, message: Targeted, error: type[Exception] | None
 ) -> None:
+    if error is None:  # the shape that is allowed, beside the ones that are not
+        assert routing.accept(view, sender, message).path[-1] == "api!c1!g1"
+        return
     with pytest.raises(error):
         routing.accept(view, sender, message)
 
