@@ -29,6 +29,7 @@ from zcells.errors import (
     FrameError,
     ProtocolError,
     SchemaError,
+    TooLarge,
     VersionMismatch,
     WireError,
     error_from_wire,
@@ -51,7 +52,13 @@ from zcells.messages import (
 
 FRAMES_PER_MESSAGE: Final = 2
 DEFAULT_MAX_FRAME_BYTES: Final = 1 << 20
+# What CURVE adds to each frame before libzmq checks it against MAXMSGSIZE at the
+# receiver: a frame within `max_frame_bytes` but not within this much less is dropped
+# there with the connection, so a sender keeps to `usable_frame_bytes`.
+CURVE_OVERHEAD_BYTES: Final = 33
 MAX_BODY_DEPTH: Final = 8
+# A result's value sits three levels into a response body ({results: [{value: ...}]}).
+MAX_VALUE_DEPTH: Final = MAX_BODY_DEPTH - 3
 _HEADER_LIMITS: Final = {
     "max_str_len": 4096,
     "max_bin_len": 64,
@@ -93,7 +100,7 @@ def _pack(value: Any) -> bytes:
 _SCALARS: Final = frozenset({str, int, bool, bytes, type(None)})
 
 
-def check_body_value(value: Any, where: str = "body") -> None:
+def check_body_value(value: Any, where: str = "body", max_depth: int = MAX_BODY_DEPTH) -> None:
     """Accept plain msgpack values: maps with str keys, lists, str, bytes, int, finite float.
 
     Iterative, and scalars are checked inline: a body is walked once per hop.
@@ -101,8 +108,8 @@ def check_body_value(value: Any, where: str = "body") -> None:
     pending: list[tuple[Any, int]] = [(value, 0)]
     while pending:
         container, depth = pending.pop()
-        if depth > MAX_BODY_DEPTH:
-            raise SchemaError(f"{where}: nested deeper than {MAX_BODY_DEPTH} levels")
+        if depth > max_depth:
+            raise SchemaError(f"{where}: nested deeper than {max_depth} levels")
         if type(container) is dict:
             if not all(type(k) is str for k in container):
                 raise SchemaError(f"{where}: map keys must be strings")
@@ -121,6 +128,27 @@ def check_body_value(value: Any, where: str = "body") -> None:
                     raise SchemaError(f"{where}: floats must be finite")
             elif kind not in _SCALARS:
                 raise SchemaError(f"{where}: {kind.__name__} values are not allowed")
+
+
+def nests_deeper(value: Any, max_depth: int) -> bool:
+    """Whether `value`'s maps and lists nest more than `max_depth` levels (an answer's check)."""
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        container, depth = pending.pop()
+        kind = type(container)
+        if kind is dict:
+            items: Any = container.values()
+        elif kind is list or kind is tuple:
+            items = container
+        else:
+            continue
+        if depth >= max_depth:
+            return True
+        pending.extend((item, depth + 1) for item in items if type(item) in _CONTAINERS)
+    return False
+
+
+_CONTAINERS: Final = frozenset({dict, list, tuple})
 
 
 class RawBody(Mapping[str, Any]):
@@ -390,6 +418,28 @@ def encode(message: Message) -> list[bytes]:
     else:
         header.update(path=message.path, your_path=message.your_path)
     return [_pack(header), _pack(body)]
+
+
+def usable_frame_bytes(max_frame_bytes: int) -> int:
+    """The largest frame a peer whose limit is `max_frame_bytes` takes under CURVE."""
+    return max_frame_bytes - CURVE_OVERHEAD_BYTES
+
+
+def encode_within(message: Message, max_frame_bytes: int) -> list[bytes]:
+    """The frames of `message`, or `TooLarge` if one would not fit the receiver's limit.
+
+    A frame over the limit makes libzmq drop the connection at the receiving
+    end instead of delivering anything, so it is never sent.
+    """
+    frames = encode(message)
+    usable = max_frame_bytes - CURVE_OVERHEAD_BYTES
+    for frame in frames:
+        if len(frame) > usable:
+            raise TooLarge(
+                f"a {message.kind.value} of {len(frame)} bytes is over the frame limit "
+                f"of {usable} bytes"
+            )
+    return frames
 
 
 # -- decode -----------------------------------------------------------------------------

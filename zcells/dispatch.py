@@ -9,6 +9,8 @@ Rules kept here:
 * Whatever a handler does, one `CellResult` comes out: its value, its typed
   error, `CallTimeout`, or `InternalError` naming an incident id that the
   cell's log has the traceback for. Nothing else crosses the wire.
+* A value nested deeper than a response may carry is `TooLarge` here, where
+  it is made, not a refusal at the next hop that leaves the caller waiting.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from zcells import logs
-from zcells.errors import CallTimeout, InternalError, WireError
+from zcells.codec import MAX_VALUE_DEPTH, nests_deeper
+from zcells.errors import CallTimeout, InternalError, TooLarge, WireError
 from zcells.messages import CellResult, Outcome, Request
 from zcells.methods import Call, Method, MethodTable
 from zcells.peer import Peer
@@ -97,6 +100,10 @@ class Dispatcher:
 
     def _succeeded(self, here: str, value: Any, started: float) -> CellResult:
         self.counters["handled"] += 1
+        if nests_deeper(value, MAX_VALUE_DEPTH):  # the next hop would refuse the whole answer
+            self.counters["answers_too_deep"] += 1
+            error = TooLarge(f"the answer nests deeper than {MAX_VALUE_DEPTH} levels", here)
+            return CellResult(here, Outcome.ERROR, error=error)
         return CellResult(here, Outcome.OK, value=value, rtt_ms=(self.clock() - started) * 1e3)
 
     def _failed(self, stamped: Request, here: str, exc: Exception) -> CellResult:

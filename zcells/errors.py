@@ -40,6 +40,8 @@ The tree::
         ├── NotFoundRemote            E_NOT_FOUND      the thing asked for does not exist
         ├── Conflict                  E_CONFLICT       not allowed in the current state
         ├── NoValidHost               E_NO_VALID_HOST  no host or cell can take the instance
+        ├── TooLarge                  E_TOO_LARGE      a message would not fit the frame limit
+        ├── QuotaExceeded             E_QUOTA          a project's quota would be passed
         ├── InternalError             E_INTERNAL       a handler failed (log has the id)
         └── TransportError            local only, never sent
             ├── TransportClosed       E_CLOSED         we closed it
@@ -264,6 +266,18 @@ class NoValidHost(WireError):
     code = "E_NO_VALID_HOST"
 
 
+class TooLarge(WireError):
+    """A message this cell would send is over the frame or depth limit; sent instead of it."""
+
+    code = "E_TOO_LARGE"
+
+
+class QuotaExceeded(WireError):
+    """The request would take a project past one of its quotas."""
+
+    code = "E_QUOTA"
+
+
 class InternalError(WireError):
     code = "E_INTERNAL"
 
@@ -305,6 +319,8 @@ WIRE_ERRORS: dict[str, type[WireError]] = {
         NotFoundRemote,
         Conflict,
         NoValidHost,
+        TooLarge,
+        QuotaExceeded,
         InternalError,
         TransportClosed,
         TransportBroken,

@@ -29,7 +29,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from zcells import logs, routing
 from zcells.dispatch import Dispatcher
@@ -41,6 +41,7 @@ from zcells.errors import (
     InvalidRequest,
     SenderMismatch,
     StaleMessage,
+    TooLarge,
     TransportClosed,
     TransportError,
     WireError,
@@ -69,6 +70,17 @@ from zcells.transport import LinkChange, Received, Transport
 log = logs.get_logger("node")
 
 
+# What an answer's results cost on the wire once each value was replaced by TooLarge.
+_SHRUNK_SIZE: Final = 256
+
+
+def _shrunk(result: CellResult, error: TooLarge) -> CellResult:
+    """`result` without its value, which made the answer too large to send."""
+    if result.outcome is not Outcome.OK:
+        return result
+    return CellResult(result.cell, Outcome.ERROR, error=TooLarge(error.message, error.cell))
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     name: str
@@ -80,6 +92,7 @@ class NodeSettings:
     max_in_flight_per_peer: int = 256
     max_clock_skew_s: float = 300.0
     remember_requests: int = 10_000
+    remember_bytes: int = 32 << 20  # answers kept for duplicates, by their size on the wire
 
 
 @dataclass
@@ -140,7 +153,9 @@ class Node:
         self._relays: dict[tuple[Peer, bytes], _Relay] = {}
         self._gathers: dict[bytes, _Gather] = {}
         self._in_flight: Counter[Peer] = Counter()
-        self._recent: OrderedDict[tuple[Peer, bytes], Response | None] = OrderedDict()
+        # (peer, request id) -> the answer sent and its size, or None while unanswered
+        self._recent: OrderedDict[tuple[Peer, bytes], tuple[Response, int] | None] = OrderedDict()
+        self._recent_bytes = 0
         self._tasks: set[asyncio.Task[None]] = set()
         # (client, project, role) -> the context its requests carry, less the request id
         self._contexts: dict[tuple[str, str | None, str], RequestContext] = {}
@@ -301,16 +316,25 @@ class Node:
         try:
             self.transport.send(peer, message)
         except WireError as exc:
-            if isinstance(exc, TransportError):
-                exc = CellUnreachable(f"cannot reach {peer}: {exc.message}", self._here())
-            exc.cell = self._here()
-            self.counters[f"send_{exc.code}"] += 1
-            if on_error is not None:
-                on_error(exc)
-            elif not quiet:
-                logs.event(
-                    log, logging.WARNING, "send.failed", peer=peer, code=exc.code, error=exc.message
-                )
+            self._send_failed(peer, exc, quiet, on_error)
+
+    def _send_failed(
+        self,
+        peer: Peer,
+        exc: WireError,
+        quiet: bool = False,
+        on_error: Callable[[WireError], None] | None = None,
+    ) -> None:
+        if isinstance(exc, TransportError):
+            exc = CellUnreachable(f"cannot reach {peer}: {exc.message}", self._here())
+        exc.cell = self._here()
+        self.counters[f"send_{exc.code}"] += 1
+        if on_error is not None:
+            on_error(exc)
+        elif not quiet:
+            logs.event(
+                log, logging.WARNING, "send.failed", peer=peer, code=exc.code, error=exc.message
+            )
 
     def _answer(
         self,
@@ -328,10 +352,37 @@ class Node:
             sent_at=self.wall_clock(),
             held_ms=max(0.0, held_ms),
         )
+        try:
+            size = self.transport.send(peer, response)
+        except TooLarge as exc:  # said instead of each value that made it too large
+            exc.cell = self._here()
+            self.counters["answers_too_large"] += 1
+            response = evolve(response, results=tuple(_shrunk(r, exc) for r in results))
+            self._send_soon(peer, response)
+            size = _SHRUNK_SIZE * len(results)
+        except WireError as exc:
+            self._send_failed(peer, exc)
+            return
+        self._keep_answer(peer, reply_to, response, size)
+
+    def _keep_answer(self, peer: Peer, reply_to: bytes, response: Response, size: int) -> None:
+        """Keep an answer for a duplicate of its request, within `remember_bytes` in all."""
         key = (peer, reply_to)
-        if key in self._recent:
-            self._recent[key] = response
-        self._send_soon(peer, response)
+        recent = self._recent
+        if key not in recent:
+            return
+        old = recent[key]
+        if old is not None:
+            self._recent_bytes -= old[1]
+        recent[key] = (response, size)
+        self._recent_bytes += size
+        while self._recent_bytes > self.settings.remember_bytes and recent:
+            self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        _, kept = self._recent.popitem(last=False)
+        if kept is not None:
+            self._recent_bytes -= kept[1]
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -348,13 +399,13 @@ class Node:
         key = (peer, message.id)
         if key in self._recent:
             self.counters["duplicates"] += 1
-            answer = self._recent[key]
-            if answer is not None:
-                self._send_soon(peer, answer)
+            kept = self._recent[key]
+            if kept is not None:
+                self._send_soon(peer, kept[0])
             return False
         self._recent[key] = None
         while len(self._recent) > self.settings.remember_requests:
-            self._recent.popitem(last=False)
+            self._forget_oldest()
         return True
 
     def _on_request(self, peer: Peer, message: Request) -> None:

@@ -15,7 +15,9 @@ the real codec. The contract:
   live link raises `CellUnreachable`, a full queue `Busy`, a closed transport
   `TransportClosed`. So a cell can answer from any callback, in order.
 * Frames above `max_frame_bytes` and messages of the wrong frame count never
-  reach the codec's decoder.
+  reach the codec's decoder. A message is never sent with a frame over the
+  usable limit (`codec.usable_frame_bytes`: what the receiver takes under
+  CURVE); `send()` raises `TooLarge` instead, so no link is ever dropped for it.
 """
 
 from __future__ import annotations
@@ -100,8 +102,12 @@ class Transport(ABC):
         """Swap in a new keyring and dial or drop parents to match."""
 
     @abstractmethod
-    def send(self, peer: Peer, message: Message) -> None:
-        """Queue `message` for `peer` at once, never waiting on it; see the module rules."""
+    def send(self, peer: Peer, message: Message) -> int:
+        """Queue `message` for `peer` at once, never waiting on it; the bytes it took.
+
+        A message with a frame over the receiver's limit is `TooLarge`, and
+        never sent (see the module rules).
+        """
 
     @abstractmethod
     async def recv(self) -> Event:
@@ -289,10 +295,10 @@ class MemoryTransport(Transport):
         self.counters["received"] += 1
         self._emit(Received(peer, message=message))
 
-    def send(self, peer: Peer, message: Message) -> None:
+    def send(self, peer: Peer, message: Message) -> int:
         if self._closed:
             raise TransportClosed("transport is closed", self.identity.name)
-        frames = codec.encode(message)
+        frames = codec.encode_within(message, self.max_frame_bytes)
         if peer.role is Role.PARENT:
             conn = self._dialled.get(peer.name)
             if conn is None or not conn.open:
@@ -305,6 +311,7 @@ class MemoryTransport(Transport):
                 raise CellUnreachable(f"no live link to {peer}", self.identity.name)
             conn.deliver(frames)
         self.counters["sent"] += 1
+        return len(frames[0]) + len(frames[1])
 
     async def recv(self) -> Event:
         event = None if self._closed and self._queue.empty() else await self._queue.get()
@@ -368,7 +375,8 @@ class MemoryClient(ClientTransport):
     async def send(self, message: Message) -> None:
         if self._conn is None or not self._conn.open:
             raise CellUnreachable(f"not connected to {self.endpoint}")
-        self._conn.listener.receive_from(self._conn, codec.encode(message))
+        frames = codec.encode_within(message, self._conn.listener.max_frame_bytes)
+        self._conn.listener.receive_from(self._conn, frames)
 
     async def recv(self) -> Message:
         return codec.decode(await self._queue.get())

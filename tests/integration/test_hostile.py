@@ -25,6 +25,7 @@ from tests.fakes import child_request, run
 from tests.integration.trees import answer, until
 from zcells import codec
 from zcells.devtree import CellProc, CellTree, running_tree
+from zcells.errors import TooLarge
 from zcells.instances import VmState, new_instance, placed
 from zcells.messages import Direction, Response, Targeted
 
@@ -266,4 +267,32 @@ def test_a_grandchild_cannot_speak_for_its_parents_stream(tree: CellTree) -> Non
         await create_in(tree, "api!c1", "c1-after")
 
     run(still_c1s(), timeout_s=150)
+    every_cell_answers(tree)
+
+
+# -- finding 4: answers bounded like requests --------------------------------------------
+
+
+def test_an_answer_over_the_limits_is_a_typed_error_and_no_link_drops(tree: CellTree) -> None:
+    """Row 27: ping echoes its payload; an echo too large or too deep is E_TOO_LARGE."""
+    usable = codec.usable_frame_bytes(codec.DEFAULT_MAX_FRAME_BYTES)
+    deep: Any = 1
+    for _ in range(5):
+        deep = {"a": deep}
+
+    async def scenario() -> None:
+        async with tree.client(timeout_s=30) as ops:
+            for target in ("api", "api!c1!g1"):
+                big = {"d": "x" * (usable - 30)}  # the request fits; its echo does not
+                result = await ops.call("ping", {"payload": big}, target=target)
+                assert result.error is not None and result.error.code == "E_TOO_LARGE", result
+                assert result.error.cell == target
+                result = await ops.call("ping", {"payload": deep}, target=target)
+                assert result.error is not None and result.error.code == "E_TOO_LARGE", result
+                assert (await ops.ping(target)).ok  # the same links still work
+            with pytest.raises(TooLarge):  # a request over the limit never leaves the client
+                await ops.call("ping", {"payload": {"d": "x" * usable}}, target="api!c2")
+            assert (await ops.ping("api!c2")).ok
+
+    run(scenario(), timeout_s=120)
     every_cell_answers(tree)

@@ -35,7 +35,7 @@ from tests.integration.test_transport_conformance import (
     until,
 )
 from zcells import codec
-from zcells.errors import Busy, CellUnreachable, FrameError, KeyRevoked
+from zcells.errors import Busy, CellUnreachable, FrameError, KeyRevoked, TooLarge
 from zcells.messages import Response
 from zcells.peer import Peer, Role
 from zcells.sockets.auth import Keyring, ZapHandler, parse_user_id
@@ -482,13 +482,52 @@ def test_wrong_frame_count_is_rejected_before_decoding(count: int) -> None:
 def test_oversize_frame_drops_the_link_and_the_child_recovers() -> None:
     async def scenario() -> None:
         async with net(max_frame_bytes=2048) as w:
-            c = await w.child("C")
+            c = await w.child("C", max_frame_bytes=1 << 20)  # C believes T takes more
             c.send(Peer(Role.PARENT, "T"), targeted({"blob": "x" * 5000}))
             assert (await link_event(c, "T", up=False)).reason == "disconnected"
-            await link_event(c, "T", up=True)  # libzmq reconnected by itself
+            await link_event(c, "T", up=True)
             c.send(Peer(Role.PARENT, "T"), after := hello())
             assert await next_event(w.t) == Received(Peer(CHILD, "C"), message=after)
             assert w.t.statistics()["received"] == 2  # the two hellos, never the blob
+
+    run(scenario)
+
+
+def test_a_dealer_that_received_an_oversize_frame_dials_again() -> None:
+    """Row 27: libzmq ends a DEALER's session for good on an oversize frame; we dial afresh."""
+
+    async def scenario() -> None:
+        async with net() as w:
+            a = await w.child("A", max_frame_bytes=2048)
+            w.t.send(Peer(CHILD, "A"), targeted({"blob": "x" * 5000}))
+            await link_event(a, "T", up=False)
+            await link_event(a, "T", up=True)  # a new socket, a new routing id
+            a.send(Peer(Role.PARENT, "T"), after := hello())
+            assert await next_event(w.t) == Received(Peer(CHILD, "A"), message=after)
+            w.t.send(Peer(CHILD, "A"), small := heartbeat())
+            got = await expect(a, lambda e: isinstance(e, Received), "T's heartbeat at A")
+            assert got == Received(Peer(Role.PARENT, "T"), message=small)
+
+    run(scenario)
+
+
+def test_a_message_over_the_usable_frame_limit_is_never_sent() -> None:
+    """Row 27: under CURVE the usable frame is smaller than MAXMSGSIZE; over it is TooLarge."""
+
+    async def scenario() -> None:
+        async with net(max_frame_bytes=4096) as w:
+            a = await w.child("A", max_frame_bytes=4096)
+            usable = codec.usable_frame_bytes(4096)
+            sized = targeted({"blob": "x" * 256})  # a str16, like the blobs below
+            room = usable - len(codec.encode(sized)[1]) + 256
+            a.send(Peer(Role.PARENT, "T"), exact := targeted({"blob": "x" * room}))
+            assert len(codec.encode(exact)[1]) == usable
+            got = await expect(w.t, lambda e: isinstance(e, Received), "the largest that fits")
+            assert got == Received(Peer(CHILD, "A"), message=exact)
+            with pytest.raises(TooLarge):
+                a.send(Peer(Role.PARENT, "T"), targeted({"blob": "x" * (room + 1)}))
+            a.send(Peer(Role.PARENT, "T"), after := hello())  # the link never dropped
+            assert await next_event(w.t) == Received(Peer(CHILD, "A"), message=after)
 
     run(scenario)
 

@@ -335,13 +335,8 @@ class ZmqClient(ClientTransport):
         self._state, self._failure = "connecting", ""
         self._inbox = Inbox(self.options.hwm)
         self._ctx = zmq.Context()
-        self._socket = sock = self._ctx.socket(zmq.DEALER)
         try:
-            self.options.dialler(sock, self.server_key, self._keypair)
-            self._monitor = sock.get_monitor_socket(MONITORED)
-            self._pumps.append(Pump(self._monitor, self._on_monitor, self._failed))
-            self._pumps.append(Pump(sock, self._on_message, self._failed, inbox=self._inbox))
-            sock.connect(self.endpoint)
+            self._dial()
             async with asyncio.timeout(self.connect_timeout_s):
                 while self._state not in ("up", "refused"):
                     self._changed.clear()
@@ -361,12 +356,35 @@ class ZmqClient(ClientTransport):
                 raise TransportBroken(f"cannot dial {self.endpoint}: {exc}") from exc
             raise
 
+    def _dial(self) -> None:
+        """A new DEALER, with a new routing id, its monitor and their pumps; then connect."""
+        assert self._ctx is not None
+        self._socket = sock = self._ctx.socket(zmq.DEALER)
+        self.options.dialler(sock, self.server_key, self._keypair)
+        self._monitor = sock.get_monitor_socket(MONITORED)
+        self._pumps.append(Pump(self._monitor, self._on_monitor, self._failed))
+        self._pumps.append(Pump(sock, self._on_message, self._failed, inbox=self._inbox))
+        sock.connect(self.endpoint)
+
+    def _redial(self) -> None:
+        """The link went down: libzmq does not dial again after some drops (an oversize
+        frame ends the session for good), so a new socket does, whatever the cause."""
+        if self._closed or self._socket is None or self._state != "down":
+            return
+        self._close_socket()
+        try:
+            self._dial()
+        except (zmq.ZMQError, UnicodeError) as exc:
+            self._failed("redial", exc)
+
     def _on_monitor(self, frames: list[Any], count: int) -> None:
         change = next_state(self._state, monitor_event(frames, count))
         if change is not None:
             self._state = change[0]
             self._failure = change[1] if change[0] == "failed" else self._failure
             self._changed.set()
+            if self._state == "down":
+                asyncio.get_running_loop().call_soon(self._redial)
 
     def _on_message(self, frames: list[Any], count: int) -> None:
         if count != codec.FRAMES_PER_MESSAGE:
@@ -394,7 +412,7 @@ class ZmqClient(ClientTransport):
     async def send(self, message: Message) -> None:
         sock = self._live()
         try:
-            send_now(sock, codec.encode(message))
+            send_now(sock, codec.encode_within(message, self.options.max_frame_bytes))
         except zmq.Again:
             if self._state != "up":
                 raise CellUnreachable(f"no live link to {self.endpoint}") from None
@@ -419,13 +437,17 @@ class ZmqClient(ClientTransport):
             self._teardown()
             self._inbox.end()
 
-    def _teardown(self) -> None:
+    def _close_socket(self) -> None:
         for pump in self._pumps:
             pump.stop()
         if self._socket is not None:
             close_socket(self._socket, self._monitor, self.options.linger_ms)
+        self._socket = self._monitor = None
+        self._pumps = []
+
+    def _teardown(self) -> None:
+        self._close_socket()
         if self._ctx is not None:
             self._ctx.destroy(linger=self.options.linger_ms)
-        self._ctx = self._socket = self._monitor = None
-        self._pumps = []
+        self._ctx = None
         self._state = "closed"

@@ -375,16 +375,17 @@ class ZmqTransport(Transport):
 
     # -- sending ------------------------------------------------------------------------
 
-    def send(self, peer: Peer, message: Message) -> None:
+    def send(self, peer: Peer, message: Message) -> int:
         if self._closed:
             raise TransportClosed("transport is closed", self.identity.name)
-        frames = codec.encode(message)
+        frames = codec.encode_within(message, self.max_frame_bytes)
+        size = len(frames[0]) + len(frames[1])
         if peer.role is Role.PARENT:
             parent = self._parents.get(peer.name)
             if parent is None:
                 raise self._refuse(CellUnreachable, peer, "no link to it")
             self._to_parent(parent, frames)
-            return
+            return size
         listener = self._listeners.get(peer.role)
         if listener is None:
             raise self._refuse(CellUnreachable, peer, "no link to it")
@@ -400,12 +401,13 @@ class ZmqTransport(Transport):
                 and routes.owns(peer.name, asked)
                 and self._routed(listener, peer, asked, frames)
             ):
-                return
+                return size
         if latest is None:
             raise self._refuse(CellUnreachable, peer, "no link to it")
         if not self._routed(listener, peer, latest, frames):
             routes.forget(peer.name, latest)  # the connection that spoke for it is gone
             raise self._refuse(CellUnreachable, peer, "its connection is gone")
+        return size
 
     def _to_parent(self, parent: _Parent, frames: list[bytes]) -> None:
         try:
