@@ -41,7 +41,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from zcells.db import outbox
+from zcells.db import outbox, quotas
 from zcells.db.engine import Database, dialect_insert
 from zcells.db.hosts import claim, release
 from zcells.db.instance_rows import (
@@ -85,6 +85,7 @@ from zcells.instances import (
     fields_from_wire,
 )
 from zcells.names import PATH_SEPARATOR
+from zcells.quotas import Quota, Usage, enforce
 
 _REQUEST_ID_LENGTH: Final = 64
 _UNFINISHED: Final = (
@@ -386,10 +387,15 @@ def index_create(
     instances: list[Instance],
     request_id: str,
     hints: Mapping[str, str] | None = None,
+    *,
+    quota: Quota | None = None,
 ) -> list[Instance]:
     """Record new instances in the API cell's index; a repeat answers their records now.
 
     Scheduler `hints`, if any, are kept with each instance until `forget_hints`.
+    With a default `quota`, the project's limits (its own where an admin set
+    them) are checked against what it holds, in this same transaction
+    (`QuotaExceeded`, nothing written).
     """
     _check_request_id(request_id)
     created = [exact(instance) for instance in instances]
@@ -402,6 +408,15 @@ def index_create(
         if len(set(uuids)) != len(uuids):
             twice = next(uuid for uuid in uuids if uuids.count(uuid) > 1)
             raise Conflict(f"instance {twice} is named twice")
+        if quota is not None and created:
+            project = created[0].project
+            wanted = Usage(
+                len(created),
+                sum(i.vcpus for i in created),
+                sum(i.memory_mb for i in created),
+            )
+            limits = quota.merged(quotas.overrides(conn, project))
+            enforce(project, limits, quotas.usage(conn, project), wanted)
         if uuids:
             for chunk in chunks(uuids, IN_LIMIT):
                 _ensure_new(conn, *chunk)

@@ -113,6 +113,17 @@ class FlavorRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class QuotaRow(Base):
+    """A limit an admin set for one project and resource, in place of `[quota]`'s default."""
+
+    __tablename__ = "quotas"
+
+    project: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    resource: Mapped[str] = mapped_column(String(16), primary_key=True)
+    hard_limit: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class InstanceRow(Base):
     """An instance: the full record in its owning cell, the indexed subset at the top."""
 

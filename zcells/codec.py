@@ -94,6 +94,11 @@ def _pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+def packb(value: Any) -> bytes:
+    """`value` as it goes on the wire, to measure it."""
+    return _pack(value)
+
+
 # -- body values ------------------------------------------------------------------------
 
 

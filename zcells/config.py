@@ -298,6 +298,55 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "How long a write waits for a locked SQLite database.",
         "busy_timeout_s",
     ),
+    # [quota]
+    Option(
+        "quota",
+        "servers",
+        parsers.int_value(-1, 1 << 40),
+        10,
+        "an integer from -1 (no limit) up",
+        "Servers a project may hold (not deleted), unless an admin set its own.",
+    ),
+    Option(
+        "quota",
+        "vcpus",
+        parsers.int_value(-1, 1 << 40),
+        20,
+        "an integer from -1 (no limit) up",
+        "vCPUs a project's servers may hold in all.",
+    ),
+    Option(
+        "quota",
+        "ram_mb",
+        parsers.int_value(-1, 1 << 40),
+        51200,
+        "an integer from -1 (no limit) up",
+        "MB of RAM a project's servers may hold in all.",
+    ),
+    Option(
+        "quota",
+        "limit_admins",
+        parsers.bool_value,
+        False,
+        "true or false",
+        "Whether quotas also limit what an admin creates.",
+    ),
+    Option(
+        "quota",
+        "metadata_items",
+        parsers.int_value(0, 64),
+        64,
+        "an integer from 0 to 64",
+        "Metadata pairs one server may carry (keys and values up to 255 characters).",
+    ),
+    Option(
+        "quota",
+        "metadata_bytes",
+        parsers.int_value(0, 1 << 20),
+        16384,
+        "an integer from 0 to 1048576",
+        "UTF-8 bytes of one server's metadata keys and values in all.",
+    ),
     # [compute]
     Option(
         "compute",
@@ -406,6 +455,16 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True)
+class QuotaConfig:
+    servers: int
+    vcpus: int
+    ram_mb: int
+    limit_admins: bool
+    metadata_items: int
+    metadata_bytes: int
+
+
+@dataclass(frozen=True)
 class ComputeConfig:
     driver: str
     fake_hosts: int
@@ -431,6 +490,7 @@ class Config:
     database: DatabaseConfig
     compute: ComputeConfig
     service: ServiceConfig
+    quota: QuotaConfig
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -449,7 +509,13 @@ SECTIONS: Final[dict[str, type[Any]]] = {
     "database": DatabaseConfig,
     "compute": ComputeConfig,
     "service": ServiceConfig,
+    "quota": QuotaConfig,
 }
+
+
+def section_defaults(name: str) -> Any:
+    """Section `name` with every option at its default, for code run without a file."""
+    return SECTIONS[name](**{o.field_name: o.default for o in OPTIONS if o.section == name})
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:

@@ -34,6 +34,7 @@ TYPE_NAMES: Final[Mapping[str, str]] = {
     "float": "number",
     "str": "string",
     "Path": "path",
+    "bool": "boolean",
     "Mapping": "key=values list",
 }
 _BUILDERS: Final = ("int_value", "float_value", "choice_value")

@@ -28,6 +28,18 @@ def int_value(low: int, high: int | None = None) -> Parser:
     return parse
 
 
+_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True}
+_BOOLEANS.update({"false": False, "no": False, "off": False, "0": False})
+
+
+def bool_value(text: str) -> bool:
+    """true/false, yes/no, on/off or 1/0, in any case."""
+    value = _BOOLEANS.get(text.strip().lower())
+    if value is None:
+        raise ValueError
+    return value
+
+
 def float_value(low: float, high: float | None = None) -> Parser:
     def parse(text: str) -> float:
         value = float(text.strip())

@@ -92,7 +92,8 @@ class NodeSettings:
     max_in_flight_per_peer: int = 256
     max_clock_skew_s: float = 300.0
     remember_requests: int = 10_000
-    remember_bytes: int = 32 << 20  # answers kept for duplicates, by their size on the wire
+    remember_bytes: int = 16 << 20  # answers kept for duplicates, by their size on the wire
+    remember_answer_bytes: int = 64 << 10  # a larger answer is not kept (a listing page, say)
 
 
 @dataclass
@@ -369,8 +370,8 @@ class Node:
         """Keep an answer for a duplicate of its request, within `remember_bytes` in all."""
         key = (peer, reply_to)
         recent = self._recent
-        if key not in recent:
-            return
+        if key not in recent or size > self.settings.remember_answer_bytes:
+            return  # a duplicate of a request whose answer is not kept is dropped, unanswered
         old = recent[key]
         if old is not None:
             self._recent_bytes -= old[1]

@@ -35,7 +35,7 @@ from zcells.errors import DatabaseError
 from zcells.handlers import build_methods
 from zcells.handlers.compute import ComputeHandlers
 from zcells.handlers.diag import DiagHandlers
-from zcells.handlers.servers import ServerHandlers
+from zcells.handlers.servers import PAGE_BYTES, ServerHandlers
 from zcells.handlers.state import StateHandlers, resync_children
 from zcells.handlers.status import MessageRate, StatusHandlers, messages_seen
 from zcells.housekeeping import Housekeeping, HousekeepingSettings
@@ -251,7 +251,14 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
         retries=config.cells.scheduler_retries,
         retry_delay_s=config.cells.scheduler_retry_delay_s,
     )
-    servers = ServerHandlers(node, runner, builds, top=top)
+    servers = ServerHandlers(
+        node,
+        runner,
+        builds,
+        top=top,
+        quota=config.quota,
+        page_bytes=min(PAGE_BYTES, config.transport.max_message_bytes // 2),
+    )
     compute = ComputeHandlers(runner, placer, driver, changed)
     rate = MessageRate(lambda: messages_seen(node))
     status = StatusHandlers(node, runner, upstream, rate, top=top)

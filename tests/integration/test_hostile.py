@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -22,7 +23,7 @@ import zmq
 import zmq.utils.monitor
 
 from tests.fakes import child_request, run
-from tests.integration.trees import answer, until
+from tests.integration.trees import answer, servers, until
 from zcells import codec
 from zcells.devtree import CellProc, CellTree, running_tree
 from zcells.errors import TooLarge
@@ -295,4 +296,64 @@ def test_an_answer_over_the_limits_is_a_typed_error_and_no_link_drops(tree: Cell
             assert (await ops.ping("api!c2")).ok
 
     run(scenario(), timeout_s=120)
+    every_cell_answers(tree)
+
+
+# -- finding 5: a member cannot deny service to everyone ---------------------------------
+
+
+def rss_mb(cell: CellProc) -> float:
+    assert cell.proc is not None
+    for line in Path(f"/proc/{cell.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_quotas_and_pages_bound_what_a_member_can_make_the_top_hold(tree: CellTree) -> None:
+    """Row 28: quotas refuse the flood; every listing page arrives; answers are not hoarded."""
+    wide = {f"k{i:02}": "\U0001f600" * 255 for i in range(64)}  # ~65 KB of metadata
+    heavy = {f"k{i:02}": "v" * 250 for i in range(60)}  # ~15 KB, within the byte limit
+
+    async def scenario() -> None:
+        async with tree.client(timeout_s=30, as_client="mallory") as member:
+            body = {"name": "flood", "flavor": "m1.tiny", "image": "cirros", "count": 100}
+            error = (await member.call("server_create", body)).error
+            assert error is not None and error.code == "E_QUOTA", error
+            body = {**body, "count": 1, "metadata": wide}
+            error = (await member.call("server_create", body)).error
+            assert error is not None and error.code == "E_QUOTA", error
+            made = []
+            for i in range(10):  # up to the default quota of 10 servers
+                body = {"name": f"h{i}", "flavor": "m1.tiny", "image": "cirros", "count": 1}
+                body["metadata"] = heavy
+                made += (await answer(member, "server_create", body))["servers"]
+            body = {"name": "one-more", "flavor": "m1.tiny", "image": "cirros"}
+            error = (await member.call("server_create", body)).error
+            assert error is not None and error.code == "E_QUOTA"
+            shown = await answer(member, "quota_show", {})
+            assert shown["in_use"]["servers"] == 10 and shown["quota"]["servers"] == 10
+
+        async with tree.client(timeout_s=30) as ops:
+            limits = {"servers": 80, "vcpus": 80, "ram_mb": -1}
+            await answer(ops, "quota_set", {"project": "p-mallory", "limits": limits})
+        async with tree.client(timeout_s=30, as_client="mallory") as member:
+            body = {"name": "more", "flavor": "m1.tiny", "image": "cirros", "count": 60}
+            body["metadata"] = heavy
+            made += (await answer(member, "server_create", body))["servers"]
+
+        top = tree.cells["api"]
+        async with tree.client(timeout_s=30) as ops:
+            listed = await servers(ops)  # page by page: each answer arrived
+            assert set(made) <= {row["uuid"] for row in listed}
+            before = rss_mb(top)
+            for _ in range(50):
+                body = {"all_projects": True, "limit": 1000}
+                page = await answer(ops, "server_list", body)
+                assert page["next_marker"] is not None  # 70 x 15 KB: more than a page
+            grown = rss_mb(top) - before
+            print(f"api RSS {before:.0f} MB, grew {grown:.1f} MB over 50 listings")
+            assert grown < 40, f"the API cell grew by {grown:.0f} MB over 50 listings"
+
+    run(scenario(), timeout_s=240)
     every_cell_answers(tree)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from tests.fakes import run
 from tests.unit.scripted_node import ScriptedNode, client_call, instance, ok, runner, uuids
 from zcells.builds import Placer, TopBuilds
 from zcells.cellsched import RandomCellScheduler
+from zcells.codec import packb
 from zcells.dbrunner import DbRunner
 from zcells.errors import (
     CellUnreachable,
@@ -24,6 +26,7 @@ from zcells.errors import (
     InternalError,
     InvalidRequest,
     NotFoundRemote,
+    QuotaExceeded,
 )
 from zcells.handlers.servers import ServerHandlers
 from zcells.instances import Action, VmState, begin, placed
@@ -286,5 +289,118 @@ def test_host_list_keeps_what_each_cell_said_and_names_the_cells_itself(db: DbRu
         assert part == {"hosts": [], "errors": [{"cell": "api!c3", "error": "E_TIMEOUT"}]}
         with pytest.raises(InvalidRequest):
             await door.host_list(client_call("host_list", {"cell": "elsewhere!c1"}))
+
+    run(main())
+
+
+# -- bounds: pages by bytes, metadata, quotas ---------------------------------------------
+
+
+def list_args(**changes: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "status": None,
+        "cell": None,
+        "name": None,
+        "marker": None,
+        "limit": 1000,
+        "all_projects": True,
+    }
+    return {**args, **changes}
+
+
+def test_a_listing_page_ends_early_when_its_bytes_run_out(db: DbRunner) -> None:
+    """Row 28: every page fits its byte budget, and the pages together hold every server."""
+    heavy = {f"k{i:02}": "v" * 255 for i in range(40)}  # ~10 KB of metadata each
+
+    async def main() -> None:
+        made = [instance(u, metadata=heavy) for u in uuids(30)]
+        await db.write(store.index_create, made, "heavy")
+        door = front_door(ScriptedNode(), db)
+        door.page_bytes = 64 * 1024
+        seen: list[str] = []
+        marker = None
+        for _ in range(30):
+            page = await door.server_list(client_call("server_list", list_args(marker=marker)))
+            size = sum(len(packb(view)) for view in page["servers"])
+            assert 0 < len(page["servers"]) < 30 and size <= door.page_bytes
+            seen += [view["uuid"] for view in page["servers"]]
+            marker = page["next_marker"]
+            if marker is None:
+                break
+        assert sorted(seen) == sorted(i.uuid for i in made)
+
+    run(main())
+
+
+def create_args(**changes: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "name": "web",
+        "flavor": "m1.tiny",
+        "image": "cirros",
+        "count": 1,
+        "hints": None,
+        "metadata": None,
+        "request_id": None,
+    }
+    return {**args, **changes}
+
+
+def test_metadata_past_the_item_or_byte_limits_is_refused(db: DbRunner) -> None:
+    wide = {f"k{i:02}": "\U0001f600" * 255 for i in range(64)}  # ~65 KB in four-byte characters
+
+    async def main() -> None:
+        door = front_door(ScriptedNode(), db)
+        member = {"role": "member", "client": "mallory", "project": "p-m"}
+        with pytest.raises(QuotaExceeded, match="metadata of 65"):
+            await door.server_create(client_call("server_create", create_args(metadata=wide)))
+        door.quota = replace(door.quota, metadata_items=2)
+        many = {"a": "1", "b": "2", "c": "3"}
+        with pytest.raises(QuotaExceeded, match="3 metadata items, at most 2"):
+            await door.server_create(client_call("server_create", create_args(metadata=many)))
+        with pytest.raises(InvalidRequest):
+            bad = create_args(metadata={"k": 5})
+            await door.server_create(client_call("server_create", bad, **member))
+        assert await db.read(store.list_instances, limit=10) == []
+
+    run(main())
+
+
+def test_a_members_creates_stop_at_the_projects_quota_and_an_admins_do_not(
+    db: DbRunner,
+) -> None:
+    async def main() -> None:
+        door = front_door(ScriptedNode(), db)
+        member = {"role": "member", "client": "mallory", "project": "p-m"}
+        with pytest.raises(QuotaExceeded, match="servers limit 10, in use 0, requested 100"):
+            await door.server_create(
+                client_call("server_create", create_args(count=100, request_id="q-1"), **member)
+            )
+        made = await door.server_create(
+            client_call("server_create", create_args(count=10, request_id="q-2"), **member)
+        )
+        assert len(made["servers"]) == 10
+        with pytest.raises(QuotaExceeded):
+            await door.server_create(
+                client_call("server_create", create_args(request_id="q-3"), **member)
+            )
+        shown = await door.quota_show(client_call("quota_show", {"project": None}, **member))
+        assert shown["in_use"] == {"servers": 10, "vcpus": 10, "ram_mb": 5120}
+        with pytest.raises(Forbidden):
+            await door.quota_show(client_call("quota_show", {"project": "other"}, **member))
+
+        raised = {"project": "p-m", "limits": {"servers": 11}}
+        shown = await door.quota_set(client_call("quota_set", raised))
+        assert shown["quota"]["servers"] == 11 and shown["own"] == {"servers": 11}
+        await door.server_create(
+            client_call("server_create", create_args(request_id="q-4"), **member)
+        )
+        with pytest.raises(InvalidRequest, match="no quota 'cores'"):
+            await door.quota_set(
+                client_call("quota_set", {"project": "p-m", "limits": {"cores": 1}})
+            )
+        made = await door.server_create(
+            client_call("server_create", create_args(count=50, request_id="q-5"))
+        )
+        assert len(made["servers"]) == 50  # an admin is not limited
 
     run(main())

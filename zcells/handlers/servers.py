@@ -24,6 +24,11 @@ Rules kept here (DESIGN.md §5, §8):
 * A compute cell answers `server_list` and `server_show` from its own full
   records, so an operator can compare a cell with the top; it creates and
   acts on nothing for clients.
+* What one caller can make a cell hold or send is bounded: a create is
+  checked against the project's quotas in the transaction that writes it
+  (`zcells.quotas`), metadata against ``[quota]``'s item and byte limits, and
+  a listing page against `page_bytes` as well as its count, so every answer
+  fits a frame.
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ from collections.abc import Callable
 from typing import Any, TypeGuard
 
 from zcells.builds import TopBuilds, check_hints, time_left_s
+from zcells.codec import packb
+from zcells.config import QuotaConfig, section_defaults
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
+from zcells.db import quotas as quotas_store
 from zcells.db import registry
 from zcells.dbrunner import DbRunner
 from zcells.errors import (
@@ -47,6 +55,7 @@ from zcells.errors import (
     Forbidden,
     InvalidRequest,
     NotFoundRemote,
+    QuotaExceeded,
     SchemaError,
     UsageError,
     WireError,
@@ -59,17 +68,23 @@ from zcells.instances import (
     Instance,
     VmState,
     begin,
+    check_metadata,
     finish,
     new_instance,
 )
 from zcells.messages import Kind, Outcome
 from zcells.methods import Call, Method, Param
+from zcells.names import check_name
 from zcells.node import Node
+from zcells.quotas import Quota
 from zcells.records import Flavor
 from zcells.routing import is_below
 
 MAX_COUNT = 1000
 MAX_PAGE = 1000
+# The servers of one listing page in bytes, well inside the frame limit: a page ends
+# early, with a marker, rather than make an answer too large to send.
+PAGE_BYTES = 512 * 1024
 READERS = frozenset({"admin", "member", "reader"})
 WRITERS = frozenset({"admin", "member"})
 ADMIN = frozenset({"admin"})
@@ -115,12 +130,17 @@ class ServerHandlers:
         builds: TopBuilds,
         *,
         top: bool,
+        quota: QuotaConfig | None = None,
+        page_bytes: int = PAGE_BYTES,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.node = node
         self.db = db
         self.builds = builds
         self.top = top
+        self.quota: QuotaConfig = quota or section_defaults("quota")
+        self.default_quota = Quota(self.quota.servers, self.quota.vcpus, self.quota.ram_mb)
+        self.page_bytes = page_bytes
         self._clock = wall_clock
 
     def _require_top(self, call: Call) -> None:
@@ -153,11 +173,16 @@ class ServerHandlers:
             limit=limit + 1,
             marker=args["marker"],
         )
-        page = found[:limit]
-        return {
-            "servers": [instance.view() for instance in page],
-            "next_marker": page[-1].uuid if len(found) > limit else None,
-        }
+        views: list[dict[str, Any]] = []
+        size = 0
+        for instance in found[:limit]:
+            view = instance.view()
+            size += len(packb(view))
+            if views and size > self.page_bytes:
+                break
+            views.append(view)
+        more = len(found) > len(views)
+        return {"servers": views, "next_marker": views[-1]["uuid"] if more else None}
 
     async def server_show(self, call: Call) -> dict[str, Any]:
         uuid = call.args["uuid"]
@@ -174,6 +199,7 @@ class ServerHandlers:
         count = args["count"]
         if not 0 < count <= MAX_COUNT:
             raise InvalidRequest(f"count must be 1 to {MAX_COUNT}")
+        metadata = self._metadata(args["metadata"] or {}, call.cell)
         flavor = await self._flavor(args["flavor"])
         request_id = _request_id(call, args["request_id"])
         now = self._clock()
@@ -189,17 +215,74 @@ class ServerHandlers:
                     disk_gb=flavor.disk_gb,
                     vcpus=flavor.vcpus,
                     image=args["image"],
-                    metadata=args["metadata"] or {},
+                    metadata=metadata,
                     now=now,
                 )
                 for i in range(1, count + 1)
             ]
         except WireError as exc:
             raise InvalidRequest(exc.message, call.cell) from None
-        created = await self.db.write(store.index_create, wanted, request_id, hints)
+        limited = _role(call) != "admin" or self.quota.limit_admins
+        created = await self.db.write(
+            store.index_create,
+            wanted,
+            request_id,
+            hints,
+            quota=self.default_quota if limited else None,
+        )
         for instance in created:
             self.builds.start(instance, hints)
         return {"servers": [instance.uuid for instance in created]}
+
+    def _metadata(self, raw: dict[str, Any], cell: str) -> dict[str, str]:
+        """A create's metadata, within `[quota]`'s item and byte limits."""
+        try:
+            metadata = check_metadata(raw)
+        except WireError as exc:
+            raise InvalidRequest(exc.message, cell) from None
+        if len(metadata) > self.quota.metadata_items:
+            raise QuotaExceeded(
+                f"quota exceeded: {len(metadata)} metadata items, at most "
+                f"{self.quota.metadata_items}",
+                cell,
+            )
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+        if size > self.quota.metadata_bytes:
+            raise QuotaExceeded(
+                f"quota exceeded: metadata of {size} bytes, at most {self.quota.metadata_bytes}",
+                cell,
+            )
+        return metadata
+
+    # -- quotas -----------------------------------------------------------------------------
+
+    async def quota_show(self, call: Call) -> dict[str, Any]:
+        """A project's limits and what it holds: any project for an admin, else its own."""
+        self._require_top(call)
+        project = call.args["project"] or _project(call)
+        if _role(call) != "admin" and project != _project(call):
+            raise Forbidden("a member sees its own project's quota only", call.cell)
+        limits, own, held = await self.db.read(quotas_store.show, project, self.default_quota)
+        return {
+            "project": project,
+            "quota": limits.as_dict(),
+            "own": own,
+            "in_use": held.as_dict(),
+        }
+
+    async def quota_set(self, call: Call) -> dict[str, Any]:
+        """Set a project's own limits (-1: none); a limit given as nil goes back to the default."""
+        self._require_top(call)
+        project = call.args["project"]
+        try:
+            check_name("project", project)
+            limits = call.args["limits"]
+            if not limits or not all(v is None or type(v) is int for v in limits.values()):
+                raise ValueError("limits: a map of quota names to integers (or nil)")
+            await self.db.write(quotas_store.set_limits, project, limits)
+        except (ValueError, UsageError) as exc:
+            raise InvalidRequest(str(exc), call.cell) from None
+        return await self.quota_show(call)
 
     async def _flavor(self, name: str) -> Flavor:
         for flavor in await self.db.read(registry.list_flavors):
@@ -383,6 +466,20 @@ class ServerHandlers:
                 params={"uuid": Param(str), "action": Param(str), "request_id": optional_str},
             ),
             Method("flavor_list", self.flavor_list, kinds=targeted, allowed=READERS),
+            Method(
+                "quota_show",
+                self.quota_show,
+                kinds=targeted,
+                allowed=READERS,
+                params={"project": optional_str},
+            ),
+            Method(
+                "quota_set",
+                self.quota_set,
+                kinds=targeted,
+                allowed=ADMIN,
+                params={"project": Param(str), "limits": Param(dict)},
+            ),
             Method(
                 "flavor_create",
                 self.flavor_create,
