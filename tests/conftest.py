@@ -18,6 +18,7 @@ import pytest
 from zcells.db.engine import Database
 
 from tests.tools import pgserver
+from zcells import logs
 
 POSTGRES_ENV = "ZCELLS_TEST_POSTGRES_URL"
 
@@ -65,3 +66,9 @@ def synced(database: Database) -> Database:
 
     migrate.sync(database)
     return database
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_limits() -> None:
+    """Each test starts with full log buckets, whatever the tests before it logged."""
+    logs.LIMITER = logs.RateLimiter()

@@ -39,6 +39,7 @@ from zcells.errors import (
     CellUnreachable,
     Forbidden,
     InvalidRequest,
+    KeyRevoked,
     SenderMismatch,
     StaleMessage,
     TooLarge,
@@ -252,9 +253,16 @@ class Node:
 
     def _on_bad_message(self, peer: Peer, error: WireError) -> None:
         self.counters[f"refused_{error.code}"] += 1
-        logs.event(
-            log, logging.WARNING, "message.refused", peer=peer, code=error.code, error=error.message
-        )
+        if not isinstance(error, KeyRevoked):  # the transport said so already, once
+            logs.limited(
+                log,
+                logging.WARNING,
+                "message.refused",
+                peer,
+                peer=peer,
+                code=error.code,
+                error=error.message,
+            )
         reply_to = getattr(error, "reply_to", None)
         if reply_to is not None:
             error.cell = error.cell or self._here()
@@ -333,8 +341,14 @@ class Node:
         if on_error is not None:
             on_error(exc)
         elif not quiet:
-            logs.event(
-                log, logging.WARNING, "send.failed", peer=peer, code=exc.code, error=exc.message
+            logs.limited(
+                log,
+                logging.WARNING,
+                "send.failed",
+                peer,
+                peer=peer,
+                code=exc.code,
+                error=exc.message,
             )
 
     def _answer(
@@ -472,10 +486,11 @@ class Node:
         here = self._here_for(peer, message)
         self.counters[f"refused_{error.code}"] += 1
         error.cell = error.cell or here
-        logs.event(
+        logs.limited(
             log,
             logging.INFO,
             "request.refused",
+            peer,
             id=message.id.hex(),
             method=message.method[:64],
             path="!".join(message.path)[:200],

@@ -357,3 +357,35 @@ def test_quotas_and_pages_bound_what_a_member_can_make_the_top_hold(tree: CellTr
 
     run(scenario(), timeout_s=240)
     every_cell_answers(tree)
+
+
+# -- finding 7: logs do not amplify an attack --------------------------------------------
+
+
+def test_a_flood_of_malformed_frames_writes_a_bounded_log(tree: CellTree) -> None:
+    """Row 30: thousands of bad frames from one child key; a handful of lines, with counts."""
+    api = tree.cells["api"]
+    ctx: zmq.Context[Any] = zmq.Context()
+    c2 = Dealer(ctx, api, cell_keys(tree, "c2"))
+    try:
+        assert c2.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        before = api.log_text().count("transport.malformed")
+        sent = 5000
+        for i in range(sent):
+            c2.sock.send_multipart([b"\xc1" + i.to_bytes(4, "big"), b"\x80"])
+        c2.sock.send_multipart([b"\xc1", b"\x80", b"\x80"])  # a frame count, too
+        ping = child_request(path=("api!c2",))
+        assert c2.ask(ping).results[0].ok  # after the flood, on the same link
+
+        async def counted() -> bool:
+            async with tree.client(timeout_s=10) as ops:
+                stats = await answer(ops, "stats", {})
+                return bool(stats["transport"].get("malformed", 0) >= sent)
+
+        run(until(counted, 60, "every bad frame counted"))
+        lines = api.log_text().count("transport.malformed") - before
+        assert 0 < lines <= 60, f"{lines} log lines for {sent} bad frames"
+    finally:
+        c2.close()
+        ctx.destroy(linger=0)
+    every_cell_answers(tree)

@@ -254,10 +254,11 @@ class ZapHandler(ThreadAuthenticator):
         if status_code != b"200":
             self.refused += 1
             domain, address, key = self._request
-            logs.event(
+            logs.limited(
                 log,
                 logging.WARNING,
                 "zap.refused",
+                address,
                 domain=domain,
                 key=key,
                 address=address,

@@ -340,11 +340,17 @@ class ZmqTransport(Transport):
         parsed = None if user_id is None else parse_user_id(user_id)
         if user_id is None or parsed is None or parsed[0] != DOMAIN_PREFIX[listener.domain]:
             self.counters["unauthenticated"] += 1
-            _log(logging.WARNING, "transport.unauthenticated", domain=listener.domain)
+            logs.limited(
+                log,
+                logging.WARNING,
+                "transport.unauthenticated",
+                listener.domain,
+                domain=listener.domain,
+            )
             return
         peer = Peer(listener.role, parsed[1])
         self.counters["revoked"] += 1
-        _log(logging.WARNING, "transport.revoked", peer=peer, key=parsed[2])
+        logs.limited(log, logging.WARNING, "transport.revoked", peer, peer=peer, key=parsed[2])
         error = KeyRevoked(f"the key of {peer} is no longer registered", self.identity.name)
         self._inbox.put(Received(peer, error=error))
 
@@ -356,7 +362,9 @@ class ZmqTransport(Transport):
         if count != codec.FRAMES_PER_MESSAGE:
             self.counters["frames_rejected"] += 1
             self._frame_errors[str(peer)] += 1
-            _log(logging.WARNING, "transport.frames_rejected", peer=peer, frames=count)
+            logs.limited(
+                log, logging.WARNING, "transport.frames_rejected", peer, peer=peer, frames=count
+            )
             error = FrameError(
                 f"expected {codec.FRAMES_PER_MESSAGE} frames, got {count}", self.identity.name
             )
@@ -366,8 +374,14 @@ class ZmqTransport(Transport):
         except ProtocolError as exc:
             self.counters["malformed"] += 1
             reply_to = "-" if exc.reply_to is None else exc.reply_to.hex()
-            _log(
-                logging.WARNING, "transport.malformed", peer=peer, code=exc.code, reply_to=reply_to
+            logs.limited(
+                log,
+                logging.WARNING,
+                "transport.malformed",
+                peer,
+                peer=peer,
+                code=exc.code,
+                reply_to=reply_to,
             )
             return Received(peer, error=exc)
         self.counters["received"] += 1
