@@ -607,3 +607,30 @@ def test_slowloris_connections_are_closed_and_cells_still_served() -> None:
             await until(lambda: _open_sockets() <= baseline, "socket descriptors back to baseline")
 
     run(scenario)
+
+
+def test_a_new_connection_on_a_reused_descriptor_keeps_its_route() -> None:
+    """A closed connection is reported late, when its descriptor may serve the next already."""
+
+    async def scenario() -> None:
+        async with net() as w:
+            client = Peer(Role.CLIENT, "K")
+            watch = w.t._listeners[Role.CLIENT].watch
+            asyncio.get_running_loop().remove_reader(watch._fd)  # reports wait, unread
+            first = await w.good_dealer("K", "api")
+            await first.send_multipart(codec.encode(hi := heartbeat()))
+            assert await next_event(w.t) == Received(client, message=hi)
+            w.sockets.remove(first)
+            first.close(linger=0)
+            await until(lambda: bool(watch.sock.get(zmq.EVENTS) & zmq.POLLIN), "the close reported")
+            second = await w.good_dealer("K", "api")  # most likely on the same descriptor
+            await second.send_multipart(codec.encode(asked := targeted()))
+            assert await next_event(w.t) == Received(client, message=asked)
+            asyncio.get_running_loop().add_reader(watch._fd, watch.read_now)
+            watch.read_now()  # whatever was still unread
+            w.t.send(client, response(asked.id))
+            async with asyncio.timeout(WAIT_S):
+                got = codec.decode(await second.recv_multipart())
+            assert isinstance(got, Response) and got.reply_to == asked.id
+
+    run(scenario)

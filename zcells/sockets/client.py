@@ -218,6 +218,10 @@ class Pump:
             self._poked = True
             self._loop.call_soon(self._drain)
 
+    def read_now(self) -> None:
+        """Read what is waiting at once, before the caller acts on another socket's news."""
+        self._drain()
+
     def resume(self) -> None:
         if self._paused and not self._stopped:
             self._paused = False

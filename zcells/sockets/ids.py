@@ -17,7 +17,10 @@ Rules kept here (SECURITY.md §5 row 25, docs/protocol.md §2):
    binds (name, routing id, connection) from received messages, unbinds
    every id of a connection when libzmq reports it closed, and unbinds an id
    at once when another key speaks on it. A message for a peer goes only to
-   an id bound to that peer.
+   an id bound to that peer. File descriptors are reused as soon as they are
+   closed, so the transport reads every pending "closed" report before it
+   makes a new binding: a late report for a connection's predecessor on the
+   same descriptor must not unbind it.
 """
 
 from __future__ import annotations
@@ -72,6 +75,10 @@ class Routes:
 
     def names(self) -> list[str]:
         return sorted(self._ids)
+
+    def bound(self, name: str, routing_id: bytes, fd: int) -> bool:
+        """Whether `routing_id` over connection `fd` is bound to `name` already."""
+        return self._owner.get(routing_id) == (name, fd)
 
     def heard(self, name: str, routing_id: bytes, fd: int) -> None:
         """`name`'s authenticated message came on `routing_id`, over connection `fd`."""

@@ -315,8 +315,10 @@ class ZmqTransport(Transport):
             self._stranger(listener, user_id)
             return
         first = frames[0]
-        routing_id = first.bytes
-        listener.routes.heard(peer.name, routing_id, first.get(_SRCFD))
+        routing_id, fd = first.bytes, first.get(_SRCFD)
+        if not listener.routes.bound(peer.name, routing_id, fd):
+            listener.watch.read_now()  # a late "closed" for this fd's last user goes first
+        listener.routes.heard(peer.name, routing_id, fd)
         received = self._frames_in(peer, frames[1:], count - 1)
         self._remember_asker(peer, received.message, routing_id)
         self._inbox.put(received)
