@@ -510,6 +510,8 @@ class Node:
         """
         if peer.role is Role.PARENT:
             parent_path = self.view.parents.get(peer.name)
+            if parent_path is None and message.path:  # no hello yet: as the parent names it
+                parent_path = message.path[-1]
             if parent_path is not None:
                 return f"{parent_path}!{self.settings.name}"
         return self._here()

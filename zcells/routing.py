@@ -159,9 +159,8 @@ def _sender_path(view: View, sender: Peer, here: str) -> str:
     if parent_path is None:
         # Not an impersonation: the key is the parent's. The link is not ready (the parent
         # sent this before its answer to this cell's hello after a restart): try again.
-        raise CellUnreachable(
-            f"parent {sender.name} has not said hello yet: not linked into the tree yet",
-            view.label,
+        raise CellUnreachable(  # named by the receiving node as its parent knows it
+            f"parent {sender.name} has not said hello yet: not linked into the tree yet"
         )
     return parent_path
 
@@ -184,6 +183,23 @@ def _check_chain(path: tuple[str, ...], label: str, *, down_allowed: bool) -> No
             "in that direction",
             label,
         )
+
+
+def _from_child(view: View, sender: Peer, message: Request, arrived_from: str) -> tuple[str, str]:
+    """(this cell's path the child's request came up to, the path it must have put last)."""
+    if message.direction is not Direction.UP:
+        raise RoutingInconsistency("a message from a child must travel up", view.label)
+    here = parent_of(arrived_from) or ""
+    if view.parents and all(p is None for p in view.parents.values()):
+        # Not an impersonation: this cell has just started and no parent has said
+        # where it sits yet, so it cannot check the path. The child tries again.
+        raise CellUnreachable(
+            f"{view.name} is not linked into the tree yet: no parent has said hello",
+            view.name,
+        )
+    if here not in view.paths:
+        raise SenderMismatch(f"child {sender.name} claims path {arrived_from}", view.label)
+    return here, _sender_path(view, sender, here)
 
 
 def accept(view: View, sender: Peer, message: Request) -> Request:
@@ -211,12 +227,7 @@ def accept(view: View, sender: Peer, message: Request) -> Request:
             expected = _sender_path(view, sender, "")
             here = f"{arrived_from}{PATH_SEPARATOR}{view.name}"
         else:
-            if message.direction is not Direction.UP:
-                raise RoutingInconsistency("a message from a child must travel up", view.label)
-            here = parent_of(arrived_from) or ""
-            if here not in view.paths:
-                raise SenderMismatch(f"child {sender.name} claims path {arrived_from}", view.label)
-            expected = _sender_path(view, sender, here)
+            here, expected = _from_child(view, sender, message, arrived_from)
         if arrived_from != expected:
             raise SenderMismatch(
                 f"{sender} put {arrived_from} last in the routing path, expected {expected}",

@@ -9,6 +9,7 @@ checking that every cell still answers a broadcast ping.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from tests.fakes import child_request, run
 from tests.integration.trees import answer, servers, until
 from zcells import codec
 from zcells.devtree import CellProc, CellTree, running_tree
-from zcells.errors import TooLarge
+from zcells.errors import CellUnreachable, TooLarge
 from zcells.instances import VmState, new_instance, placed
 from zcells.messages import Direction, Response, Targeted
 
@@ -41,17 +42,18 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CellTree]:
         yield cells
 
 
-def every_cell_answers(tree: CellTree) -> None:
-    """A broadcast ping from the top reaches every cell, and no cell process has exited."""
+def every_cell_answers(tree: CellTree, timeout_s: float = 30.0) -> None:
+    """A broadcast ping from the top reaches every cell (links a test broke may take a
+    moment to come back), and no cell process has exited."""
     for cell in tree.cells.values():
         assert cell.proc is not None and cell.proc.poll() is None, f"{cell.name} exited"
 
-    async def check() -> list[str]:
+    async def check() -> list[Any] | None:
         async with tree.client(timeout_s=15) as client:
             rows = await client.ping_all(timeout_s=10)
-            return sorted(row.cell for row in rows if row.ok)
+        return None if sorted(row.cell for row in rows if row.ok) != list(CELLS) else rows
 
-    assert run(check()) == list(CELLS)
+    run(until(check, timeout_s, "every cell answering a broadcast ping"), timeout_s + 30)
 
 
 class Dealer:
@@ -388,4 +390,56 @@ def test_a_flood_of_malformed_frames_writes_a_bounded_log(tree: CellTree) -> Non
     finally:
         c2.close()
         ctx.destroy(linger=0)
+    every_cell_answers(tree)
+
+
+# -- finding 11: answers after restarts say what happened ---------------------------------
+
+
+def test_a_frozen_cell_is_reported_as_silent_not_as_a_wrong_key(tree: CellTree) -> None:
+    tree.signal("api", signal.SIGSTOP)
+    try:
+
+        async def dial() -> None:
+            async with tree.client(timeout_s=4):
+                raise AssertionError("a frozen cell finished a handshake")
+
+        with pytest.raises(CellUnreachable) as caught:
+            run(dial())
+        assert "frozen or overloaded" in caught.value.message
+        assert "server key" not in caught.value.message
+    finally:
+        tree.signal("api", signal.SIGCONT)
+    every_cell_answers(tree)
+
+
+def test_a_restarted_middle_cell_answers_try_again_not_impersonation(tree: CellTree) -> None:
+    """c1 restarts: until api says hello its answers are E_UNREACHABLE, never a mismatch."""
+    tree.signal("c1", signal.SIGKILL)
+    ctx: zmq.Context[Any] = zmq.Context()
+    g1 = Dealer(ctx, tree.cells["c1"], cell_keys(tree, "g1"))
+    codes: set[str] = set()
+
+    async def progress_answered() -> bool:
+        result = g1.ask(grandchild_request("progress", "api!c1", {})).results[0]
+        if result.error is not None:
+            codes.add(result.error.code)
+        return result.ok
+
+    async def ping_answered() -> bool:
+        async with tree.client(timeout_s=10) as ops:
+            ping = await ops.call("ping", target="api!c1")
+        if ping.error is not None:
+            codes.add(ping.error.code)
+        return ping.ok
+
+    try:
+        tree.start("c1")
+        assert g1.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        run(until(progress_answered, 60, "c1 taking g1's progress again"), timeout_s=90)
+    finally:
+        g1.close()  # the real g1 is c1's g1 again
+        ctx.destroy(linger=0)
+    run(until(ping_answered, 60, "c1 answering pings again"), timeout_s=90)
+    assert codes <= {"E_UNREACHABLE", "E_TIMEOUT"}, codes
     every_cell_answers(tree)

@@ -176,6 +176,13 @@ def test_parent_sending_outside_subtree_is_inconsistent() -> None:
         (C1, FROM_API, targeted("api!c1!g1", ("api!c1", "api")), RoutingInconsistency),
         # a parent that has not said hello
         (C1_UNPLACED, FROM_API, targeted("api!c1", ("api",)), CellUnreachable),
+        # a child's request to a cell that has just started: try again, not an impersonation
+        (
+            routing.View("c1", children=frozenset({"g1"}), parents={"api": None}),
+            FROM_G1,
+            targeted("api!c1", ("api!c1!g1",), Direction.UP),
+            CellUnreachable,
+        ),
         # a forged origin: every hop must neighbour the one before (finding 8)
         (C1, FROM_G1, targeted("api", ("api!c2", "api!c1!g1"), Direction.UP), SenderMismatch),
         (API, FROM_C1_UP, targeted("api", ("api!c2!x", "api!c1"), Direction.UP), SenderMismatch),

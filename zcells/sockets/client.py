@@ -25,6 +25,7 @@ lives here so that `zcells.sockets.transport` can import it (and re-export
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -59,6 +60,10 @@ _EVENTS: Final = int(zmq.EVENTS)
 _POLLIN: Final = int(zmq.POLLIN)
 
 _FAILED: Final = "handshake failed: wrong server key, or no authenticator there"
+SILENT: Final = (
+    "the connection was taken but the handshake got no answer in time: "
+    "the cell may be frozen or overloaded"
+)
 # Monitor event -> (link state, reason). A link is connecting, up, down, refused or
 # failed; only a change of state becomes a LinkChange (and a log line).
 LINK_EVENTS: Final[Mapping[int, tuple[str, str]]] = {
@@ -80,17 +85,25 @@ Socket = zmq.Socket[bytes]
 Deliver = Callable[[list[Any], int], None]  # (the frames kept, how many there were)
 
 
-def next_state(current: str, event: int) -> tuple[str, str] | None:
-    """The link's new (state, reason) after a monitor event, or None if nothing changed."""
+def next_state(current: str, event: int, value: int = 0) -> tuple[str, str] | None:
+    """The link's new (state, reason) after a monitor event, or None if nothing changed.
+
+    A handshake that fails with no detail and EAGAIN ran out of time: the
+    other end took the connection but said nothing (frozen or overloaded),
+    which is not the same advice as a refused or garbled handshake.
+    """
     found = LINK_EVENTS.get(event)
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and value == errno.EAGAIN:
+        found = ("failed", SILENT)
     if found is None or found[0] == current or (found[0] == "down" and current != "up"):
         return None  # a repeat, or the disconnect that ends a failed handshake
     return found
 
 
-def monitor_event(frames: list[Any], _count: int) -> int:
-    """The event number of one monitor message."""
-    return int(parse_monitor_message(frames)["event"])
+def monitor_event(frames: list[Any], _count: int) -> tuple[int, int]:
+    """The event number of one monitor message, and its value (an fd, an errno...)."""
+    parsed = parse_monitor_message(frames)
+    return int(parsed["event"]), int(parsed["value"])
 
 
 # pyzmq's Socket.send is a Python layer (routing_id and group options) over the
@@ -316,7 +329,9 @@ class ZmqClient(ClientTransport):
     ) -> None:
         self.endpoint = endpoint
         self.server_key = server_key
-        self.options = options or SocketOptions()
+        # A silent handshake gives up within half the connect wait, so the wait can say why.
+        handshake_ms = max(100, min(5000, int(connect_timeout_s * 500)))
+        self.options = options or SocketOptions(handshake_ivl_ms=handshake_ms)
         self.connect_timeout_s = connect_timeout_s
         self._keypair = keypair
         self._ctx: zmq.Context[Socket] | None = None
@@ -349,6 +364,11 @@ class ZmqClient(ClientTransport):
                 raise AccessDenied(f"the cell at {self.endpoint} refused this client's key")
         except BaseException as exc:
             self._teardown()
+            if isinstance(exc, TimeoutError) and self._failure == SILENT:
+                raise CellUnreachable(
+                    f"no handshake with the cell at {self.endpoint} within "
+                    f"{self.connect_timeout_s:g} s: {SILENT}; try again"
+                ) from None
             if isinstance(exc, TimeoutError):
                 why = f" ({self._failure})" if self._failure else ""
                 raise CellUnreachable(
@@ -382,7 +402,7 @@ class ZmqClient(ClientTransport):
             self._failed("redial", exc)
 
     def _on_monitor(self, frames: list[Any], count: int) -> None:
-        change = next_state(self._state, monitor_event(frames, count))
+        change = next_state(self._state, *monitor_event(frames, count))
         if change is not None:
             self._state = change[0]
             self._failure = change[1] if change[0] == "failed" else self._failure

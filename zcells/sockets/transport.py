@@ -420,10 +420,12 @@ class ZmqTransport(Transport):
                 return size
         if latest is None:
             raise self._refuse(CellUnreachable, peer, "no link to it")
-        if not self._routed(listener, peer, latest, frames):
+        while latest is not None:  # bounded: each failed try unbinds one routing id
+            if self._routed(listener, peer, latest, frames):
+                return size
             routes.forget(peer.name, latest)  # the connection that spoke for it is gone
-            raise self._refuse(CellUnreachable, peer, "its connection is gone")
-        return size
+            latest = routes.latest(peer.name)  # an earlier one still open, if any
+        raise self._refuse(CellUnreachable, peer, "its connection is gone")
 
     def _to_parent(self, parent: _Parent, frames: list[bytes]) -> None:
         try:
@@ -539,14 +541,14 @@ class ZmqTransport(Transport):
 
     def _watch(self, parent: _Parent, frames: list[Any], count: int) -> None:
         """One event from a DEALER's monitor: a LinkChange, and a log line, on a change of state."""
-        event = monitor_event(frames, count)
+        event, value = monitor_event(frames, count)
         loop = asyncio.get_running_loop()
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # libzmq gives up on this endpoint
             self.counters["parent_refused"] += 1
             parent.timers.append(
                 loop.call_later(self.refused_retry_ms / 1000, self._redial, parent)
             )
-        change = next_state(parent.state, event)
+        change = next_state(parent.state, event, value)
         if change is None:
             return
         parent.state, reason = change
