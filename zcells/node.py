@@ -500,7 +500,8 @@ class Node:
         )
         if message.want_response:
             result = CellResult(here, Outcome.ERROR, error=error)
-            self._answer(peer, message.id, message.path, (result,), 0.0)
+            path = () if peer.role is Role.CLIENT else message.path  # a client's path is empty
+            self._answer(peer, message.id, path, (result,), 0.0)
 
     def _here_for(self, peer: Peer, message: Request) -> str:
         """This cell's full path as the sender of `message` knows it.

@@ -443,3 +443,22 @@ def test_a_restarted_middle_cell_answers_try_again_not_impersonation(tree: CellT
     run(until(ping_answered, 60, "c1 answering pings again"), timeout_s=90)
     assert codes <= {"E_UNREACHABLE", "E_TIMEOUT"}, codes
     every_cell_answers(tree)
+
+
+# -- where docs/protocol.md and the code disagreed ---------------------------------------
+
+
+def test_a_clients_refused_path_is_not_echoed_back(tree: CellTree) -> None:
+    ctx: zmq.Context[Any] = zmq.Context()
+    ops = Dealer(ctx, tree.cells["api"], client_keys(tree, "ops"), api=True)
+    try:
+        assert ops.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        answer_ = ops.ask(ping_request(path=("api!c2",), hops=1))
+        assert answer_.path == ()
+        (result,) = answer_.results
+        assert result.error is not None and result.error.code == "E_SENDER_MISMATCH"
+        up = ops.ask(ping_request(target="api"))  # a targeted dir is the route's to choose
+        assert up.results[0].ok
+    finally:
+        ops.close()
+        ctx.destroy(linger=0)
