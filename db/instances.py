@@ -41,7 +41,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from zcells.db import outbox, quotas
+from zcells.db import orphans, outbox, quotas
 from zcells.db.engine import Database, dialect_insert
 from zcells.db.hosts import claim, release
 from zcells.db.instance_rows import (
@@ -373,11 +373,13 @@ def apply_updates(
             skipped += stale + len(records) - len(updates)
         end = fresh[-1][0]
         _set_applied_seq(conn, child, end)
+        found = tuple(dict.fromkeys((u.uuid, u.cell or child_path) for u in conflicts))
+        orphans.note(conn, found)  # with the batch: an acknowledged batch loses none
         return Applied(
             applied_seq=end,
             applied=applied,
             skipped=skipped,
-            conflicts=tuple(dict.fromkeys((u.uuid, u.cell or child_path) for u in conflicts)),
+            conflicts=found,
             gap=gap,
         )
 

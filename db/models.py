@@ -124,6 +124,22 @@ class QuotaRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class OrphanRow(Base):
+    """A copy of an instance in a cell the index does not hold it under: to be deleted there.
+
+    Kept until that cell acknowledges the delete, across restarts of the API cell.
+    """
+
+    __tablename__ = "orphans"
+
+    instance_uuid: Mapped[str] = mapped_column(String(UUID_LENGTH), primary_key=True)
+    cell_name: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class InstanceRow(Base):
     """An instance: the full record in its owning cell, the indexed subset at the top."""
 

@@ -28,8 +28,8 @@ Rules kept here:
   timing out itself (`time_left_s`).
 * Only an instance still waiting to be scheduled is built. One the top has
   marked deleted while its build was in flight may be placed all the same;
-  the cell that took it is told to delete it (`orphan-<uuid>`, the request
-  id `zcells.handlers.state` uses for the same repair).
+  the copy in the cell that took it is noted as an orphan, and
+  `zcells.orphans` deletes it there until that cell acknowledges.
 """
 
 from __future__ import annotations
@@ -53,9 +53,11 @@ from zcells.cellsched import (
 from zcells.compute import FakeDriver
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
+from zcells.db import orphans as orphans_store
 from zcells.db.engine import Database
 from zcells.dbrunner import DbRunner
 from zcells.errors import (
+    CallTimeout,
     InvalidRequest,
     NoCellsAvailable,
     NoValidHost,
@@ -93,23 +95,6 @@ def time_left_s(node: Node, deadline: float | None) -> float | None:
 def orphan_request_id(uuid: str) -> str:
     """The request id of the delete that removes a copy of `uuid` the index does not hold."""
     return f"orphan-{uuid}"
-
-
-async def delete_orphan(node: Node, db: DbRunner, uuid: str, cell: str) -> None:
-    """Tell `cell` to delete its copy of `uuid`, which the index does not hold there.
-
-    The index takes the cell's answer if it is newer; otherwise the cell's
-    delete record comes up through its outbox. A failure is logged: the cell
-    reports the copy again, and that brings the delete again.
-    """
-    logs.event(log, logging.WARNING, "orphan.delete", uuid=uuid, cell=cell)
-    body = {"uuid": uuid, "action": "delete", "request_id": orphan_request_id(uuid)}
-    try:
-        answer = (await node.call("instance_action", body, target=cell)).unwrap()
-        record = answer.get("instance") if isinstance(answer, dict) else None
-        await db.write(store.index_put, Instance.from_wire(record))
-    except WireError as exc:
-        logs.event(log, logging.WARNING, "orphan.delete_failed", uuid=uuid, code=exc.code)
 
 
 def waiting_to_be_scheduled(instance: Instance) -> bool:
@@ -197,9 +182,8 @@ class Placer:
                 try:
                     if name == HERE:
                         return await self._place_here(instance, request_id, here)
-                    timeout_s = time_left_s(self.node, deadline)
-                    return await self._place_below(
-                        instance, hints, request_id, here, name, timeout_s
+                    return await self._place_below_once(
+                        instance, hints, request_id, here, name, deadline
                     )
                 except WireError as exc:
                     attempts.tried(name, exc.code, exc.message)
@@ -243,6 +227,33 @@ class Placer:
         self.driver.schedule(taken)
         return taken
 
+    async def _place_below_once(
+        self,
+        instance: Instance,
+        hints: Mapping[str, str],
+        request_id: str,
+        here: str,
+        child: str,
+        deadline: float | None,
+    ) -> Instance:
+        """Build through `child`; after a timeout, ask it again before going elsewhere.
+
+        A child that timed out may have placed the instance all the same. The
+        same request id is one placement there (`ComputeHandlers.build`), so
+        asking again learns where it went instead of making a second copy
+        elsewhere. A copy made after both asks gave up is found when it comes
+        up, and deleted as an orphan.
+        """
+        try:
+            return await self._place_below(
+                instance, hints, request_id, here, child, time_left_s(self.node, deadline)
+            )
+        except CallTimeout:
+            logs.event(log, logging.INFO, "build.ask_again", uuid=instance.uuid, candidate=child)
+            return await self._place_below(
+                instance, hints, request_id, here, child, time_left_s(self.node, deadline)
+            )
+
     async def _place_below(
         self,
         instance: Instance,
@@ -280,10 +291,12 @@ class TopBuilds:
         *,
         retries: int,
         retry_delay_s: float,
+        orphan_found: Callable[[], None] = lambda: None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.placer = placer
         self.db = db
+        self._orphan_found = orphan_found
         self.plan = retry_plan(min(retries, MAX_RETRIES), retry_delay_s)
         self._clock = wall_clock
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -342,9 +355,11 @@ class TopBuilds:
         if held is not None and held.cell == taken.cell:
             return  # the cell's own newer record came up first
         # Deleted (or placed elsewhere) while this placement was in flight: the
-        # index keeps what it holds, and the copy in taken.cell must go.
+        # index keeps what it holds, and the copy in taken.cell must go, durably.
         assert taken.cell is not None
-        await delete_orphan(self.placer.node, self.db, taken.uuid, taken.cell)
+        logs.event(log, logging.WARNING, "build.orphaned", uuid=taken.uuid, cell=taken.cell)
+        await self.db.write(orphans_store.note_now, [(taken.uuid, taken.cell)])
+        self._orphan_found()
 
     def statistics(self) -> dict[str, int]:
         """Builds running in the background now."""

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import random
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from zcells.handlers.status import MessageRate, StatusHandlers, messages_seen
 from zcells.housekeeping import Housekeeping, HousekeepingSettings
 from zcells.methods import MethodTable
 from zcells.node import Node, NodeSettings
+from zcells.orphans import Orphans
 from zcells.pidfile import PidFile
 from zcells.records import Client, Neighbour
 from zcells.sockets.keys import KeyPair, check_environment, generate_keypair, load_keypair
@@ -222,6 +224,7 @@ class Services:
     methods: MethodTable
     housekeeping: Housekeeping
     rate: MessageRate
+    orphans: Orphans | None
 
 
 def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
@@ -238,7 +241,9 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
     has_hosts = not top and config.compute.fake_hosts > 0
     driver = FakeDriver(runner, config.compute.fake_build_s, changed) if has_hosts else None
     placer = Placer(node, runner, RandomCellScheduler(random.Random()), driver, changed)  # noqa: S311 (placement, not secrets)
-    state = StateHandlers(node, runner, applies=top, changed=changed)
+    orphans = Orphans(node, runner, wall_clock=time.time) if top else None
+    orphan_found = orphans.wake if orphans is not None else _nothing
+    state = StateHandlers(node, runner, applies=top, changed=changed, orphan_found=orphan_found)
     upstream = Upstream(
         node,
         runner,
@@ -250,6 +255,7 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
         runner,
         retries=config.cells.scheduler_retries,
         retry_delay_s=config.cells.scheduler_retry_delay_s,
+        orphan_found=orphan_found,
     )
     servers = ServerHandlers(
         node,
@@ -275,7 +281,13 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
         has_parents=lambda: bool(node.view.parents),
         changed=changed,
     )
-    return Services(runner, upstream, driver, builds if top else None, methods, housekeeping, rate)
+    return Services(
+        runner, upstream, driver, builds if top else None, methods, housekeeping, rate, orphans
+    )
+
+
+def _nothing() -> None:
+    pass
 
 
 async def _prepare(cell: Cell, services: Services) -> None:
@@ -337,6 +349,8 @@ async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
                 tasks.create_task(services.housekeeping.run(), name="housekeeping"),
                 tasks.create_task(services.rate.run(), name="message-rate"),
             ]
+            if services.orphans is not None:
+                running.append(tasks.create_task(services.orphans.run(), name="orphans"))
             await _prepare(cell, services)
             await stop.wait()
             logs.event(log, logging.INFO, "cell.stopping", cell=config.cells.name)

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
-from zcells.db import hosts, instance_rows, migrate
+from zcells.db import hosts, instance_rows, migrate, orphans
 from zcells.db import instances as store
 from zcells.db import outbox as outbox_store
 from zcells.db.engine import Database
@@ -609,6 +609,8 @@ def test_a_live_copy_of_a_server_the_top_deleted_itself_is_an_orphan(synced: Dat
     result = store.apply_updates(synced, "eu", "api!eu", [row(1, alive)], store_forward=False)
     assert result.conflicts == ((base.uuid, "api!eu"),) and result.applied == 0
     assert store.get(synced, base.uuid) == gone
+    # Noted with the batch, to be deleted there until the cell acknowledges it.
+    assert orphans.due(synced, T0 + 10**9, 10) == [(base.uuid, "api!eu", 0)]
     # Once that cell deletes its copy, its tombstone is the record.
     deleted = finish(begin(alive, Action.DELETE, T0 + 3), T0 + 3)
     result = store.apply_updates(synced, "eu", "api!eu", [row(2, deleted)], store_forward=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -12,17 +13,20 @@ import pytest
 from sqlalchemy import text
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
+from zcells.db import orphans as orphans_store
 from zcells.db.engine import Database
 
 from tests.fakes import run
-from tests.unit.scripted_node import ScriptedNode, instance, ok, runner, uuids
+from tests.unit.scripted_node import ScriptedNode, instance, ok, parent_call, runner, uuids
 from zcells.builds import HostView, Placer, TopBuilds, orphan_request_id, time_left_s
 from zcells.cellsched import RandomCellScheduler
 from zcells.compute import FakeDriver, fake_hosts
 from zcells.dbrunner import DbRunner
-from zcells.errors import NoCellsAvailable, NoValidHost
+from zcells.errors import CellUnreachable, NoCellsAvailable, NoValidHost
+from zcells.handlers.compute import ComputeHandlers
 from zcells.instances import Action, Fault, Instance, VmState, begin, failed, finish, placed
 from zcells.messages import CellResult, Outcome
+from zcells.orphans import Orphans
 from zcells.records import Host
 
 UUID = next(iter(uuids(1)))
@@ -157,10 +161,11 @@ def test_a_placement_that_lands_after_the_top_deleted_the_instance_is_deleted(
         builds = _top_builds(node, db)
         builds.start(waiting)
         await _drained(builds)
-        assert [(s.method, s.target) for s in node.sent] == [
-            ("build", "api!c1"),
-            ("instance_action", "api!c1"),
-        ]
+        assert [(s.method, s.target) for s in node.sent] == [("build", "api!c1")]
+        assert await db.read(orphans_store.due, time.time() + 1, 10) == [(UUID, "api!c1", 0)]
+        sweeper = Orphans(node.as_node(), db, wall_clock=time.time)
+        assert await sweeper.sweep() == 1
+        assert [(s.method, s.target) for s in node.sent][1:] == [("instance_action", "api!c1")]
         assert node.sent[1].body == {
             "uuid": UUID,
             "action": "delete",
@@ -168,6 +173,34 @@ def test_a_placement_that_lands_after_the_top_deleted_the_instance_is_deleted(
         }
         held = await db.read(store.get, UUID)
         assert held is not None and held.deleted
+        assert await db.read(orphans_store.count) == 0
+
+    run(main())
+
+
+def test_an_orphan_delete_that_fails_is_tried_again_until_acknowledged(db: DbRunner) -> None:
+    """Finding 9: a cell frozen when its orphan was found still gets the delete later."""
+    node = ScriptedNode(children=("c1",))
+    taken = placed(instance(UUID), "api!c1", "h001", 2.0)
+    deleting = begin(taken, Action.DELETE, 3.0)
+    now = [1000.0]
+
+    async def main() -> None:
+        await db.write(orphans_store.note_now, [(UUID, "api!c1")])
+        sweeper = Orphans(node.as_node(), db, wall_clock=lambda: now[0])
+        node.calls[("instance_action", "api!c1")] = CellResult(
+            "api!c1", Outcome.ERROR, error=CellUnreachable("frozen", "api")
+        )
+        now[0] = time.time()
+        assert await sweeper.sweep() == 1
+        assert await sweeper.sweep() == 0  # not due yet: it backs off
+        [(_, _, attempts)] = await db.read(orphans_store.due, now[0] + 5, 10)
+        assert attempts == 1
+        node.calls[("instance_action", "api!c1")] = ok("api!c1", {"instance": deleting.to_wire()})
+        now[0] += 5
+        assert await sweeper.sweep() == 1
+        assert await db.read(orphans_store.count) == 0
+        assert sweeper.statistics() == {"deleted": 1, "failed": 1}
 
     run(main())
 
@@ -284,5 +317,52 @@ def test_a_host_freed_since_the_view_was_read_is_found_before_a_build_is_refused
             assert again.host == "h001"
         finally:
             await driver.close()
+
+    run(main())
+
+
+# -- finding 9: one copy, learnt before going elsewhere ----------------------------------
+
+
+def test_a_child_that_timed_out_is_asked_again_before_another_is_tried(db: DbRunner) -> None:
+    node = ScriptedNode(here="api", children=("c1", "c2"))
+    taken = placed(instance(UUID), "api!c1", "h001", 2.0)
+    answers = iter(
+        [CellResult("api!c1", Outcome.TIMED_OUT), ok("api!c1", {"instance": taken.to_wire()})]
+    )
+    node.calls[("build", "api!c1")] = lambda body: next(answers)
+    node.calls[("build", "api!c2")] = ok("api!c2", {"instance": taken.to_wire()})
+    scheduler = placer(node, db)
+    scheduler.scheduler.order = lambda candidates, exclude: ["c1", "c2"]  # type: ignore[method-assign]
+    got = run(scheduler.place(instance(UUID), {}, "build-1", "api", plan=[0.0]))
+    assert got == taken
+    assert [(s.method, s.target, s.body["request_id"]) for s in node.sent] == [
+        ("build", "api!c1", "build-1"),
+        ("build", "api!c1", "build-1"),
+    ]
+
+
+def test_a_middle_cell_places_one_build_once_however_often_it_is_asked(db: DbRunner) -> None:
+    node = ScriptedNode(here="api!c1", children=("g1",))
+    taken = placed(instance(UUID), "api!c1!g1", "h001", 2.0)
+    release = asyncio.Event()
+
+    async def slow_build(body: dict[str, Any]) -> CellResult:
+        await release.wait()
+        return ok("api!c1!g1", {"instance": taken.to_wire()})
+
+    node.calls[("build", "api!c1!g1")] = slow_build
+    handlers = ComputeHandlers(db, placer(node, db), None, lambda: None)
+    args = {"instance": instance(UUID).to_wire(), "hints": None, "request_id": "build-1"}
+
+    async def main() -> None:
+        first = asyncio.create_task(handlers.build(parent_call("build", args)))
+        second = asyncio.create_task(handlers.build(parent_call("build", args)))
+        await asyncio.sleep(0)
+        release.set()
+        answers = await asyncio.gather(first, second)
+        again = await handlers.build(parent_call("build", args))
+        assert answers == [again, again] and again["instance"] == taken.to_wire()
+        assert len(node.sent) == 1  # one placement, asked three times
 
     run(main())

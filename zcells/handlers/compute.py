@@ -16,7 +16,9 @@ Rules kept here:
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +33,7 @@ from zcells.messages import Kind
 from zcells.methods import Call, Method, Param
 
 _ACTIONS = {action.value: action for action in Action}
+PLACED_KEPT = 10_000  # placements remembered for a parent that asks the same build again
 
 
 def check_action(value: str) -> Action:
@@ -62,9 +65,17 @@ class ComputeHandlers:
         self.driver = driver
         self._changed = changed
         self._clock = wall_clock
+        self._placing: dict[str, asyncio.Future[Instance]] = {}  # request id -> placement
+        self._placed: OrderedDict[str, Instance] = OrderedDict()  # its outcome, for repeats
 
     async def build(self, call: Call) -> dict[str, Any]:
-        """Place a new instance in this cell's subtree; acknowledged once persisted."""
+        """Place a new instance in this cell's subtree; acknowledged once persisted.
+
+        One placement per request id: a repeat while the first runs waits for
+        its outcome, and a repeat after it answers the same placement, so a
+        parent that asks again after a timeout learns where the first attempt
+        went instead of making a second copy.
+        """
         instance = Instance.from_wire(call.args["instance"])
         if instance.vm_state is not VmState.BUILDING or instance.task_state is not (
             TaskState.SCHEDULING
@@ -72,10 +83,27 @@ class ComputeHandlers:
             raise SchemaError("build: the instance must be building and waiting to be scheduled")
         request_id = check_request_id(call.args["request_id"])
         hints = check_hints(call.args["hints"] or {})
-        taken = await self.placer.place(
-            instance, hints, request_id, call.cell, plan=[0.0], deadline=call.deadline
-        )
+        placed_before = self._placed.get(request_id)
+        if placed_before is not None:
+            return {"instance": placed_before.to_wire()}
+        running = self._placing.get(request_id)
+        if running is None:
+            running = asyncio.ensure_future(
+                self.placer.place(
+                    instance, hints, request_id, call.cell, plan=[0.0], deadline=call.deadline
+                )
+            )
+            self._placing[request_id] = running
+            running.add_done_callback(lambda done: self._settled(request_id, done))
+        taken = await asyncio.shield(running)
         return {"instance": taken.to_wire()}
+
+    def _settled(self, request_id: str, done: asyncio.Future[Instance]) -> None:
+        self._placing.pop(request_id, None)
+        if not done.cancelled() and done.exception() is None:
+            self._placed[request_id] = done.result()
+            while len(self._placed) > PLACED_KEPT:
+                self._placed.popitem(last=False)
 
     async def instance_action(self, call: Call) -> dict[str, Any]:
         """Start stop, start, reboot or delete of an instance this cell holds."""

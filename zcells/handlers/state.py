@@ -10,8 +10,8 @@ Rules kept here (DESIGN.md §4):
   batch acknowledged.
 * An instance reported by a cell other than the one the index holds it
   under, or reported alive after the top recorded its delete itself, is an
-  orphan: that cell is told to delete it, each time it reports it (the
-  request id makes repeats free).
+  orphan: noted in the transaction that applies the batch, and deleted in
+  that cell by `zcells.orphans` until the cell acknowledges it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zcells import logs
-from zcells.builds import delete_orphan, time_left_s
+from zcells.builds import time_left_s
 from zcells.db import instances as store
 from zcells.db import outbox as outbox_store
 from zcells.dbrunner import DbRunner
@@ -68,13 +68,19 @@ class StateHandlers:
     """Takes children's outbox batches; resyncs a subtree on request."""
 
     def __init__(
-        self, node: Node, db: DbRunner, *, applies: bool, changed: Callable[[], None]
+        self,
+        node: Node,
+        db: DbRunner,
+        *,
+        applies: bool,
+        changed: Callable[[], None],
+        orphan_found: Callable[[], None] = lambda: None,
     ) -> None:
         self.node = node
         self.db = db
         self.applies = applies  # the API cell applies; other cells store and forward
         self._changed = changed
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._orphan_found = orphan_found
 
     async def progress(self, call: Call) -> dict[str, Any]:
         """The highest sequence of the calling child applied (or stored) here."""
@@ -95,8 +101,11 @@ class StateHandlers:
             self._changed()
         if result.gap:
             logs.event(log, logging.WARNING, "state.gap", child=child, applied=result.applied_seq)
-        for uuid, cell in result.conflicts:
-            self._spawn(delete_orphan(self.node, self.db, uuid, cell))
+        if result.conflicts:  # noted with the batch; deleted by the orphan sweeper
+            logs.event(
+                log, logging.WARNING, "state.orphans", child=child, count=len(result.conflicts)
+            )
+            self._orphan_found()
         if result.gap:  # rows this cell never saw: the child must send every instance again
             return {"applied": result.applied_seq, "gap": True}
         return {"applied": result.applied_seq}
@@ -113,11 +122,6 @@ class StateHandlers:
         self._changed()
         below = await resync_children(self.node, call.cell, time_left_s(self.node, call.deadline))
         return {"cells": {call.cell: count, **below["cells"]}, "errors": below["errors"]}
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def methods(self) -> list[Method]:
         targeted = frozenset({Kind.TARGETED})

@@ -1,6 +1,8 @@
-"""Per-project quota limits an admin sets at the API cell.
+"""Per-project quotas, and the orphan copies the API cell has still to delete.
 
 * quotas: one row per (project, resource) whose limit differs from ``[quota]``.
+* orphans: one row per (instance, cell) holding a copy the index does not hold
+  there, kept until that cell acknowledges its delete.
 
 Revision ID: 0005
 Revises: 0004
@@ -28,7 +30,18 @@ def upgrade() -> None:
         sa.Column("updated_at", UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("project", "resource", name=op.f("pk_quotas")),
     )
+    op.create_table(
+        "orphans",
+        sa.Column("instance_uuid", sa.String(36), nullable=False),
+        sa.Column("cell_name", sa.String(1024), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("next_at", UTCDateTime(), nullable=False),
+        sa.Column("last_error", sa.String(64), nullable=True),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("instance_uuid", "cell_name", name=op.f("pk_orphans")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("orphans")
     op.drop_table("quotas")
