@@ -175,3 +175,71 @@ def test_index_equals_the_cells_after_each_cell_is_killed(tree: CellTree) -> Non
         assert work.failures >= 1  # the API cell's death was seen by the client
 
     run(main(), timeout_s=400)
+
+
+async def live_copies(tree: CellTree) -> dict[str, list[str]]:
+    """uuid -> the cells holding it alive."""
+    alive: dict[str, list[str]] = {}
+    for name in COMPUTE:
+        for uuid, row in (await records(tree, name)).items():
+            if row["status"] != "DELETED":
+                alive.setdefault(uuid, []).append(row["cell"])
+    return alive
+
+
+@pytest.mark.timeout(420)
+def test_one_copy_when_the_api_cell_dies_while_a_cell_is_cut_off(tree: CellTree) -> None:
+    """Row 32: g1 frozen mid-build (its link silent), the API cell killed and restarted, g1 back.
+
+    Every server ends in exactly one cell, the index agrees, and deletes
+    remove every copy everywhere.
+    """
+
+    async def main() -> None:
+        work = Workload(tree)
+        worker = asyncio.create_task(work.run())
+
+        async def grown(by: int, what: str) -> None:
+            wanted = len(work.created) + by
+
+            async def enough() -> bool:
+                assert not worker.done(), worker
+                return len(work.created) >= wanted
+
+            await until(enough, 90, what)
+
+        await grown(9, "creates before g1 is cut off")
+        await asyncio.to_thread(tree.signal, "g1", signal.SIGSTOP)
+        try:
+            await grown(9, "creates while g1 is cut off")
+            await asyncio.to_thread(tree.signal, "api", signal.SIGKILL)
+            await asyncio.to_thread(tree.start, "api")
+            await grown(6, "creates after the API cell restarted")
+        finally:
+            await asyncio.to_thread(tree.signal, "g1", signal.SIGCONT)
+        await grown(6, "creates with g1 back")
+        work.stop.set()
+        await asyncio.wait_for(worker, 30)
+
+        last: list[str | None] = [None]
+
+        async def agreed() -> bool:
+            last[0] = await agreement(tree, work.created)
+            return last[0] is None
+
+        try:
+            await until(agreed, 150, "the index to equal the cells' records")
+        except AssertionError:
+            raise AssertionError(f"{last[0]}\n{tree.logs()}") from None
+
+        async with tree.client("api", timeout_s=30) as client:
+            for uuid, row in (await records(tree, "api")).items():
+                if row["status"] != "DELETED":
+                    await client.call("server_action", {"uuid": uuid, "action": "delete"})
+
+        async def all_gone() -> bool:
+            return not await live_copies(tree)
+
+        await until(all_gone, 120, "every copy deleted in every cell")
+
+    run(main(), timeout_s=400)
