@@ -82,6 +82,7 @@ class CellStatus:
     servers: Mapping[str, Any] | None = None  # {"source": "own" | "index", "counts": {...}}
     backlog: Mapping[str, Any] | None = None  # {"count": int, "oldest_s": float | None}
     msgs_per_s: float | None = None
+    problems: tuple[str, ...] = ()  # refused hellos, held rows, a stopped stream
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ def snapshot_of(results: Iterable[CellResult], connected: str, taken_at: float) 
                 servers=_mapping(answer.get("servers")),
                 backlog=_mapping(answer.get("backlog")),
                 msgs_per_s=_number(answer.get("msgs_per_s")),
+                problems=_problems(answer.get("problems")),
             )
         )
     return Snapshot(connected=connected, taken_at=taken_at, cells=tuple(cells))
@@ -238,7 +240,16 @@ def _label(cell: CellStatus, name: str, *, connected: bool) -> Text:
     if cell.error is not None:
         return Text.assemble(first, "\n", (f"error: {cell.error}", "red"))
     parts = [*_hosts(cell.hosts), _servers(cell.servers)]
-    return Text.assemble(first, "\n", Text("  ").join(p for p in parts if p.plain))
+    shown = Text.assemble(first, "\n", Text("  ").join(p for p in parts if p.plain))
+    for problem in cell.problems:
+        shown.append_text(Text.assemble("\n", (f"problem: {problem}", "red")))
+    return shown
+
+
+def _problems(raw: Any) -> tuple[str, ...]:
+    if type(raw) is not list:
+        return ()
+    return tuple(item[:300] for item in raw[:20] if type(item) is str)
 
 
 def _heard(cell: CellStatus, *, connected: bool) -> str:

@@ -74,6 +74,7 @@ from zcells.errors import (
     NotFoundRemote,
     SchemaError,
     SenderMismatch,
+    WireError,
     ZcellsError,
 )
 from zcells.instances import (
@@ -141,6 +142,7 @@ class Applied:
     skipped: int  # seq applied before, version not newer, or a kind not known here
     conflicts: tuple[tuple[str, str], ...]  # (uuid, cell) held here under another cell
     gap: bool  # some seq was never seen: the child's outbox lost rows we lack
+    refused: tuple[tuple[int, str, str], ...] = ()  # (seq, code, why) of rows not taken
 
 
 # -- owner side ---------------------------------------------------------------------------
@@ -362,11 +364,20 @@ def apply_updates(
         fresh, skipped, gap = _fresh(rows, start)
         if not fresh:
             return Applied(start, 0, skipped, (), False)
-        records = [_from_child(child_path, kind, payload) for _, kind, payload in fresh]
+        refused: list[tuple[int, str, str]] = []
+        records: list[InstanceFields | None] = []
+        taken: list[tuple[int, str, bytes]] = []
+        for row in fresh:  # one bad row is refused alone; the rest of the stream flows
+            try:
+                records.append(_from_child(child_path, row[1], row[2]))
+            except WireError as exc:
+                refused.append((row[0], exc.code, exc.message[:200]))
+                continue
+            taken.append(row)
         conflicts: list[Record] = []
         if store_forward:
-            outbox.append(conn, [(kind, payload) for _, kind, payload in fresh])
-            applied = len(fresh)
+            outbox.append(conn, [(kind, payload) for _, kind, payload in taken])
+            applied = len(taken)
         else:
             updates = [record for record in records if record is not None]
             applied, stale, conflicts = merge(conn, updates)
@@ -381,6 +392,7 @@ def apply_updates(
             skipped=skipped,
             conflicts=found,
             gap=gap,
+            refused=tuple(refused),
         )
 
 

@@ -124,6 +124,20 @@ class QuotaRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class HeldRow(Base):
+    """An outbox row a parent refused, held aside with its reason instead of blocking the stream."""
+
+    __tablename__ = "held_rows"
+
+    parent_name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    code: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(255))
+    held_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class OrphanRow(Base):
     """A copy of an instance in a cell the index does not hold it under: to be deleted there.
 

@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from zcells.db.engine import Database, dialect_insert
 from zcells.db.instance_rows import INSTANCES, chunks, from_row, pack, when
-from zcells.db.models import Base, CounterRow, OutboxRow, utcnow
+from zcells.db.models import Base, CounterRow, HeldRow, OutboxRow, utcnow
 
 INSTANCE_KIND: Final = "instance"
 # The highest sequence number a stream may reach: a signed 64-bit column with room
@@ -44,6 +44,7 @@ REQUEUE_BATCH: Final = 1000
 _OUTBOX_COUNTER: Final = "outbox"
 _outbox: Final = Base.metadata.tables[OutboxRow.__tablename__]
 _counters: Final = Base.metadata.tables[CounterRow.__tablename__]
+_held: Final = Base.metadata.tables[HeldRow.__tablename__]
 _i = INSTANCES.c
 _ADD: Final = insert(_outbox)
 
@@ -130,6 +131,43 @@ def skip_seq(db: Database, past: int) -> int:
                 ).returning(_counters.c.value)
             ).scalar_one()
         )
+
+
+def hold(db: Database, parent: str, rows: Sequence[tuple[int, str, bytes, str, str]]) -> int:
+    """Keep rows `parent` refused, with (code, reason), aside from the stream; how many."""
+    if not rows:
+        return 0
+    now = utcnow()
+    with db.write() as session:
+        conn = session.connection()
+        conn.execute(
+            dialect_insert(conn, _held).on_conflict_do_nothing(
+                index_elements=[_held.c.parent_name, _held.c.seq]
+            ),
+            [
+                {
+                    "parent_name": parent,
+                    "seq": seq,
+                    "kind": kind[:32],
+                    "payload": payload,
+                    "code": code[:64],
+                    "reason": reason[:255],
+                    "held_at": now,
+                }
+                for seq, kind, payload, code, reason in rows
+            ],
+        )
+    return len(rows)
+
+
+def held(db: Database) -> dict[str, int]:
+    """How many rows each parent refused, held here."""
+    h = _held.c
+    with db.read() as session:
+        rows = session.connection().execute(
+            select(h.parent_name, func.count()).group_by(h.parent_name)
+        )
+        return {row[0]: int(row[1]) for row in rows}
 
 
 def append(conn: Connection, entries: Sequence[tuple[str, bytes]]) -> None:

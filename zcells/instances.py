@@ -481,7 +481,12 @@ def _time(value: Any, what: str) -> float:
         value = float(value)
     if type(value) is not float or not math.isfinite(value) or value < 0:
         raise SchemaError(f"instance: field {what!r}: expected seconds since the epoch")
+    if value >= _LAST_SECOND:  # a column holds no later time: refused here, not at the write
+        raise SchemaError(f"instance: field {what!r}: time {value!r} is out of range")
     return value
+
+
+_LAST_SECOND: Final = 253_402_300_800.0  # 10000-01-01T00:00:00Z
 
 
 _VM_STATES: Final[Mapping[str, VmState]] = {state.value: state for state in VmState}

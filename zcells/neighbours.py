@@ -10,6 +10,10 @@ Rules kept here:
 * A cell learns its full path from its parent's hello or heartbeat, and only
   when the parent's account is consistent (its path ends with its own name,
   and names this cell under it). Learning a path re-tells the children.
+* A parent whose path holds this cell's own name is a cycle in the registry
+  (api -> c1 -> g1 -> api): its hello is refused, logged once as an error and
+  kept in `problems` for the status view, so paths never grow without end.
+  So is a path whose depth would pass the hop limit.
 * Liveness moves on hearing any message and on each heartbeat tick.
 """
 
@@ -21,6 +25,7 @@ from dataclasses import replace
 from zcells import logs, routing
 from zcells.liveness import Liveness, Tracker
 from zcells.messages import Heartbeat, Hello, new_message_id
+from zcells.names import PATH_SEPARATOR
 from zcells.peer import Peer, Role
 from zcells.records import Client, Neighbour
 from zcells.transport import ParentLink, Topology
@@ -48,6 +53,7 @@ class Neighbourhood:
         self.clients: dict[str, Client] = {}
         self.disabled: frozenset[str] = frozenset()  # children the cell scheduler skips
         self.trackers: dict[Peer, Tracker] = {}
+        self.problems: dict[str, str] = {}  # parent name -> why its hello is refused
 
     # -- the registry -------------------------------------------------------------------
 
@@ -68,6 +74,7 @@ class Neighbourhood:
             )
         for peer in self.trackers.keys() - wanted:
             del self.trackers[peer]
+        self.problems = {n: why for n, why in self.problems.items() if n in parents}
         return Topology(
             parents={n: ParentLink(p.endpoint, p.public_key) for n, p in parents.items()},
             children={n: c.public_key for n, c in children.items()},
@@ -113,12 +120,33 @@ class Neighbourhood:
                 your_path=your_path,
             )
             return []
+        refused = self._refusal(path)
+        if refused is not None:
+            if self.problems.get(peer.name) != refused:
+                self.problems[peer.name] = refused
+                logs.event(log, logging.ERROR, "hello.refused", peer=peer, reason=refused)
+            return []
+        self.problems.pop(peer.name, None)
         if self.view.parents.get(peer.name) == path:
             return []
         self.view = replace(self.view, parents={**self.view.parents, peer.name: path})
         logs.event(log, logging.INFO, "cell.placed", cell=self.name, path=your_path, parent=peer)
         children = (Peer(Role.CHILD, child) for child in sorted(self.view.children))
         return [(child, self.hello_for(child, wall)) for child in children]
+
+    def _refusal(self, parent_path: str) -> str | None:
+        """Why a parent at `parent_path` cannot place this cell, or None if it can."""
+        names = parent_path.split(PATH_SEPARATOR)
+        if self.name in names:
+            return (
+                f"cycle in the registry: parent path {parent_path[:200]} holds {self.name} "
+                "already; fix the cells tables"
+            )
+        if len(names) + 1 > self.view.max_hop_count:
+            return (
+                f"too deep: {len(names) + 1} levels is past the hop limit {self.view.max_hop_count}"
+            )
+        return None
 
     # -- liveness -----------------------------------------------------------------------
 

@@ -19,6 +19,9 @@ Rules kept here (DESIGN.md §4):
   batch leaves as soon as the ack comes; a read ahead is used only if the
   parent acked the whole batch.
 * A row is trimmed only once every parent has applied it.
+* A row the parent refuses (a record outside this cell's subtree, say, after
+  the subtree moved) is held aside in ``held_rows`` with the parent's
+  reason, counted and shown by `zcells status`; the rest of the stream flows.
 * If the rows a parent needs were trimmed already (its database was restored
   from an old backup, or it is a new parent), the cell requeues the current
   record of every instance it holds and asks its children to do the same, so
@@ -73,6 +76,8 @@ class Upstream:
         self._bells: dict[str, asyncio.Event] = {}
         self.acked: dict[str, int] = {}  # parent -> highest sequence it applied
         self.sent = 0
+        self.held = 0  # rows a parent refused, kept aside since start
+        self.blocked: dict[str, str] = {}  # parent -> the error its stream last stopped on
 
     def wake(self) -> None:
         """New rows are in the outbox: stop waiting for them."""
@@ -93,6 +98,7 @@ class Upstream:
                     self._streams.pop(name).cancel()
                     self._bells.pop(name, None)
                     self.acked.pop(name, None)
+                    self.blocked.pop(name, None)
                 await asyncio.sleep(self.retry_s)
         finally:
             for task in self._streams.values():
@@ -113,11 +119,14 @@ class Upstream:
                     applied = await self._progress(parent, path)
                     await self._check_gap(parent, applied)
                 applied, ahead = await self._send_batch(parent, path, applied, ahead)
+                self.blocked.pop(parent, None)
             except (WireError, DatabaseError) as exc:
-                logs.event(
+                self.blocked[parent] = getattr(exc, "code", type(exc).__name__)
+                logs.limited(
                     log,
                     logging.WARNING,
                     "upstream.retry",
+                    parent,
                     parent=parent,
                     code=getattr(exc, "code", type(exc).__name__),
                     error=str(exc),
@@ -166,6 +175,7 @@ class Upstream:
         answer = call.result().unwrap()
         new = _sequence(answer)
         self.sent += len(rows)
+        await self._hold(parent, rows, answer)
         self.acked[parent] = new
         if isinstance(answer, dict) and answer.get("gap") is True:
             # The parent had applied less than this cell last heard (its database was
@@ -177,6 +187,21 @@ class Upstream:
         if not ahead:
             await self._trim()  # nothing to send at once: trim what this ack allows now
         return new, ahead
+
+    async def _hold(self, parent: str, rows: Rows, answer: Any) -> None:
+        """Keep the rows the parent refused aside, with its reasons, before they are trimmed."""
+        refused = answer.get("refused") if isinstance(answer, dict) else None
+        if not refused:
+            return
+        sent = {row[0]: row for row in rows}
+        held = []
+        for item in refused if type(refused) is list else ():
+            if type(item) is list and len(item) == 3 and type(item[0]) is int and item[0] in sent:
+                seq, kind, payload = sent[item[0]]
+                held.append((seq, kind, payload, str(item[1])[:64], str(item[2])[:255]))
+        count = await self.db.write(outbox_store.hold, parent, held)
+        self.held += count
+        logs.event(log, logging.WARNING, "upstream.held", parent=parent, rows=count)
 
     async def _check_gap(self, parent: str, applied: int) -> None:
         """Whether rows the parent has not applied were trimmed already; if so, requeue all.

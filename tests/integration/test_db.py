@@ -315,3 +315,19 @@ def test_sqlite_disk_full_is_database_full(tmp_path: Path, keys: list[str]) -> N
         with pytest.raises(DatabaseFull, match="full"):
             fill()
         assert registry.list_flavors(db) == []
+
+
+def test_a_second_parent_is_refused_at_cell_add(synced: Database, keys: list[str]) -> None:
+    """Finding 10: one parent per cell, refused with a clear error rather than wedged later."""
+    registry.add_cell(
+        synced, "api", kind="parent", endpoint="tcp://127.0.0.1:7750", public_key=keys[0]
+    )
+    with pytest.raises(ValidationError, match="one parent per cell: api is this cell's parent"):
+        registry.add_cell(
+            synced, "api2", kind="parent", endpoint="tcp://127.0.0.1:7751", public_key=keys[1]
+        )
+    assert [c.name for c in registry.list_cells(synced)] == ["api"]
+    registry.remove_cell(synced, "api")  # moving: remove the old parent, then add the new
+    registry.add_cell(
+        synced, "api2", kind="parent", endpoint="tcp://127.0.0.1:7751", public_key=keys[1]
+    )

@@ -25,11 +25,9 @@ from zcells.db.models import HostRow, InstanceFaultRow, InstanceRow, RequestLogR
 
 from zcells.errors import (
     Conflict,
-    DecodeError,
     InvalidRequest,
     NotFoundRemote,
     SchemaError,
-    SenderMismatch,
     ValidationError,
 )
 from zcells.instances import (
@@ -618,41 +616,47 @@ def test_a_live_copy_of_a_server_the_top_deleted_itself_is_an_orphan(synced: Dat
     assert store.get(synced, base.uuid) == deleted
 
 
-def test_a_child_speaking_for_another_subtree_writes_nothing(synced: Database) -> None:
+def test_a_record_of_another_subtree_is_refused_alone(synced: Database) -> None:
+    """Finding 10: one refused row is held back by the child; the rest of the stream flows."""
     v1, _, _, _ = history(1)
     other = placed(server(2), "api!us", "h1", T0 + 1)
     lookalike = placed(server(3), "api!eu-2", "h1", T0 + 1)
+    seq = 0
     for bad in (other, lookalike, server(4)):
         for store_forward in (False, True):
-            with pytest.raises(SenderMismatch, match=bad.uuid):
-                store.apply_updates(
-                    synced, "eu", "api!eu", [row(1, v1), row(2, bad)], store_forward=store_forward
-                )
-    assert store.get(synced, v1.uuid) is None
-    assert store.applied_seq(synced, "eu") == 0 and outbox_store.last_seq(synced) == 0
+            seq += 2
+            result = store.apply_updates(
+                synced,
+                "eu",
+                "api!eu",
+                [row(seq - 1, v1), row(seq, bad)],
+                store_forward=store_forward,
+            )
+            [(refused_seq, code, why)] = result.refused
+            assert (refused_seq, code) == (seq, "E_SENDER_MISMATCH") and bad.uuid in why
+            assert store.applied_seq(synced, "eu") == seq
+            assert store.get(synced, bad.uuid) is None
+    assert store.get(synced, v1.uuid) == v1  # the good row went through
 
 
-def test_bad_payloads_write_nothing(synced: Database) -> None:
+def test_bad_payloads_are_refused_alone(synced: Database) -> None:
     v1, _, _, _ = history(1)
-    with pytest.raises(DecodeError):
-        store.apply_updates(
-            synced, "eu", "api!eu", [row(1, v1), (2, "instance", b"\xc1")], store_forward=False
-        )
     wire = v1.to_wire() | {"vcpus": -1}
-    with pytest.raises(SchemaError, match="vcpus"):
-        store.apply_updates(
-            synced,
-            "eu",
-            "api!eu",
-            [row(1, v1), (2, "instance", msgpack.packb(wire))],
-            store_forward=False,
-        )
     far = v1.to_wire() | {"updated_at": 1e18}
-    with pytest.raises(SchemaError, match="out of range"):
-        store.apply_updates(
-            synced, "eu", "api!eu", [(1, "instance", msgpack.packb(far))], store_forward=False
-        )
-    assert store.get(synced, v1.uuid) is None and store.applied_seq(synced, "eu") == 0
+    rows = [
+        (1, "instance", b"\xc1"),
+        (2, "instance", msgpack.packb(wire)),
+        (3, "instance", msgpack.packb(far)),
+        row(4, v1),
+    ]
+    result = store.apply_updates(synced, "eu", "api!eu", rows, store_forward=False)
+    assert [(seq, code) for seq, code, _ in result.refused] == [
+        (1, "E_DECODE"),
+        (2, "E_SCHEMA"),
+        (3, "E_SCHEMA"),
+    ]
+    assert "vcpus" in result.refused[1][2] and "out of range" in result.refused[2][2]
+    assert store.get(synced, v1.uuid) == v1 and store.applied_seq(synced, "eu") == 4
 
 
 def test_store_and_forward_appends_to_our_outbox_with_the_progress(synced: Database) -> None:

@@ -12,6 +12,9 @@ from zcells.liveness import (
     Tracker,
     next_state,
 )
+from zcells.neighbours import Neighbourhood
+from zcells.peer import Peer, Role
+from zcells.records import Neighbour
 
 
 def tracker() -> Tracker:
@@ -51,3 +54,19 @@ def test_impossible_transitions_are_typed_errors(state: Liveness, event: LinkEve
     assert event not in TRANSITIONS[state]
     with pytest.raises(ImpossibleTransition):
         next_state(state, event)
+
+
+def test_a_hello_that_would_close_a_cycle_is_refused_once_and_kept_as_a_problem() -> None:
+    """Finding 10: api -> c1 -> g1 -> api would grow paths without end; it is refused."""
+    hood = Neighbourhood("api", "api", max_hop_count=10, heartbeat_interval_s=1, mute_after_s=5)
+    hood.apply([Neighbour("g1", "parent", "tcp://127.0.0.1:1", "k" * 40)], [], 0.0)
+    parent = Peer(Role.PARENT, "g1")
+    assert hood.learn(parent, "api!c1!g1", "api!c1!g1!api", 1.0) == []
+    assert hood.view.parents == {"g1": None}
+    assert "cycle" in hood.problems["g1"]
+    assert hood.learn(parent, "api!c1!g1", "api!c1!g1!api", 2.0) == []  # logged once only
+    deep = "!".join(f"x{i}" for i in range(9)) + "!g1"
+    assert hood.learn(parent, deep, f"{deep}!api", 3.0) == []
+    assert "too deep" in hood.problems["g1"]
+    assert hood.learn(parent, "top!g1", "top!g1!api", 4.0) == []  # no children to tell
+    assert hood.view.parents == {"g1": "top!g1"} and hood.problems == {}

@@ -79,6 +79,8 @@ def handler(
     top: bool = False,
     liveness: dict[Peer, Liveness] | None = None,
     silence: dict[Peer, float | None] | None = None,
+    problems: dict[str, str] | None = None,
+    blocked: dict[str, str] | None = None,
 ) -> StatusHandlers:
     fake = Counting()
     node = SimpleNamespace(
@@ -86,8 +88,9 @@ def handler(
         settings=SimpleNamespace(cell_type="api" if top else "compute"),
         liveness=lambda: liveness or {},
         silence=lambda: silence or {},
+        neighbours=SimpleNamespace(problems=problems or {}),
     )
-    upstream = SimpleNamespace(acked=acked)
+    upstream = SimpleNamespace(acked=acked, blocked=blocked or {})
     rate = MessageRate(fake.count, clock=fake.clock)
     rate.sample()
     fake.now += 2.0
@@ -191,3 +194,22 @@ def test_a_cell_with_no_hosts_answers_zeros(db: DbRunner) -> None:
         ("up", "total", "memory_mb", "memory_mb_free", "disk_gb", "disk_gb_free"), 0
     ) | {"vcpus": 0, "vcpus_free": 0}
     assert sum(said["servers"]["counts"].values()) == 0
+
+
+def test_problems_name_refused_hellos_held_rows_and_a_stopped_stream(db: DbRunner) -> None:
+    """Finding 10: `zcells status` shows what wedged a stream, instead of calling it healthy."""
+    cycle = "cycle in the registry: parent path api!c1!g1 holds api already; fix the cells tables"
+    outbox_store.hold(db.db, "api", [(7, "instance", b"x", "E_SENDER_MISMATCH", "no")])
+    status = handler(
+        db,
+        parents={"api": "api"},
+        acked={"api": 0},
+        problems={"api": cycle},
+        blocked={"api": "E_TIMEOUT"},
+    )
+    answer = run(status.status(parent_call("status", {})))
+    assert answer["problems"] == [
+        f"parent api: {cycle}",
+        "1 rows refused by parent api, held aside",
+        "stream to parent api stopped: E_TIMEOUT",
+    ]

@@ -106,9 +106,15 @@ class StateHandlers:
                 log, logging.WARNING, "state.orphans", child=child, count=len(result.conflicts)
             )
             self._orphan_found()
+        answer: dict[str, Any] = {"applied": result.applied_seq}
+        if result.refused:  # the child holds these aside; the rest of its stream flows
+            logs.limited(
+                log, logging.WARNING, "state.refused", child, child=child, rows=len(result.refused)
+            )
+            answer["refused"] = [list(refused) for refused in result.refused]
         if result.gap:  # rows this cell never saw: the child must send every instance again
-            return {"applied": result.applied_seq, "gap": True}
-        return {"applied": result.applied_seq}
+            answer["gap"] = True
+        return answer
 
     async def resync(self, call: Call) -> dict[str, Any]:
         """Queue every instance of this cell and of its subtree for the parents again.

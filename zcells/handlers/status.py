@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from zcells.db import outbox as outbox_store
 from zcells.db import status as status_store
 from zcells.dbrunner import DbRunner
 from zcells.messages import Kind
@@ -130,7 +131,23 @@ class StatusHandlers:
                 "oldest_s": None if oldest is None else _rounded(max(0.0, now - oldest)),
             },
             "msgs_per_s": _rounded(self.rate.per_second()),
+            "problems": await self._problems(),
         }
+
+    async def _problems(self) -> list[str]:
+        """What an operator must look at: refused hellos, held rows, a stream that is stuck."""
+        problems = [
+            f"parent {name}: {why}" for name, why in sorted(self.node.neighbours.problems.items())
+        ]
+        held = await self.db.read(outbox_store.held)
+        problems += [
+            f"{count} rows refused by parent {parent}, held aside" for parent, count in held.items()
+        ]
+        problems += [
+            f"stream to parent {parent} stopped: {code}"
+            for parent, code in sorted(self.upstream.blocked.items())
+        ]
+        return problems[:20]
 
     def methods(self) -> list[Method]:
         return [

@@ -3,6 +3,7 @@
 * quotas: one row per (project, resource) whose limit differs from ``[quota]``.
 * orphans: one row per (instance, cell) holding a copy the index does not hold
   there, kept until that cell acknowledges its delete.
+* held_rows: outbox rows a parent refused, kept aside with the reason.
 
 Revision ID: 0005
 Revises: 0004
@@ -41,7 +42,20 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("instance_uuid", "cell_name", name=op.f("pk_orphans")),
     )
 
+    op.create_table(
+        "held_rows",
+        sa.Column("parent_name", sa.String(64), nullable=False),
+        sa.Column("seq", sa.BigInteger(), nullable=False),
+        sa.Column("kind", sa.String(32), nullable=False),
+        sa.Column("payload", sa.LargeBinary(), nullable=False),
+        sa.Column("code", sa.String(64), nullable=False),
+        sa.Column("reason", sa.String(255), nullable=False),
+        sa.Column("held_at", UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("parent_name", "seq", name=op.f("pk_held_rows")),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("held_rows")
     op.drop_table("orphans")
     op.drop_table("quotas")
