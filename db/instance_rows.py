@@ -41,6 +41,7 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
@@ -49,6 +50,7 @@ from zcells.db.models import Base, InstanceFaultRow, InstanceRow
 
 from zcells.errors import DecodeError, SchemaError
 from zcells.instances import Fault, Instance, InstanceFields, PowerState, TaskState, VmState
+from zcells.names import PATH_SEPARATOR
 
 INSTANCES: Final = Base.metadata.tables[InstanceRow.__tablename__]
 _faults: Final = Base.metadata.tables[InstanceFaultRow.__tablename__]
@@ -184,8 +186,17 @@ def merge(conn: Connection, updates: Sequence[Record]) -> tuple[int, int, list[R
     faulted: list[Record] = []
     conflicts: list[Record] = []
     applied = stale = 0
+    moved: dict[str, Record] = {}
     for record in updates:
         version, cell, fault, gone = held.get(record.uuid, (-1, None, None, False))
+        if _moved(cell, record, version):
+            # The same cell under a new parent: its newer record, under its new path, is
+            # the record. Written apart: the upsert keeps a row to its cell.
+            held[record.uuid] = (record.version, record.cell, record.fault, record.deleted)
+            moved[record.uuid] = record
+            latest.pop(record.uuid, None)
+            applied += 1
+            continue
         if (cell is not None and cell != record.cell) or (
             gone and cell is None and not record.deleted
         ):
@@ -200,10 +211,33 @@ def merge(conn: Connection, updates: Sequence[Record]) -> tuple[int, int, list[R
             if record.fault is not None and record.fault != fault:
                 faulted.append(record)
             applied += 1
+    for record in moved.values():  # first: a later record in the batch is under the new path
+        conn.execute(
+            update(INSTANCES)
+            .where(_i.uuid == record.uuid, _i.version < record.version)
+            .values(**{k: v for k, v in row_values(record).items() if k not in IMMUTABLE})
+        )
     if latest:
         _upsert(conn, latest.values())
     record_faults(conn, faulted)
     return applied, stale, conflicts
+
+
+def _moved(held_cell: str | None, record: Record, held_version: int) -> bool:
+    """Whether `record` is the held instance's own cell, moved under another parent.
+
+    The same cell name at the end of a different path, with a newer version:
+    a cell that moved rewrites its records under its new path (and a copy in
+    another cell that shares the name would only ever replace the record with
+    one of its own, never leave two).
+    """
+    return (
+        held_cell is not None
+        and record.cell is not None
+        and held_cell != record.cell
+        and record.version > held_version
+        and held_cell.rpartition(PATH_SEPARATOR)[2] == record.cell.rpartition(PATH_SEPARATOR)[2]
+    )
 
 
 def _upsert_statement(upsert: sqlite.Insert | postgresql.Insert) -> Insert:

@@ -84,6 +84,7 @@ from zcells.instances import (
     TaskState,
     VmState,
     fields_from_wire,
+    relocated,
 )
 from zcells.names import PATH_SEPARATOR
 from zcells.quotas import Quota, Usage, enforce
@@ -213,6 +214,28 @@ def change(
         if request_id is not None:
             _log(conn, request_id, method, payload)
         return new
+
+
+def relocate_own(db: Database, path: str, now: float) -> int:
+    """Put this cell's own instances under its full path `path`, if they were under another.
+
+    A cell moved to a new parent has a new path; each of its records changes
+    with a new version and an outbox row, so the new parent takes them and the
+    top moves them to the new path. How many changed.
+    """
+    with db.read() as session:
+        uuids = list(
+            session.connection().scalars(
+                select(INSTANCES.c.uuid).where(
+                    INSTANCES.c.cell_name.is_not(None), INSTANCES.c.cell_name != path
+                )
+            )
+        )
+    moved = 0
+    for chunk in chunks(uuids, outbox.REQUEUE_BATCH):
+        outcomes = change_each(db, [(uuid, lambda i: relocated(i, path, now)) for uuid in chunk])
+        moved += sum(isinstance(outcome, Instance) for outcome in outcomes)
+    return moved
 
 
 def change_each(

@@ -340,6 +340,11 @@ def _changed(instance: Instance, now: float, **changes: Any) -> Instance:
     return replace(instance, version=instance.version + 1, updated_at=now, **changes)
 
 
+def relocated(instance: Instance, cell: str, now: float) -> Instance:
+    """The same instance in the same cell, whose path changed: the cell moved to a new parent."""
+    return _changed(instance, now, cell=cell)
+
+
 def placed(instance: Instance, cell: str, host: str, now: float) -> Instance:
     """The owning cell took a scheduling instance onto `host`: now it spawns there."""
     if instance.vm_state is not VmState.BUILDING or instance.task_state is not (

@@ -54,6 +54,7 @@ class Neighbourhood:
         self.disabled: frozenset[str] = frozenset()  # children the cell scheduler skips
         self.trackers: dict[Peer, Tracker] = {}
         self.problems: dict[str, str] = {}  # parent name -> why its hello is refused
+        self.parent_names: frozenset[str] = frozenset()  # parents in the cells table
 
     # -- the registry -------------------------------------------------------------------
 
@@ -63,7 +64,11 @@ class Neighbourhood:
         parents = {n.name: n for n in neighbours if n.kind == "parent"}
         children = {n.name: n for n in neighbours if n.kind == "child"}
         self.disabled = frozenset(n for n, c in children.items() if c.disabled)
-        known = {n: self.view.parents.get(n) for n in parents}
+        self.parent_names = frozenset(parents)
+        self.problems = {n: why for n, why in self.problems.items() if n in parents}
+        # A parent whose hello was refused is no parent in the view: this cell goes on
+        # as if it were not registered (a top cell stays the top), until it is fixed.
+        known = {n: self.view.parents.get(n) for n in parents if n not in self.problems}
         self.view = replace(self.view, parents=known, children=frozenset(children))
         wanted = {Peer(Role.PARENT, n) for n in parents} | {Peer(Role.CHILD, n) for n in children}
         for peer in wanted - self.trackers.keys():
@@ -74,7 +79,6 @@ class Neighbourhood:
             )
         for peer in self.trackers.keys() - wanted:
             del self.trackers[peer]
-        self.problems = {n: why for n, why in self.problems.items() if n in parents}
         return Topology(
             parents={n: ParentLink(p.endpoint, p.public_key) for n, p in parents.items()},
             children={n: c.public_key for n, c in children.items()},
@@ -108,7 +112,7 @@ class Neighbourhood:
 
     def learn(self, peer: Peer, path: str | None, your_path: str | None, wall: float) -> Outgoing:
         """A parent says where it sits; that fixes where this cell sits under it."""
-        if peer.role is not Role.PARENT or path is None or peer.name not in self.view.parents:
+        if peer.role is not Role.PARENT or path is None or peer.name not in self.parent_names:
             return []
         if your_path != f"{path}!{self.name}" or routing.last_name(path) != peer.name:
             logs.event(
@@ -125,6 +129,8 @@ class Neighbourhood:
             if self.problems.get(peer.name) != refused:
                 self.problems[peer.name] = refused
                 logs.event(log, logging.ERROR, "hello.refused", peer=peer, reason=refused)
+                parents = {n: p for n, p in self.view.parents.items() if n != peer.name}
+                self.view = replace(self.view, parents=parents)
             return []
         self.problems.pop(peer.name, None)
         if self.view.parents.get(peer.name) == path:

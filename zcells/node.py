@@ -163,6 +163,9 @@ class Node:
         self._contexts: dict[tuple[str, str | None, str], RequestContext] = {}
         self.counters: Counter[str] = Counter()
         self.dispatch = Dispatcher(methods, clock, self._spawn, self.counters)
+        # Called with this cell's full path when a parent places it (after a start, or a
+        # move to a new parent), so its own records can follow.
+        self.on_placed: Callable[[str], None] | None = None
         self.started_at = clock()
 
     def install(self, methods: MethodTable) -> None:
@@ -245,11 +248,21 @@ class Node:
         elif isinstance(message, Response):
             self._on_response(peer, message)
         elif isinstance(message, Hello):
+            before = self.neighbours.known_path
             self._send_all(self.neighbours.on_hello(peer, message, self.wall_clock()))
+            self._placed(before)
         elif isinstance(message, Heartbeat):
+            before = self.neighbours.known_path
             self._send_all(
                 self.neighbours.learn(peer, message.path, message.your_path, self.wall_clock())
             )
+            self._placed(before)
+
+    def _placed(self, before: str | None) -> None:
+        """Tell `on_placed` when a parent placed this cell, or placed it somewhere new."""
+        after = self.neighbours.known_path
+        if after is not None and after != before and self.on_placed is not None:
+            self.on_placed(after)
 
     def _on_bad_message(self, peer: Peer, error: WireError) -> None:
         self.counters[f"refused_{error.code}"] += 1

@@ -19,7 +19,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,6 +29,7 @@ from zcells.cellsched import RandomCellScheduler
 from zcells.compute import FakeDriver, fake_hosts
 from zcells.config import Config
 from zcells.db import hosts as hosts_store
+from zcells.db import instances as instances_store
 from zcells.db import migrate, registry
 from zcells.db.engine import Database
 from zcells.dbrunner import DbRunner
@@ -281,9 +282,32 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
         has_parents=lambda: bool(node.view.parents),
         changed=changed,
     )
+    if not top:
+        node.on_placed = lambda path: _relocate(runner, path, changed)
     return Services(
         runner, upstream, driver, builds if top else None, methods, housekeeping, rate, orphans
     )
+
+
+_relocations: set[asyncio.Task[None]] = set()
+
+
+def _relocate(runner: DbRunner, path: str, changed: Callable[[], None]) -> None:
+    """Put this cell's records under the path a parent just gave it, off the message loop."""
+
+    async def run() -> None:
+        try:
+            moved = await runner.write(instances_store.relocate_own, path, time.time())
+        except DatabaseError as exc:
+            logs.event(log, logging.ERROR, "cell.relocate_failed", error=exc.__class__.__name__)
+            return
+        if moved:
+            logs.event(log, logging.WARNING, "cell.moved", path=path, instances=moved)
+            changed()
+
+    task = asyncio.get_running_loop().create_task(run())
+    _relocations.add(task)
+    task.add_done_callback(_relocations.discard)
 
 
 def _nothing() -> None:

@@ -858,3 +858,31 @@ def test_upgrade_keeps_outbox_seqs_and_downgrade_round_trips(database: Database)
     migrate.sync(database)
     assert outbox_store.last_seq(database) == 5
     assert store.get(database, uid(1)) is not None
+
+
+def test_a_cell_moved_to_a_new_parent_moves_its_records_at_the_top(synced: Database) -> None:
+    """Finding 10: the same cell under a new path, newer: a move, not an orphan."""
+    [base] = store.index_create(synced, [server(1)], "create")
+    at_c1 = placed(base, "api!c1!g1", "h1", T0 + 1)
+    assert store.index_put(synced, at_c1)
+    moved = replace(at_c1, cell="api!c2!g1", version=at_c1.version + 1)
+    later = replace(moved, version=moved.version + 1, updated_at=T0 + 5)
+    result = store.apply_updates(
+        synced, "c2", "api!c2", [row(1, moved), row(2, later)], store_forward=False
+    )
+    assert result.conflicts == () and result.applied == 2
+    assert store.get(synced, base.uuid) == later
+    # Another cell's copy, with another name, is still an orphan, whatever its version.
+    elsewhere = replace(at_c1, cell="api!c2!g2", version=99)
+    result = store.apply_updates(synced, "c2", "api!c2", [row(3, elsewhere)], store_forward=False)
+    assert result.conflicts == ((base.uuid, "api!c2!g2"),)
+    assert store.get(synced, base.uuid) == later
+
+
+def test_a_cell_puts_its_own_records_under_its_new_path(synced: Database) -> None:
+    [base] = store.index_create(synced, [server(1)], "create")
+    assert store.index_put(synced, placed(base, "api!c1!g1", "h1", T0 + 1))
+    assert store.relocate_own(synced, "api!c2!g1", T0 + 2) == 1
+    held = store.get(synced, base.uuid)
+    assert held is not None and held.cell == "api!c2!g1" and held.version == 2
+    assert store.relocate_own(synced, "api!c2!g1", T0 + 3) == 0
