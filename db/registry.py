@@ -95,6 +95,7 @@ def add_cell(
     with db.write() as session:
         if session.scalar(select(CellRow.id).where(CellRow.name == name)) is not None:
             raise AlreadyExists("cell", "name", name)
+        _ensure_key_unused(session, public_key)
         if row.kind == "parent":
             parent = session.scalar(select(CellRow.name).where(CellRow.kind == "parent"))
             if parent is not None:
@@ -105,7 +106,6 @@ def add_cell(
                     "with two parents would report each server twice; to move this cell, "
                     f"remove {parent} first (`zcells cell remove {parent}`)",
                 )
-        _ensure_key_unused(session, public_key)
         session.add(row)
         session.flush()
         return _neighbour(row)
