@@ -58,6 +58,15 @@ bench-updates: $(STAMP)
 bench-builds: $(STAMP)
 	$(BIN)/python bench/builds.py
 
+# Minutes of faults on a tree of real cells in network namespaces, then the invariants
+# (soak/run.py says which); SOAK_MINUTES=10 by default, SOAK_SEED to replay a run.
+# Also the codec fuzzer at length.
+SOAK_MINUTES ?= 10
+.PHONY: soak
+soak: $(STAMP)
+	ZCELLS_FUZZ_CASES=500000 $(BIN)/python -m pytest -q -p no:randomly tests/unit/test_codec_fuzz.py
+	SOAK_MINUTES=$(SOAK_MINUTES) $(BIN)/python soak/run.py
+
 .PHONY: docs
 docs: $(STAMP)
 	$(BIN)/python -m zcells.config_doc --update docs/operations.md

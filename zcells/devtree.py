@@ -101,6 +101,7 @@ class CellProc:
     cells_port: int
     api_port: int
     proc: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"  # where it listens and is dialled (a test host of its own, say)
 
     @property
     def log(self) -> Path:
@@ -108,7 +109,11 @@ class CellProc:
 
     @property
     def api_endpoint(self) -> str:
-        return f"tcp://127.0.0.1:{self.api_port}"
+        return f"tcp://{self.host}:{self.api_port}"
+
+    @property
+    def cells_endpoint(self) -> str:
+        return f"tcp://{self.host}:{self.cells_port}"
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
@@ -127,9 +132,16 @@ class CellTree:
         compute: Mapping[str, Any] | None = None,
         cell_compute: Mapping[str, Mapping[str, Any]] | None = None,
         new_session: bool = False,
+        hosts: Mapping[str, str] | None = None,
+        launcher: Callable[[str], list[str]] | None = None,
         **cells_options: Any,
     ) -> None:
         """`idle` cells are registered and given keys but never started.
+
+        `hosts` maps a cell to the address it listens on and is dialled at
+        (default 127.0.0.1), and `launcher` gives the command that starts a
+        cell's process before its own argv (``ip netns exec NS``, say): a tree
+        of test hosts in network namespaces of its own.
 
         With `new_session`, each cell runs in a session of its own: Ctrl-C at
         the terminal does not reach it, and it outlives the process that
@@ -146,6 +158,8 @@ class CellTree:
         self.log_level = log_level
         self.idle = idle
         self.new_session = new_session
+        self.hosts = dict(hosts or {})
+        self.launcher = launcher
         self.options = {
             "heartbeat_interval": 0.5,
             "mute_child_interval": 3,
@@ -174,7 +188,15 @@ class CellTree:
             cells_port, api_port = free_ports(2)
             keys = generate_keypair(directory / "keys", name)
             self.cells[name] = CellProc(
-                name, path, parent, directory, directory / "cell.conf", keys, cells_port, api_port
+                name,
+                path,
+                parent,
+                directory,
+                directory / "cell.conf",
+                keys,
+                cells_port,
+                api_port,
+                host=self.hosts.get(name, "127.0.0.1"),
             )
             self._add(children, name, path)
 
@@ -185,7 +207,7 @@ class CellTree:
         cell.config.write_text(
             f"[cells]\nname = {cell.name}\n"
             f"cell_type = {'api' if cell.parent is None else 'compute'}\n{options}\n"
-            f"[transport]\ncells_endpoint = tcp://127.0.0.1:{cell.cells_port}\n"
+            f"[transport]\ncells_endpoint = {cell.cells_endpoint}\n"
             f"api_endpoint = {cell.api_endpoint}\nkeys_dir = keys\n"
             f"[service]\nstate_dir = state\nlog_level = {self.log_level}\n"
             + (f"[compute]\n{compute_section}" if cell.parent is not None else "")
@@ -200,7 +222,7 @@ class CellTree:
                     db,
                     parent.name,
                     kind="parent",
-                    endpoint=f"tcp://127.0.0.1:{parent.cells_port}",
+                    endpoint=parent.cells_endpoint,
                     public_key=parent.keys.public,
                 )
             for child in self.cells.values():
@@ -209,7 +231,7 @@ class CellTree:
                         db,
                         child.name,
                         kind="child",
-                        endpoint=f"tcp://127.0.0.1:{child.cells_port}",
+                        endpoint=child.cells_endpoint,
                         public_key=child.keys.public,
                     )
             for client, keys in self.clients.items():
@@ -233,8 +255,17 @@ class CellTree:
         )
         for cell in chosen:
             with cell.log.open("a") as log:
+                prefix = self.launcher(cell.name) if self.launcher is not None else []
                 cell.proc = subprocess.Popen(
-                    [sys.executable, "-m", "zcells.cli.app", "--config", str(cell.config), "serve"],
+                    [
+                        *prefix,
+                        sys.executable,
+                        "-m",
+                        "zcells.cli.app",
+                        "--config",
+                        str(cell.config),
+                        "serve",
+                    ],
                     stdout=subprocess.DEVNULL,
                     stderr=log,
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
