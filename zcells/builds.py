@@ -77,6 +77,7 @@ log = logs.get_logger("builds")
 
 HINTS = frozenset({"target_cell"})
 HOST_VIEW_S = 1.0
+ASKS = 2  # tries of a build at one child that times out, before another child is tried
 _REACHABLE = frozenset({Liveness.ALIVE, Liveness.LATE})
 
 
@@ -244,15 +245,18 @@ class Placer:
         elsewhere. A copy made after both asks gave up is found when it comes
         up, and deleted as an orphan.
         """
-        try:
-            return await self._place_below(
-                instance, hints, request_id, here, child, time_left_s(self.node, deadline)
-            )
-        except CallTimeout:
-            logs.event(log, logging.INFO, "build.ask_again", uuid=instance.uuid, candidate=child)
-            return await self._place_below(
-                instance, hints, request_id, here, child, time_left_s(self.node, deadline)
-            )
+        for asked in range(ASKS):
+            try:
+                return await self._place_below(
+                    instance, hints, request_id, here, child, time_left_s(self.node, deadline)
+                )
+            except CallTimeout:
+                if asked + 1 == ASKS:
+                    raise
+                logs.event(
+                    log, logging.INFO, "build.ask_again", uuid=instance.uuid, candidate=child
+                )
+        raise AssertionError("unreachable: the last ask returns or raises")
 
     async def _place_below(
         self,

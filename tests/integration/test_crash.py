@@ -16,6 +16,7 @@ import asyncio
 import random
 import signal
 import uuid as uuid_module
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,35 @@ async def agreement(tree: CellTree, created: list[str]) -> str | None:
     return None
 
 
+def grower(work: Workload, worker: asyncio.Task[None]) -> Callable[[int, str], Awaitable[None]]:
+    """Wait until the workload has `by` more creates answered; fails if it died."""
+
+    async def grown(by: int, what: str) -> None:
+        wanted = len(work.created) + by
+
+        async def enough() -> bool:
+            assert not worker.done(), worker
+            return len(work.created) >= wanted
+
+        await until(enough, 90, what)
+
+    return grown
+
+
+async def agree(tree: CellTree, created: list[str]) -> None:
+    """Wait until the index equals the cells' records; the reason, and the logs, if not."""
+    last: list[str | None] = [None]
+
+    async def agreed() -> bool:
+        last[0] = await agreement(tree, created)
+        return last[0] is None
+
+    try:
+        await until(agreed, 150, "the index to equal the cells' records")
+    except AssertionError:
+        raise AssertionError(f"{last[0]}\n{tree.logs()}") from None
+
+
 @pytest.fixture
 def tree(tmp_path: Path):  # type: ignore[no-untyped-def]
     with running_tree(
@@ -137,15 +167,7 @@ def test_index_equals_the_cells_after_each_cell_is_killed(tree: CellTree) -> Non
     async def main() -> None:
         work = Workload(tree)
         worker = asyncio.create_task(work.run())
-
-        async def grown(by: int, what: str) -> None:
-            wanted = len(work.created) + by
-
-            async def enough() -> bool:
-                assert not worker.done(), worker
-                return len(work.created) >= wanted
-
-            await until(enough, 60, what)
+        grown = grower(work, worker)
 
         for victim in ("c2", "c1", "api"):
             await grown(15, f"creates before {victim} is killed")
@@ -156,17 +178,7 @@ def test_index_equals_the_cells_after_each_cell_is_killed(tree: CellTree) -> Non
         await grown(15, "creates after every restart")
         work.stop.set()
         await asyncio.wait_for(worker, 30)
-
-        last: list[str | None] = [None]
-
-        async def agreed() -> bool:
-            last[0] = await agreement(tree, work.created)
-            return last[0] is None
-
-        try:
-            await until(agreed, 120, "the index to equal the cells' records")
-        except AssertionError:
-            raise AssertionError(f"{last[0]}\n{tree.logs()}") from None
+        await agree(tree, work.created)
         top = await records(tree, "api")
         assert len(top) == len(set(work.created)) >= 60
         assert any(r["status"] == "ACTIVE" for r in top.values())
@@ -198,15 +210,7 @@ def test_one_copy_when_the_api_cell_dies_while_a_cell_is_cut_off(tree: CellTree)
     async def main() -> None:
         work = Workload(tree)
         worker = asyncio.create_task(work.run())
-
-        async def grown(by: int, what: str) -> None:
-            wanted = len(work.created) + by
-
-            async def enough() -> bool:
-                assert not worker.done(), worker
-                return len(work.created) >= wanted
-
-            await until(enough, 90, what)
+        grown = grower(work, worker)
 
         await grown(9, "creates before g1 is cut off")
         await asyncio.to_thread(tree.signal, "g1", signal.SIGSTOP)
@@ -220,17 +224,7 @@ def test_one_copy_when_the_api_cell_dies_while_a_cell_is_cut_off(tree: CellTree)
         await grown(6, "creates with g1 back")
         work.stop.set()
         await asyncio.wait_for(worker, 30)
-
-        last: list[str | None] = [None]
-
-        async def agreed() -> bool:
-            last[0] = await agreement(tree, work.created)
-            return last[0] is None
-
-        try:
-            await until(agreed, 150, "the index to equal the cells' records")
-        except AssertionError:
-            raise AssertionError(f"{last[0]}\n{tree.logs()}") from None
+        await agree(tree, work.created)
 
         async with tree.client("api", timeout_s=30) as client:
             for uuid, row in (await records(tree, "api")).items():

@@ -25,10 +25,11 @@ import zmq.utils.monitor
 
 from tests.fakes import child_request, run
 from tests.integration.trees import answer, servers, until
+from tests.unit.scripted_node import instance
 from zcells import codec
 from zcells.devtree import CellProc, CellTree, running_tree
 from zcells.errors import CellUnreachable, TooLarge
-from zcells.instances import VmState, new_instance, placed
+from zcells.instances import VmState, placed
 from zcells.messages import Direction, Response, Targeted
 
 TREE = {"api": {"c1": {"g1": {}}, "c2": {}}}
@@ -205,20 +206,7 @@ async def create_in(tree: CellTree, cell: str, name: str) -> dict[str, Any]:
 
 def forged_row(uuid: str, cell: str, seq: int, version: int) -> list[Any]:
     """An outbox row saying `uuid` of `cell` was deleted, at `version`."""
-    record = new_instance(
-        uuid=uuid,
-        name="forged",
-        project="ops",
-        user="ops",
-        flavor="m1.tiny",
-        memory_mb=512,
-        disk_gb=1,
-        vcpus=1,
-        image="cirros",
-        metadata={},
-        now=time.time(),
-    )
-    record = replace(placed(record, cell, "h001", time.time()), version=version)
+    record = replace(placed(instance(uuid), cell, "h001", time.time()), version=version)
     record = replace(record, vm_state=VmState.DELETED)
     return [seq, "instance", msgpack.packb(record.to_wire(), use_bin_type=True)]
 
