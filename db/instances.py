@@ -24,6 +24,7 @@ Rules kept here:
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -69,6 +70,7 @@ from zcells.db.models import (
 )
 
 from zcells.errors import (
+    CallTimeout,
     Conflict,
     InvalidRequest,
     NotFoundRemote,
@@ -150,12 +152,19 @@ class Applied:
 
 
 def place(
-    db: Database, candidates: list[str], make: Callable[[str], Instance], request_id: str
+    db: Database,
+    candidates: list[str],
+    make: Callable[[str], Instance],
+    request_id: str,
+    valid_until: float | None = None,
+    wall: Callable[[], float] = time.time,
 ) -> Instance | None:
     """Claim the first candidate host with room and record `make(host)` on it.
 
     A repeat of `request_id` answers the instance placed the first time. None if
-    no candidate has room (nothing is written); `Conflict` if the uuid exists.
+    no candidate has room (nothing is written); `Conflict` if the uuid exists;
+    `CallTimeout` if the build's lease ran out (`valid_until`, wall clock): the
+    parent may be building it elsewhere by now.
     """
     _check_request_id(request_id)
     with db.write() as session:
@@ -163,6 +172,8 @@ def place(
         logged = _logged(conn, request_id, "build")
         if logged is not None:
             return _decode_instance(logged)
+        if valid_until is not None and wall() > valid_until:
+            raise CallTimeout(f"the build's lease ran out before {request_id} was placed")
         for host in candidates:
             instance = exact(make(host))
             _ensure_new(conn, instance.uuid)

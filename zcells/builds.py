@@ -78,6 +78,9 @@ log = logs.get_logger("builds")
 HINTS = frozenset({"target_cell"})
 HOST_VIEW_S = 1.0
 ASKS = 2  # tries of a build at one child that times out, before another child is tried
+# The cells' wall clocks are trusted to agree within this (as NTP keeps them): a
+# parent waits this long past a build's lease before it builds elsewhere.
+FENCE_MARGIN_S = 2.0
 _REACHABLE = frozenset({Liveness.ALIVE, Liveness.LATE})
 
 
@@ -124,9 +127,11 @@ class Placer:
         driver: FakeDriver | None,
         changed: Callable[[], None],
         wall_clock: Callable[[], float] = time.time,
+        call_timeout_s: float = 60.0,
     ) -> None:
         self.node = node
         self.db = db
+        self.call_timeout_s = call_timeout_s  # a call to a child with no deadline of its own
         self.scheduler = scheduler
         self.driver = driver  # None: this cell has no hosts of its own
         self._changed = changed
@@ -161,6 +166,7 @@ class Placer:
         plan: Sequence[float],
         wanted: Callable[[], Awaitable[bool]] | None = None,
         deadline: float | None = None,
+        valid_until: float | None = None,
     ) -> Instance:
         """The instance as placed in this cell's subtree; `NoValidHost`/`NoCellsAvailable` if not.
 
@@ -169,7 +175,9 @@ class Placer:
         on at all (the caller has just seen the instance waiting, and asking
         again would cost a read per build; a delete that comes in between is
         met after the placement, as any delete during one is);
-        `deadline` (node clock), if given, bounds each call to a child.
+        `deadline` (node clock), if given, bounds each call to a child;
+        `valid_until` (wall clock), the lease of the build this cell was sent,
+        if given: nothing is placed after it, here or below.
         """
         attempts = BuildAttempts()
         candidates: list[Candidate] = []
@@ -182,9 +190,9 @@ class Placer:
             for name in self.scheduler.order(candidates, exclude=()):
                 try:
                     if name == HERE:
-                        return await self._place_here(instance, request_id, here)
+                        return await self._place_here(instance, request_id, here, valid_until)
                     return await self._place_below_once(
-                        instance, hints, request_id, here, name, deadline
+                        instance, hints, request_id, here, name, deadline, valid_until
                     )
                 except WireError as exc:
                     attempts.tried(name, exc.code, exc.message)
@@ -211,7 +219,9 @@ class Placer:
             raise NoValidHost(reason, here)
         raise NoCellsAvailable(reason, here)
 
-    async def _place_here(self, instance: Instance, request_id: str, here: str) -> Instance:
+    async def _place_here(
+        self, instance: Instance, request_id: str, here: str, valid_until: float | None
+    ) -> Instance:
         assert self.driver is not None
         need = Resources(instance.memory_mb, instance.disk_gb, instance.vcpus)
         now = self._clock()
@@ -221,6 +231,7 @@ class Placer:
             need,
             lambda host: placed(instance, here, host, now),
             request_id,
+            (valid_until, self._clock),
         )
         if taken is None:
             raise no_valid_host(hosts, need, here)
@@ -236,26 +247,49 @@ class Placer:
         here: str,
         child: str,
         deadline: float | None,
+        valid_until: float | None,
     ) -> Instance:
-        """Build through `child`; after a timeout, ask it again before going elsewhere.
+        """Build through `child`, and know it did not when this returns an error.
 
         A child that timed out may have placed the instance all the same. The
         same request id is one placement there (`ComputeHandlers.build`), so
-        asking again learns where it went instead of making a second copy
-        elsewhere. A copy made after both asks gave up is found when it comes
-        up, and deleted as an orphan.
+        it is asked again, which learns where the first try went. If that
+        times out too, the build is fenced: every ask carried a lease
+        (`valid_until`, wall clock) past which no cell places it, and this
+        waits until the last lease sent has run out, with `FENCE_MARGIN_S`
+        for the cells' clocks, before the caller tries another cell.
         """
+        leases: list[float] = []
         for asked in range(ASKS):
+            timeout_s = time_left_s(self.node, deadline)
+            if timeout_s is None:
+                timeout_s = self.call_timeout_s
+            lease = self._clock() + timeout_s
+            if valid_until is not None:
+                lease = min(lease, valid_until)
+            leases.append(lease)
             try:
                 return await self._place_below(
-                    instance, hints, request_id, here, child, time_left_s(self.node, deadline)
+                    instance, hints, request_id, here, child, timeout_s, lease
                 )
             except CallTimeout:
-                if asked + 1 == ASKS:
-                    raise
+                if asked + 1 < ASKS:
+                    logs.event(
+                        log, logging.INFO, "build.ask_again", uuid=instance.uuid, candidate=child
+                    )
+                    continue
+                fenced_in = max(leases) + FENCE_MARGIN_S - self._clock()
                 logs.event(
-                    log, logging.INFO, "build.ask_again", uuid=instance.uuid, candidate=child
+                    log,
+                    logging.WARNING,
+                    "build.fenced",
+                    uuid=instance.uuid,
+                    candidate=child,
+                    wait_s=round(max(0.0, fenced_in), 1),
                 )
+                if fenced_in > 0:
+                    await asyncio.sleep(fenced_in)
+                raise
         raise AssertionError("unreachable: the last ask returns or raises")
 
     async def _place_below(
@@ -266,9 +300,16 @@ class Placer:
         here: str,
         child: str,
         timeout_s: float | None = None,
+        lease: float | None = None,
     ) -> Instance:
         child_path = f"{here}!{child}"
-        body = {"instance": instance.to_wire(), "hints": dict(hints), "request_id": request_id}
+        body: dict[str, Any] = {
+            "instance": instance.to_wire(),
+            "hints": dict(hints),
+            "request_id": request_id,
+        }
+        if lease is not None:
+            body["valid_until"] = lease
         answer = (
             await self.node.call("build", body, target=child_path, timeout_s=timeout_s)
         ).unwrap()
@@ -425,21 +466,24 @@ def _choose_and_place(
     need: Resources,
     make: Callable[[str], Instance],
     request_id: str,
+    lease: tuple[float | None, Callable[[], float]] = (None, time.time),
 ) -> tuple[list[Host], Instance | None]:
     """Weigh the hosts and claim the best with room, on the writer thread.
 
     The hosts are weighed on the thread that makes every claim, so each
     build weighs them with the claims of the builds before it: a burst of
     builds spreads over the hosts instead of all choosing the one that
-    looked emptiest when they started.
+    looked emptiest when they started. Nothing is placed once the build's
+    lease (`valid_until`, wall clock) has run out.
     """
+    valid_until, wall = lease
     hosts, fresh = view.hosts(db)
     order = choose_hosts(hosts, need)
-    taken = store.place(db, order, make, request_id) if order else None
+    taken = store.place(db, order, make, request_id, valid_until, wall) if order else None
     if taken is None and not fresh:
         hosts, _ = view.hosts(db, fresh=True)
         order = choose_hosts(hosts, need)
-        taken = store.place(db, order, make, request_id) if order else None
+        taken = store.place(db, order, make, request_id, valid_until, wall) if order else None
     if taken is None:
         view.forget()  # refused on what the database holds, or a claim lost: read it next time
     elif taken.host is not None:

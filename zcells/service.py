@@ -241,7 +241,14 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
 
     has_hosts = not top and config.compute.fake_hosts > 0
     driver = FakeDriver(runner, config.compute.fake_build_s, changed) if has_hosts else None
-    placer = Placer(node, runner, RandomCellScheduler(random.Random()), driver, changed)  # noqa: S311 (placement, not secrets)
+    placer = Placer(
+        node,
+        runner,
+        RandomCellScheduler(random.Random()),  # noqa: S311 (placement, not secrets)
+        driver,
+        changed,
+        call_timeout_s=config.cells.call_timeout_s,
+    )
     orphans = Orphans(node, runner, wall_clock=time.time) if top else None
     orphan_found = orphans.wake if orphans is not None else _nothing
     state = StateHandlers(node, runner, applies=top, changed=changed, orphan_found=orphan_found)

@@ -18,7 +18,13 @@ from zcells.db.engine import Database
 
 from tests.fakes import run
 from tests.unit.scripted_node import ScriptedNode, instance, ok, parent_call, runner, uuids
-from zcells.builds import HostView, Placer, TopBuilds, orphan_request_id, time_left_s
+from zcells.builds import (
+    HostView,
+    Placer,
+    TopBuilds,
+    orphan_request_id,
+    time_left_s,
+)
 from zcells.cellsched import RandomCellScheduler
 from zcells.compute import FakeDriver, fake_hosts
 from zcells.dbrunner import DbRunner
@@ -353,7 +359,12 @@ def test_a_middle_cell_places_one_build_once_however_often_it_is_asked(db: DbRun
 
     node.calls[("build", "api!c1!g1")] = slow_build
     handlers = ComputeHandlers(db, placer(node, db), None, lambda: None)
-    args = {"instance": instance(UUID).to_wire(), "hints": None, "request_id": "build-1"}
+    args = {
+        "instance": instance(UUID).to_wire(),
+        "hints": None,
+        "valid_until": None,
+        "request_id": "build-1",
+    }
 
     async def main() -> None:
         first = asyncio.create_task(handlers.build(parent_call("build", args)))
@@ -364,5 +375,49 @@ def test_a_middle_cell_places_one_build_once_however_often_it_is_asked(db: DbRun
         again = await handlers.build(parent_call("build", args))
         assert answers == [again, again] and again["instance"] == taken.to_wire()
         assert len(node.sent) == 1  # one placement, asked three times
+
+    run(main())
+
+
+def test_a_build_whose_lease_ran_out_is_not_placed(db: DbRunner) -> None:
+    """A parent that heard nothing twice builds elsewhere only after the lease it sent."""
+    hosts_store.sync_hosts(db.db, fake_hosts(1, 4096, 100, 8))
+    node = ScriptedNode(here="api!c1")
+    here = Placer(node.as_node(), db, RandomCellScheduler(random.Random(1)), None, lambda: None)
+    here.driver = FakeDriver(db, 0.0, lambda: None)
+
+    async def main() -> None:
+        with pytest.raises(NoCellsAvailable, match="lease ran out"):
+            await here.place(
+                instance(UUID), {}, "build-1", "api!c1", plan=[0.0], valid_until=time.time() - 1
+            )
+        assert await db.read(store.get, UUID) is None
+        taken = await here.place(
+            instance(UUID), {}, "build-1", "api!c1", plan=[0.0], valid_until=time.time() + 60
+        )
+        assert taken.cell == "api!c1"
+        await here.driver.close()  # type: ignore[union-attr]
+
+    run(main())
+
+
+def test_a_child_silent_twice_is_fenced_before_another_is_tried(db: DbRunner) -> None:
+    node = ScriptedNode(here="api", children=("c1", "c2"))
+    taken = placed(instance(UUID), "api!c2", "h001", 2.0)
+    node.calls[("build", "api!c1")] = CellResult("api!c1", Outcome.TIMED_OUT)
+    node.calls[("build", "api!c2")] = ok("api!c2", {"instance": taken.to_wire()})
+    scheduler = placer(node, db)
+    scheduler.call_timeout_s = 0.2
+    scheduler.scheduler.order = lambda candidates, exclude: ["c1", "c2"]  # type: ignore[method-assign]
+
+    async def main() -> None:
+        got = await scheduler.place(instance(UUID), {}, "build-1", "api", plan=[0.0])
+        assert got == taken
+        first, second, elsewhere = node.sent
+        assert [s.target for s in node.sent] == ["api!c1", "api!c1", "api!c2"]
+        # c2 was asked only once the last lease sent to c1 had run out
+        assert (
+            elsewhere.body["valid_until"] > second.body["valid_until"] >= first.body["valid_until"]
+        )
 
     run(main())

@@ -83,6 +83,7 @@ class ComputeHandlers:
             raise SchemaError("build: the instance must be building and waiting to be scheduled")
         request_id = check_request_id(call.args["request_id"])
         hints = check_hints(call.args["hints"] or {})
+        valid_until = call.args["valid_until"]
         placed_before = self._placed.get(request_id)
         if placed_before is not None:
             return {"instance": placed_before.to_wire()}
@@ -90,7 +91,13 @@ class ComputeHandlers:
         if running is None:
             running = asyncio.ensure_future(
                 self.placer.place(
-                    instance, hints, request_id, call.cell, plan=[0.0], deadline=call.deadline
+                    instance,
+                    hints,
+                    request_id,
+                    call.cell,
+                    plan=[0.0],
+                    deadline=call.deadline,
+                    valid_until=valid_until,
                 )
             )
             self._placing[request_id] = running
@@ -162,6 +169,7 @@ class ComputeHandlers:
                 params={
                     "instance": Param(dict),
                     "hints": Param(dict, required=False),
+                    "valid_until": Param(float, required=False),
                     "request_id": Param(str),
                 },
             ),
