@@ -62,10 +62,19 @@ class Neighbourhood:
         """Take a fresh read of the cells and clients tables; returns the transport's keyring."""
         self.clients = {c.name: c for c in clients}
         parents = {n.name: n for n in neighbours if n.kind == "parent"}
+        if len(parents) > 1:  # `cell add` refuses this; a table edited by hand may hold it
+            first, *others = sorted(parents)
+            for name in others:
+                why = f"a second parent: a cell has one, {first}; {name} is not dialled"
+                if self.problems.get(name) != why:
+                    logs.event(log, logging.ERROR, "registry.second_parent", parent=name)
+                self.problems[name] = why
+            parents = {first: parents[first]}
         children = {n.name: n for n in neighbours if n.kind == "child"}
         self.disabled = frozenset(n for n, c in children.items() if c.disabled)
         self.parent_names = frozenset(parents)
-        self.problems = {n: why for n, why in self.problems.items() if n in parents}
+        registered = {n.name for n in neighbours if n.kind == "parent"}
+        self.problems = {n: why for n, why in self.problems.items() if n in registered}
         # A parent whose hello was refused is no parent in the view: this cell goes on
         # as if it were not registered (a top cell stays the top), until it is fixed.
         known = {n: self.view.parents.get(n) for n in parents if n not in self.problems}

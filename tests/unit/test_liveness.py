@@ -70,3 +70,19 @@ def test_a_hello_that_would_close_a_cycle_is_refused_once_and_kept_as_a_problem(
     assert "too deep" in hood.problems["g1"]
     assert hood.learn(parent, "top!g1", "top!g1!api", 4.0) == []  # no children to tell
     assert hood.view.parents == {"g1": "top!g1"} and hood.problems == {}
+
+
+def test_a_second_parent_in_the_table_is_not_dialled_and_is_shown() -> None:
+    hood = Neighbourhood("g1", "compute", max_hop_count=10, heartbeat_interval_s=1, mute_after_s=5)
+    topology = hood.apply(
+        [
+            Neighbour("c1", "parent", "tcp://127.0.0.1:1", "a" * 40),
+            Neighbour("c2", "parent", "tcp://127.0.0.1:2", "b" * 40),
+        ],
+        [],
+        0.0,
+    )
+    assert list(topology.parents) == ["c1"] and list(hood.view.parents) == ["c1"]
+    assert "a second parent" in hood.problems["c2"]
+    hood.apply([Neighbour("c1", "parent", "tcp://127.0.0.1:1", "a" * 40)], [], 1.0)
+    assert hood.problems == {}
