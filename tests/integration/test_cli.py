@@ -574,3 +574,13 @@ def test_serve_with_config_requires_its_key(tmp_path: Path) -> None:
     config = write_config(tmp_path, "api", transport={"keys_dir": "keys"})
     result: Result = run_process("--config", str(config), "serve")
     assert result.code == 2 and "zcells keys gen" in result.err
+
+
+def test_serve_refuses_a_typo_in_a_config_key(tmp_path: Path) -> None:
+    """Finding 12: a typo'd key stops the cell instead of leaving it on a default endpoint."""
+    config = write_config(tmp_path, "api", transport={"cels_endpoint": "tcp://127.0.0.1:7750"})
+    result = run_process("--config", str(config), "serve", timeout=60)
+    assert result.code == 2, result
+    assert str(config) in result.err and "[transport] cels_endpoint" in result.err
+    assert "did you mean 'cells_endpoint'?" in result.err
+    assert len(result.err.strip().splitlines()) == 1

@@ -30,7 +30,7 @@ from zcells import codec
 from zcells.devtree import CellProc, CellTree, running_tree
 from zcells.errors import CellUnreachable, TooLarge
 from zcells.instances import VmState, placed
-from zcells.messages import Direction, Response, Targeted
+from zcells.messages import Direction, Heartbeat, Response, Targeted, new_message_id
 
 TREE = {"api": {"c1": {"g1": {}}, "c2": {}}}
 CELLS = ("api", "api!c1", "api!c1!g1", "api!c2")
@@ -451,3 +451,50 @@ def test_a_clients_refused_path_is_not_echoed_back(tree: CellTree) -> None:
     finally:
         ops.close()
         ctx.destroy(linger=0)
+
+
+# -- finding 2: a sibling cannot receive another cell's traffic --------------------------
+
+
+def test_a_sibling_holding_guessable_ids_gets_nothing_meant_for_an_absent_cell(
+    tree: CellTree,
+) -> None:
+    """Row 25: c2 is down; c1's key holds the ids libzmq would have numbered c2 with."""
+    tree.signal("c2", signal.SIGKILL)
+    ctx: zmq.Context[Any] = zmq.Context()
+    held: list[Dealer] = []
+    try:
+        for routing_id in unseeded_router_ids(per_draw=3):
+            dealer = Dealer(ctx, tree.cells["api"], cell_keys(tree, "c1"), routing_id=routing_id)
+            held.append(dealer)
+        for dealer in held:
+            assert dealer.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            dealer.sock.send_multipart(codec.encode(heartbeat_from("api!c1")))
+
+        async def unreachable() -> int:
+            async with tree.client(timeout_s=10) as ops:
+                stats = await answer(ops, "stats", {})
+            return int(stats.get("send_E_UNREACHABLE", 0))
+
+        before = run(unreachable())
+        # api tries c2 on every heartbeat and finds no route: wait for a few tries
+        run(until(lambda: _more(unreachable, before + 3), 30, "api trying c2 again"), 60)
+        got: list[Any] = []
+        for dealer in held:
+            while dealer.sock.poll(0):
+                got.append(codec.decode(dealer.sock.recv_multipart()))
+        assert not [m for m in got if getattr(m, "your_path", None) == "api!c2"], got
+    finally:
+        for dealer in held:
+            dealer.close()
+        ctx.destroy(linger=0)
+        tree.start("c2")
+    every_cell_answers(tree)
+
+
+async def _more(count: Any, than: int) -> bool:
+    return bool(await count() >= than)
+
+
+def heartbeat_from(path: str) -> Heartbeat:
+    return Heartbeat(id=new_message_id(), sent_at=time.time(), path=path, your_path=None)
