@@ -155,6 +155,7 @@ class Soak:
         self.created: list[str] = []
         self.deleted: set[str] = set()  # deletes the API cell acknowledged
         self.faults: Counter[str] = Counter()
+        self.victims: Counter[str] = Counter()  # faults by cell
         self.killed: set[str] = set()  # cells this run killed (their exit is no crash)
         self.client_errors: Counter[str] = Counter()
         self.fuzzed = 0
@@ -206,6 +207,7 @@ class Soak:
             kind = self.rng.choice(["kill", "freeze", "partition"])
             hold_s = self.rng.uniform(1.0, 6.0)
             self.faults[kind] += 1
+            self.victims[victim] += 1
             if kind == "kill":
                 self.killed.add(victim)
                 await asyncio.to_thread(self.tree.signal, victim, signal.SIGKILL)
@@ -379,6 +381,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 servers=len(set(soak.created)),
                 deletes_acknowledged=len(soak.deleted),
                 faults=dict(soak.faults),
+                faults_by_cell=dict(soak.victims),
                 fuzzed_frames=soak.fuzzed,
                 client_errors=dict(soak.client_errors),
                 settle_s=round(time.monotonic() - settle_started, 1),
