@@ -45,6 +45,7 @@ def answer(
     *,
     backlog: dict[str, Any] | None = None,
     msgs_per_s: float = 12.34,
+    problems: list[Any] | None = None,
 ) -> CellResult:
     """A cell's `status` answer, as the handler makes it."""
     top = "!" not in cell
@@ -62,6 +63,7 @@ def answer(
             "servers": {"source": "index" if top else "own", "counts": COUNTS},
             "backlog": backlog or NO_BACKLOG,
             "msgs_per_s": msgs_per_s,
+            "problems": problems or [],
         },
     )
 
@@ -264,3 +266,23 @@ def test_an_odd_answer_never_breaks_the_view(value: Any) -> None:
     assert "c1" in text
     c1 = snapshot.cells[1]
     assert c1.state == (UNREACHABLE if not isinstance(value, dict) else HEALTHY)
+
+
+def test_a_cells_problems_are_shown_in_red_under_it() -> None:
+    """Held rows, a refused hello and a stopped stream are never shown as merely healthy."""
+    problems = [
+        "parent g1: cycle in the registry: parent path api!c1!g1 holds api already",
+        "3 rows refused by parent api, held aside",
+        "stream to parent api stopped: E_TIMEOUT",
+        7,  # not text: left out
+    ]
+    snapshot = snapshot_of(
+        [answer("api", {"c1": ("alive", 0.2)}), answer("api!c1", problems=problems)],
+        "api",
+        TAKEN_AT,
+    )
+    text = shown(render(snapshot), width=200)
+    for problem in problems[:3]:
+        assert f"problem: {problem}" in text
+    assert "problem: 7" not in text
+    assert style_of(render(snapshot), "problem: 3 rows refused by parent api, held aside") == "red"
