@@ -132,23 +132,37 @@ class Inbox(Generic[T]):
     of a message's handling) are kept, in order; `room()` is what pauses pumps.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_bytes: int | None = None) -> None:
         self._items: deque[T | None] = deque()
+        self._sizes: deque[int] = deque()  # the bytes each item came as, in step with _items
         self._size = size
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._readers: deque[asyncio.Future[None]] = deque()
         self._paused: list[Pump] = []
         self._resume_at = size // 2
 
     def room(self) -> int:
-        """How many more items fit before the inbox is full (0 or less: none)."""
+        """How many more items fit before the inbox is full (0 or less: none).
+
+        Full by count, or by bytes when it has a byte bound: a peer's large
+        messages pause the reading as soon as many small ones would.
+        """
+        if self._max_bytes is not None and self._bytes >= self._max_bytes:
+            return 0
         return self._size - len(self._items)
 
     def size(self) -> int:
         return len(self._items)
 
-    def put(self, item: T) -> None:
+    def bytes(self) -> int:
+        return self._bytes
+
+    def put(self, item: T, nbytes: int = 0) -> None:
         """Queue an item, even past the bound; never dropped, never waited on."""
         self._items.append(item)
+        self._sizes.append(nbytes)
+        self._bytes += nbytes
         self._wake()
 
     def _wake(self) -> None:
@@ -182,7 +196,12 @@ class Inbox(Generic[T]):
         if item is None:
             return None
         items.popleft()
-        if self._paused and len(items) <= self._resume_at:
+        self._bytes -= self._sizes.popleft()
+        if (
+            self._paused
+            and len(items) <= self._resume_at
+            and (self._max_bytes is None or self._bytes <= self._max_bytes // 2)
+        ):
             paused, self._paused = self._paused, []
             for pump in paused:
                 pump.resume()
@@ -191,12 +210,15 @@ class Inbox(Generic[T]):
     def end(self) -> None:
         """Drop what nobody read if that makes room, then the end marker, for every reader."""
         self._paused.clear()
-        items = self._items
+        items, sizes = self._items, self._sizes
         while len(items) > self._size:  # what waited behind a full queue
             items.pop()
+            self._bytes -= sizes.pop()
         if len(items) == self._size:
             items.popleft()
+            self._bytes -= sizes.popleft()
         items.append(None)
+        sizes.append(0)
         while self._readers:
             self._wake()
 

@@ -93,6 +93,9 @@ _LINK_COUNTERS: Final = ("unauthenticated", "unreachable", "handshake_refused", 
 # Requests awaiting an answer whose connection is remembered; past this, the oldest
 # is forgotten and its answer goes to the sender's latest connection instead.
 ASKED_LIMIT: Final = 65536
+# Bytes of received messages waiting for the cell's loop, over every peer: past this
+# the reading pauses (RCVHWM, then TCP, hold senders back), as past `queue_size` messages.
+INBOX_BYTES: Final = 64 << 20
 
 
 def _log(level: int, event: str, **fields: Any) -> None:
@@ -100,6 +103,14 @@ def _log(level: int, event: str, **fields: Any) -> None:
 
 
 _SRCFD: Final = int(zmq.SRCFD)  # the connection a frame came on, to unbind it when it closes
+
+
+def _size(frames: list[Any]) -> int:
+    """The bytes of a received message's frames (a zmq.Frame or bytes each)."""
+    total = 0
+    for frame in frames:
+        total += len(frame)
+    return total
 
 
 def _user_id(frame: zmq.Frame) -> str | None:
@@ -165,6 +176,7 @@ class ZmqTransport(Transport):
         reconnect_ivl_ms: int = 100,
         reconnect_ivl_max_ms: int = 2000,
         queue_size: int = 10000,
+        inbox_bytes: int = INBOX_BYTES,
         linger_ms: int = 500,
         refused_retry_ms: int = 30000,
     ) -> None:
@@ -183,7 +195,7 @@ class ZmqTransport(Transport):
         self.refused_retry_ms = refused_retry_ms
         self.counters: Counter[str] = Counter()
         self._frame_errors: Counter[str] = Counter()  # by peer
-        self._inbox: Inbox[Event] = Inbox(queue_size)
+        self._inbox: Inbox[Event] = Inbox(queue_size, max_bytes=inbox_bytes)
         self._topology = Topology()
         self._keyring = Keyring()
         self._ctx: zmq.Context[Socket] | None = None
@@ -321,7 +333,7 @@ class ZmqTransport(Transport):
         listener.routes.heard(peer.name, routing_id, fd)
         received = self._frames_in(peer, frames[1:], count - 1)
         self._remember_asker(peer, received.message, routing_id)
-        self._inbox.put(received)
+        self._inbox.put(received, _size(frames))
 
     def _connection_closed(self, listener: _Listener, frames: list[Any], count: int) -> None:
         """A connection to this ROUTER closed: its routing ids name nobody now (rule 3)."""
@@ -357,7 +369,7 @@ class ZmqTransport(Transport):
         self._inbox.put(Received(peer, error=error))
 
     def _from_parent(self, peer: Peer, frames: list[bytes], count: int) -> None:
-        self._inbox.put(self._frames_in(peer, frames, count))
+        self._inbox.put(self._frames_in(peer, frames, count), _size(frames))
 
     def _frames_in(self, peer: Peer, frames: list[bytes], count: int) -> Received:
         """Count, then decode, the frames of one message from an authenticated peer."""
