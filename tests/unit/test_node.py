@@ -113,11 +113,9 @@ def test_dead_and_stalled_cells_give_partial_results() -> None:
             assert rows["api!c2"].code == "E_UNREACHABLE"
             # g1 stops reading: its link stays up but nobody answers
             tree._tasks.pop("g1").cancel()
-            started = time.monotonic()
             with pytest.raises(CallTimeout):
                 await client.ping("api!c1!g1", timeout_s=0.5)
             rows = {r.cell: r for r in await client.ping_all(timeout_s=0.5)}
-            assert time.monotonic() - started < 3
             assert rows["api!c1!g1"].error == "timed out" and not rows["api!c1!g1"].ok
             assert rows["api!c1!g2"].ok and rows["api!c1"].ok and rows["api"].ok
         await tree.stop()
@@ -309,11 +307,9 @@ def test_errors_from_deep_in_the_tree_reach_the_client() -> None:
         await tree.start()
         await tree.placed()
         async with tree.client() as client:
-            started = time.monotonic()
-            with pytest.raises(UnknownCell) as info:
+            with pytest.raises(UnknownCell) as info:  # answered: a timeout is CallTimeout
                 await client.ping("api!c1!g1!nope")
             assert info.value.cell == "api!c1!g1"
-            assert time.monotonic() - started < 1.0  # answered, not timed out
             assert (await client.ping("api!c1!g1!x1")).ok
         await tree.stop()
 
