@@ -63,11 +63,6 @@ class Orphans:
         """New orphans were noted: look at once."""
         self._bell.set()
 
-    async def note(self, found: list[tuple[str, str]]) -> None:
-        """Keep orphans found outside a transaction of their own (a placement that lost)."""
-        await self.db.write(orphans_store.note_now, found)
-        self.wake()
-
     async def run(self) -> None:
         """Sweep until cancelled."""
         while True:

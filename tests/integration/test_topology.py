@@ -32,8 +32,13 @@ def database(cell: CellProc) -> Database:
     return Database(f"sqlite:///{cell.directory / 'state' / cell.name}.db")
 
 
-def endpoint(cell: CellProc) -> str:
-    return f"tcp://127.0.0.1:{cell.cells_port}"
+def register(tree: CellTree, at: str, neighbour: str, kind: str) -> None:
+    """Add `neighbour` to the cells table of `at`, as an operator would."""
+    other = tree.cells[neighbour]
+    with database(tree.cells[at]) as db:
+        registry.add_cell(
+            db, neighbour, kind=kind, endpoint=other.cells_endpoint, public_key=other.keys.public
+        )
 
 
 def reload(tree: CellTree, *names: str) -> None:
@@ -77,21 +82,8 @@ def test_a_subtree_moves_to_a_new_parent_online(tree: CellTree) -> None:
     # Move g1 from c1 to c2: each side's cells table, then SIGHUP.
     with database(cells["g1"]) as db:
         registry.remove_cell(db, "c1")
-        registry.add_cell(
-            db,
-            "c2",
-            kind="parent",
-            endpoint=endpoint(cells["c2"]),
-            public_key=cells["c2"].keys.public,
-        )
-    with database(cells["c2"]) as db:
-        registry.add_cell(
-            db,
-            "g1",
-            kind="child",
-            endpoint=endpoint(cells["g1"]),
-            public_key=cells["g1"].keys.public,
-        )
+    register(tree, "g1", "c2", "parent")
+    register(tree, "c2", "g1", "child")
     with database(cells["c1"]) as db:
         registry.remove_cell(db, "g1")
     reload(tree, "g1", "c2", "c1")
@@ -125,22 +117,8 @@ async def _has(tree: CellTree, cell: str) -> bool:
 def test_a_registry_cycle_is_refused_and_shown(tree: CellTree) -> None:
     """api -> c1 -> g1 -> api: the hello that would close the loop is refused; paths stay put."""
     cells = tree.cells
-    with database(cells["api"]) as db:
-        registry.add_cell(
-            db,
-            "g1",
-            kind="parent",
-            endpoint=endpoint(cells["g1"]),
-            public_key=cells["g1"].keys.public,
-        )
-    with database(cells["g1"]) as db:
-        registry.add_cell(
-            db,
-            "api",
-            kind="child",
-            endpoint=endpoint(cells["api"]),
-            public_key=cells["api"].keys.public,
-        )
+    register(tree, "api", "g1", "parent")
+    register(tree, "g1", "api", "child")
     reload(tree, "api", "g1")
 
     async def shown() -> Any:
