@@ -22,8 +22,10 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +35,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import ConnectionPoolEntry
+from zcells.db.models import WALL_OPTION
 
 from zcells.errors import (
     DatabaseBusy,
@@ -73,8 +76,19 @@ def _missing_file(url: URL) -> bool:
 class Database:
     """A cell's database: an engine plus transaction scopes that map errors."""
 
-    def __init__(self, url: str, *, busy_timeout_s: float = 5.0, create: bool = True) -> None:
-        """With `create` False, a SQLite file that does not exist yet is refused, not made."""
+    def __init__(
+        self,
+        url: str,
+        *,
+        busy_timeout_s: float = 5.0,
+        create: bool = True,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        """With `create` False, a SQLite file that does not exist yet is refused, not made.
+
+        `wall` is the clock every timestamp written is read from (the cell's).
+        """
+        self.wall = wall
         parsed = check_url(url)
         self.url = parsed
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
@@ -88,7 +102,9 @@ class Database:
             self.engine = _make_engine(parsed, busy_timeout_s)
         except NoSuchModuleError as exc:
             raise ValidationError("database connection", url, f"a known driver ({exc})") from None
-        self._writer = self.engine.execution_options(**{_WRITE: True})
+        clocked = self.engine.execution_options(**{WALL_OPTION: self._wall_now})
+        self._reader = clocked
+        self._writer = clocked.execution_options(**{_WRITE: True})
         self._grouped = threading.local()  # .session: the open group of this thread
 
     @staticmethod
@@ -105,6 +121,13 @@ class Database:
         for directory in reversed(missing):
             directory.mkdir(mode=0o700, exist_ok=True)
             os.chmod(directory, 0o700)
+
+    def _wall_now(self) -> float:
+        return self.wall()
+
+    def now(self) -> datetime:
+        """The time now by this database's clock, as stored."""
+        return datetime.fromtimestamp(self.wall(), UTC)
 
     @contextmanager
     def write(self) -> Iterator[Session]:
@@ -131,7 +154,7 @@ class Database:
         if grouped is not None:
             yield grouped
             return
-        with self._scope(self.engine) as session:
+        with self._scope(self._reader) as session:
             yield session
 
     @contextmanager

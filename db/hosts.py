@@ -30,7 +30,7 @@ from sqlalchemy import (
     update,
 )
 from zcells.db.engine import Database, dialect_insert
-from zcells.db.models import Base, HostRow, InstanceRow, utcnow
+from zcells.db.models import Base, HostRow, InstanceRow, now_of
 
 from zcells.errors import ValidationError
 from zcells.instances import Instance
@@ -49,7 +49,7 @@ def sync_hosts(db: Database, hosts: list[Host]) -> None:
     """
     for host in hosts:
         _check_host(host)
-    now = utcnow()
+    now = db.now()
     with db.write() as session:
         conn = session.connection()
         if hosts:
@@ -100,7 +100,7 @@ def claim(conn: Connection, host: str, need: Instance) -> bool:
             "need_ram": need.memory_mb,
             "need_disk": need.disk_gb,
             "need_cpu": need.vcpus,
-            "now": utcnow(),
+            "now": now_of(conn),
         },
     )
     return claimed.rowcount == 1
@@ -143,7 +143,7 @@ def release(conn: Connection, host: str, held: Instance) -> None:
             memory_mb_used=_minus(h.memory_mb_used, held.memory_mb),
             disk_gb_used=_minus(h.disk_gb_used, held.disk_gb),
             vcpus_used=_minus(h.vcpus_used, held.vcpus),
-            updated_at=utcnow(),
+            updated_at=now_of(conn),
         )
     )
 

@@ -66,7 +66,7 @@ from zcells.db.models import (
     ChildProgressRow,
     HostRow,
     RequestLogRow,
-    utcnow,
+    now_of,
 )
 
 from zcells.errors import (
@@ -597,7 +597,7 @@ def _applied_seq(conn: Connection, child: str) -> int:
 
 
 def _set_applied_seq(conn: Connection, child: str, seq: int) -> None:
-    now = utcnow()
+    now = now_of(conn)
     upsert = dialect_insert(conn, _progress).values(
         child_name=child, applied_seq=seq, updated_at=now
     )
@@ -631,7 +631,7 @@ def _logged(conn: Connection, request_id: str, method: str) -> bytes | None:
 def _log(conn: Connection, request_id: str, method: str, result: bytes) -> None:
     conn.execute(
         _LOG,
-        {"request_id": request_id, "method": method, "result": result, "created_at": utcnow()},
+        {"request_id": request_id, "method": method, "result": result, "created_at": now_of(conn)},
     )
 
 

@@ -7,6 +7,7 @@ Public keys only: secret keys never enter a database.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +27,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAME_LENGTH = 64
@@ -43,8 +44,19 @@ NAMING_CONVENTION = {
 }
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+# The execution option through which a connection reaches its database's clock.
+WALL_OPTION = "zcells_wall"
+
+
+def now_of(conn: Connection) -> datetime:
+    """The time now by the clock of the database `conn` belongs to (the cell's clock)."""
+    wall = conn.get_execution_options().get(WALL_OPTION)
+    return datetime.fromtimestamp(wall() if wall is not None else time.time(), UTC)
+
+
+def stamp(context: Any) -> datetime:
+    """A column default: the time of the insert or update, by the cell's clock."""
+    return now_of(context.connection)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -85,8 +97,8 @@ class CellRow(Base):
     weight_offset: Mapped[float] = mapped_column(Float, default=0.0)
     weight_scale: Mapped[float] = mapped_column(Float, default=1.0)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp, onupdate=stamp)
 
 
 class ClientRow(Base):
@@ -99,7 +111,7 @@ class ClientRow(Base):
     public_key: Mapped[str] = mapped_column(String(KEY_LENGTH), unique=True)
     role: Mapped[str] = mapped_column(String(16))
     project: Mapped[str | None] = mapped_column(String(NAME_LENGTH), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp)
 
 
 class FlavorRow(Base):
@@ -110,7 +122,7 @@ class FlavorRow(Base):
     memory_mb: Mapped[int] = mapped_column(Integer)
     disk_gb: Mapped[int] = mapped_column(Integer)
     vcpus: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp)
 
 
 class QuotaRow(Base):
@@ -121,7 +133,7 @@ class QuotaRow(Base):
     project: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
     resource: Mapped[str] = mapped_column(String(16), primary_key=True)
     hard_limit: Mapped[int] = mapped_column(BigInteger)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp)
 
 
 class HeldRow(Base):
@@ -135,7 +147,7 @@ class HeldRow(Base):
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     code: Mapped[str] = mapped_column(String(64))
     reason: Mapped[str] = mapped_column(String(255))
-    held_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    held_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp)
 
 
 class OrphanRow(Base):
@@ -149,9 +161,9 @@ class OrphanRow(Base):
     instance_uuid: Mapped[str] = mapped_column(String(UUID_LENGTH), primary_key=True)
     cell_name: Mapped[str] = mapped_column(String(1024), primary_key=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    next_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp)
     last_error: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp)
 
 
 class InstanceRow(Base):
@@ -182,8 +194,8 @@ class InstanceRow(Base):
     version: Mapped[int] = mapped_column(BigInteger, default=0)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # The latest fault, kept on the row so that a page of instances is one query.
     fault_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -205,7 +217,7 @@ class InstanceFaultRow(Base):
     code: Mapped[str] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(Text)
     cell_name: Mapped[str | None] = mapped_column(String(1024), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp)
 
 
 class BuildHintsRow(Base):
@@ -236,7 +248,7 @@ class HostRow(Base):
     memory_mb_used: Mapped[int] = mapped_column(Integer, default=0)
     disk_gb_used: Mapped[int] = mapped_column(Integer, default=0)
     vcpus_used: Mapped[int] = mapped_column(Integer, default=0)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp, onupdate=stamp)
 
 
 class OutboxRow(Base):
@@ -254,7 +266,7 @@ class OutboxRow(Base):
     )
     kind: Mapped[str] = mapped_column(String(32))
     payload: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp)
 
 
 class CounterRow(Base):
@@ -273,7 +285,7 @@ class ChildProgressRow(Base):
 
     child_name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
     applied_seq: Mapped[int] = mapped_column(BigInteger, default=0)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp, onupdate=stamp)
 
 
 class RequestLogRow(Base):
@@ -284,4 +296,4 @@ class RequestLogRow(Base):
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     method: Mapped[str] = mapped_column(String(64))
     result: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp, index=True)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, delete, func, select, update
 from zcells.db.engine import Database, dialect_insert
-from zcells.db.models import Base, OrphanRow, utcnow
+from zcells.db.models import Base, OrphanRow, now_of
 
 _orphans = Base.metadata.tables[OrphanRow.__tablename__]
 _o = _orphans.c
@@ -22,7 +22,7 @@ _o = _orphans.c
 
 def note(conn: Connection, found: Iterable[tuple[str, str]]) -> int:
     """Keep (uuid, cell) pairs to delete, due at once; pairs already kept stay as they are."""
-    now = utcnow()
+    now = now_of(conn)
     rows = [
         {"instance_uuid": u, "cell_name": c, "attempts": 0, "next_at": now, "created_at": now}
         for u, c in dict.fromkeys(found)
@@ -71,7 +71,7 @@ def retry(db: Database, uuid: str, cell: str, after_s: float, error: str) -> Non
             .where(_o.instance_uuid == uuid, _o.cell_name == cell)
             .values(
                 attempts=_o.attempts + 1,
-                next_at=utcnow() + timedelta(seconds=after_s),
+                next_at=db.now() + timedelta(seconds=after_s),
                 last_error=error[:64],
             )
         )

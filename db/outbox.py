@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from zcells.db.engine import Database, dialect_insert
 from zcells.db.instance_rows import INSTANCES, chunks, from_row, pack, when
-from zcells.db.models import Base, CounterRow, HeldRow, OutboxRow, utcnow
+from zcells.db.models import Base, CounterRow, HeldRow, OutboxRow, now_of
 
 INSTANCE_KIND: Final = "instance"
 # The highest sequence number a stream may reach: a signed 64-bit column with room
@@ -137,7 +137,7 @@ def hold(db: Database, parent: str, rows: Sequence[tuple[int, str, bytes, str, s
     """Keep rows `parent` refused, with (code, reason), aside from the stream; how many."""
     if not rows:
         return 0
-    now = utcnow()
+    now = db.now()
     with db.write() as session:
         conn = session.connection()
         conn.execute(
@@ -178,7 +178,7 @@ def append(conn: Connection, entries: Sequence[tuple[str, bytes]]) -> None:
         _count_statement(conn.dialect.name), {"name": _OUTBOX_COUNTER, "n": len(entries)}
     ).scalar_one()
     first = last - len(entries) + 1
-    now = utcnow()
+    now = now_of(conn)
     conn.execute(
         _ADD,
         [

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from sqlalchemy import Connection, delete, func, select
 from zcells.db.engine import Database, dialect_insert
 from zcells.db.instance_rows import INSTANCES
-from zcells.db.models import Base, QuotaRow, utcnow
+from zcells.db.models import Base, QuotaRow
 
 from zcells.instances import VmState
 from zcells.quotas import Quota, Usage, check_limit
@@ -55,7 +55,7 @@ def set_limits(db: Database, project: str, limits: Mapping[str, int | None]) -> 
             check_limit(resource, 0)  # names the unknown resource
     with db.write() as session:
         conn = session.connection()
-        now = utcnow()
+        now = db.now()
         for resource, value in limits.items():
             if value is None:
                 conn.execute(

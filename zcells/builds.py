@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -92,7 +91,7 @@ def time_left_s(node: Node, deadline: float | None) -> float | None:
     """
     if deadline is None:
         return None
-    left_ms = max(0, int((deadline - node.clock()) * 1000))
+    left_ms = max(0, int((deadline - node.clock.now()) * 1000))
     return forward_budget_ms(left_ms) / 1000.0
 
 
@@ -126,7 +125,6 @@ class Placer:
         scheduler: CellScheduler,
         driver: FakeDriver | None,
         changed: Callable[[], None],
-        wall_clock: Callable[[], float] = time.time,
         call_timeout_s: float = 60.0,
     ) -> None:
         self.node = node
@@ -135,8 +133,8 @@ class Placer:
         self.scheduler = scheduler
         self.driver = driver  # None: this cell has no hosts of its own
         self._changed = changed
-        self._clock = wall_clock
-        self.hosts = HostView()
+        self.clock = node.clock
+        self.hosts = HostView(clock=node.clock.now)
 
     def candidates(self, here: str, hints: Mapping[str, str]) -> list[Candidate]:
         target = hints.get("target_cell")
@@ -183,7 +181,7 @@ class Placer:
         candidates: list[Candidate] = []
         for round_, delay in enumerate(plan):
             if delay > 0:
-                await asyncio.sleep(delay)
+                await self.clock.sleep(delay)
             if round_ > 0 and wanted is not None and not await wanted():
                 raise InvalidRequest(f"instance {instance.uuid} was deleted while scheduling")
             candidates = self.candidates(here, hints)
@@ -224,14 +222,14 @@ class Placer:
     ) -> Instance:
         assert self.driver is not None
         need = Resources(instance.memory_mb, instance.disk_gb, instance.vcpus)
-        now = self._clock()
+        now = self.clock.wall()
         hosts, taken = await self.db.write(
             _choose_and_place,
             self.hosts,
             need,
             lambda host: placed(instance, here, host, now),
             request_id,
-            (valid_until, self._clock),
+            (valid_until, self.clock.wall),
         )
         if taken is None:
             raise no_valid_host(hosts, need, here)
@@ -264,7 +262,7 @@ class Placer:
             timeout_s = time_left_s(self.node, deadline)
             if timeout_s is None:
                 timeout_s = self.call_timeout_s
-            lease = self._clock() + timeout_s
+            lease = self.clock.wall() + timeout_s
             if valid_until is not None:
                 lease = min(lease, valid_until)
             leases.append(lease)
@@ -278,7 +276,7 @@ class Placer:
                         log, logging.INFO, "build.ask_again", uuid=instance.uuid, candidate=child
                     )
                     continue
-                fenced_in = max(leases) + FENCE_MARGIN_S - self._clock()
+                fenced_in = max(leases) + FENCE_MARGIN_S - self.clock.wall()
                 logs.event(
                     log,
                     logging.WARNING,
@@ -288,7 +286,7 @@ class Placer:
                     wait_s=round(max(0.0, fenced_in), 1),
                 )
                 if fenced_in > 0:
-                    await asyncio.sleep(fenced_in)
+                    await self.clock.sleep(fenced_in)
                 raise
         raise AssertionError("unreachable: the last ask returns or raises")
 
@@ -337,13 +335,12 @@ class TopBuilds:
         retries: int,
         retry_delay_s: float,
         orphan_found: Callable[[], None] = lambda: None,
-        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.placer = placer
         self.db = db
         self._orphan_found = orphan_found
         self.plan = retry_plan(min(retries, MAX_RETRIES), retry_delay_s)
-        self._clock = wall_clock
+        self.clock = placer.clock
         self._running: dict[str, asyncio.Task[None]] = {}
 
     def start(self, instance: Instance, hints: Mapping[str, str] | None = None) -> None:
@@ -389,7 +386,7 @@ class TopBuilds:
             held = await self.db.read(store.get, instance.uuid)
             if held is not None and held.cell is None and not held.deleted:
                 fault = Fault(exc.code, exc.message, exc.cell or here)
-                await self.db.write(store.index_put, failed(held, fault, self._clock()))
+                await self.db.write(store.index_put, failed(held, fault, self.clock.wall()))
                 logs.event(log, logging.WARNING, "build.failed", uuid=instance.uuid, code=exc.code)
             return
         except InvalidRequest:
@@ -428,9 +425,7 @@ class HostView:
     Used on the database writer thread only.
     """
 
-    def __init__(
-        self, max_age_s: float = HOST_VIEW_S, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, max_age_s: float = HOST_VIEW_S, *, clock: Callable[[], float]) -> None:
         self.max_age_s = max_age_s
         self._clock = clock
         self._hosts: dict[str, Host] = {}
@@ -466,7 +461,7 @@ def _choose_and_place(
     need: Resources,
     make: Callable[[str], Instance],
     request_id: str,
-    lease: tuple[float | None, Callable[[], float]] = (None, time.time),
+    lease: tuple[float | None, Callable[[], float]],
 ) -> tuple[list[Host], Instance | None]:
     """Weigh the hosts and claim the best with room, on the writer thread.
 

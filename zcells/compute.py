@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from zcells import logs
+from zcells.clock import SYSTEM_CLOCK, Clock
 from zcells.db import instances as store
 from zcells.dbrunner import DbRunner
 from zcells.errors import Conflict, DatabaseError
@@ -56,12 +56,12 @@ class FakeDriver:
         db: DbRunner,
         build_s: float,
         changed: Callable[[], None],
-        wall_clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.db = db
         self.build_s = build_s
         self._changed = changed  # new outbox rows: wake the upward stream
-        self._clock = wall_clock
+        self.clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
         self._due: list[tuple[str, TaskState]] = []  # finishes to write, oldest first
         self._writing: asyncio.Task[None] | None = None
@@ -92,7 +92,7 @@ class FakeDriver:
     async def _finish(self, uuid: str, task_state: TaskState) -> None:
         delay = self.build_s * _TASK_SHARE[task_state]
         if delay > 0:
-            await asyncio.sleep(delay)
+            await self.clock.sleep(delay)
         self._due.append((uuid, task_state))
         if self._writing is None or self._writing.done():
             self._writing = self._spawn(self._write_due())
@@ -109,7 +109,7 @@ class FakeDriver:
                     log, logging.WARNING, "compute.finish_retry", tasks=len(batch), error=exc
                 )
                 self._due[:0] = batch
-                await asyncio.sleep(_RETRY_S)
+                await self.clock.sleep(_RETRY_S)
                 continue
             # Conflict (another task took over) or NotFoundRemote (gone): nothing to finish.
             done = sum(1 for outcome in outcomes if isinstance(outcome, Instance))
@@ -121,7 +121,7 @@ class FakeDriver:
         def complete(instance: Instance) -> Instance:
             if instance.task_state is not task_state:
                 raise Conflict(f"instance {uuid} moved on from {task_state.value}")
-            return finish(instance, self._clock())
+            return finish(instance, self.clock.wall())
 
         return complete
 

@@ -2,7 +2,8 @@
 
 Rules kept here:
 
-* The loop never waits on the database: every call runs in a worker thread.
+* The loop never waits on the database: every call runs in a worker thread
+  (`InlineDbRunner`, for a simulation in virtual time, runs them on the loop).
 * Writes run one at a time, in the order they were asked for, in one thread
   of their own: SQLite takes one writer anyway, and a single writer keeps
   "the outbox row after the change" true across concurrent handlers.
@@ -27,7 +28,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from zcells.db.engine import Database
 from zcells.errors import DatabaseError
@@ -95,6 +96,12 @@ class DbRunner:
                 with contextlib.suppress(RuntimeError):  # its loop is closed already
                     left.loop.call_soon_threadsafe(left.future.cancel)
         self._readers.shutdown(wait=True, cancel_futures=True)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
 
     # -- the writer thread ----------------------------------------------------------------
 
@@ -166,3 +173,36 @@ def _set_outcomes(settled: list[tuple[asyncio.Future[Any], _Outcome]]) -> None:
             future.set_exception(error)
         else:
             future.set_result(result)
+
+
+class InlineDbRunner(DbRunner):
+    """Runs each call on the event loop's own thread, whole, when it is awaited.
+
+    For a simulation: a worker thread would let real time and the operating
+    system's scheduling into a run that must replay exactly from its seed.
+    As with `DbRunner`, a write is committed before its caller goes on; the
+    loop yields once before each call, so a caller looping on reads still
+    lets the others run.
+    """
+
+    def __init__(self, db: Database) -> None:  # no threads: nothing of DbRunner's to start
+        self.db = db
+        self.group_max = 1
+        self._closed = False
+
+    async def write(
+        self, fn: Callable[Concatenate[Database, P], R], *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        if self._closed:
+            raise RuntimeError("the database runner is closed")
+        await asyncio.sleep(0)
+        return fn(self.db, *args, **kwargs)
+
+    async def read(
+        self, fn: Callable[Concatenate[Database, P], R], *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        await asyncio.sleep(0)
+        return fn(self.db, *args, **kwargs)
+
+    def close(self) -> None:
+        self._closed = True

@@ -16,12 +16,12 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from zcells import logs
+from zcells import entropy, logs
+from zcells.clock import Clock
 from zcells.codec import MAX_VALUE_DEPTH, nests_deeper
 from zcells.errors import CallTimeout, InternalError, TooLarge, WireError
 from zcells.messages import CellResult, Outcome, Request
@@ -35,7 +35,7 @@ Spawn = Callable[[Coroutine[Any, Any, None], Peer | None], None]
 
 class Dispatcher:
     def __init__(
-        self, methods: MethodTable, clock: Callable[[], float], spawn: Spawn, counters: Counter[str]
+        self, methods: MethodTable, clock: Clock, spawn: Spawn, counters: Counter[str]
     ) -> None:
         self.methods = methods
         self.clock = clock
@@ -68,7 +68,7 @@ class Dispatcher:
             cell=here,
             deadline=deadline,
         )
-        started = self.clock()
+        started = self.clock.now()
         if not method.is_coroutine:
             if started > deadline:  # no time left: do not start what cannot finish
                 error = CallTimeout(f"{stamped.method} arrived after its deadline", here)
@@ -84,7 +84,7 @@ class Dispatcher:
 
         async def run_async() -> None:
             try:
-                async with asyncio.timeout(max(0.0, deadline - started)):
+                async with self.clock.timeout(max(0.0, deadline - started)):
                     value = await method.handler(call)
             except TimeoutError:
                 error = CallTimeout(f"{stamped.method} did not finish in time", here)
@@ -104,13 +104,13 @@ class Dispatcher:
             self.counters["answers_too_deep"] += 1
             error = TooLarge(f"the answer nests deeper than {MAX_VALUE_DEPTH} levels", here)
             return CellResult(here, Outcome.ERROR, error=error)
-        return CellResult(here, Outcome.OK, value=value, rtt_ms=(self.clock() - started) * 1e3)
+        return CellResult(here, Outcome.OK, value=value, rtt_ms=(self.clock.now() - started) * 1e3)
 
     def _failed(self, stamped: Request, here: str, exc: Exception) -> CellResult:
         if isinstance(exc, WireError):
             exc.cell = exc.cell or here
             return CellResult(here, Outcome.ERROR, error=exc)
-        incident = uuid.uuid4().hex[:12]
+        incident = entropy.token_bytes(6).hex()
         log.error(
             "handler.failed id=%s method=%s incident=%s",
             stamped.id.hex(),

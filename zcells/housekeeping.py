@@ -16,13 +16,12 @@ Rules kept here (DESIGN.md §4, §5):
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from zcells import logs
+from zcells.clock import SYSTEM_CLOCK, Clock
 from zcells.db import instances as store
 from zcells.db import outbox as outbox_store
 from zcells.dbrunner import DbRunner
@@ -61,17 +60,13 @@ class Housekeeping:
         *,
         has_parents: Callable[[], bool],
         changed: Callable[[], None],
-        wall_clock: Callable[[], float] = time.time,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.db = db
         self.settings = settings
         self._has_parents = has_parents
         self._changed = changed
-        self._wall_clock = wall_clock
-        self._clock = clock
-        self._sleep = sleep
+        self.clock = clock
         self._cursor = ""
         self._next_heal = 0.0
         self._next_trim = 0.0
@@ -79,7 +74,7 @@ class Housekeeping:
 
     async def heal_once(self) -> int:
         """Queue the next few recently changed instances again; how many."""
-        since = self._wall_clock() - self.settings.heal_window_s
+        since = self.clock.wall() - self.settings.heal_window_s
         count, last = await self.db.write(
             outbox_store.heal, since, self._cursor, self.settings.heal_count
         )
@@ -91,12 +86,12 @@ class Housekeeping:
 
     async def trim_once(self) -> int:
         """Forget request ids older than the keep window; how many."""
-        older_than = self._wall_clock() - self.settings.request_id_keep_s
+        older_than = self.clock.wall() - self.settings.request_id_keep_s
         return await self.db.write(store.trim_request_log, older_than)
 
     async def step(self) -> None:
         """Whatever is due now."""
-        now = self._clock()
+        now = self.clock.now()
         if self.settings.heals and now >= self._next_heal and self._has_parents():
             self._next_heal = now + self.settings.heal_interval_s
             await self._guarded("heal", self.heal_once)
@@ -106,10 +101,10 @@ class Housekeeping:
 
     async def run(self) -> None:
         # The first heal waits one interval: a cell just started streams its outbox anyway.
-        self._next_heal = self._clock() + self.settings.heal_interval_s
+        self._next_heal = self.clock.now() + self.settings.heal_interval_s
         while True:
             await self.step()
-            await self._sleep(self.settings.tick_s)
+            await self.clock.sleep(self.settings.tick_s)
 
     async def _guarded(self, what: str, work: Callable[[], Awaitable[int]]) -> None:
         try:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, TypeVar
 
+from zcells import entropy
 from zcells.errors import CallTimeout, SchemaError, ValidationError, WireError
 from zcells.names import check_cell_path, check_name
 
@@ -55,7 +56,7 @@ class Outcome(StrEnum):
 
 
 class _RandomIds:
-    """Message ids cut from a pool of `os.urandom` bytes, refilled 256 ids at a time.
+    """Message ids cut from a pool of random bytes (`zcells.entropy`), refilled 256 at a time.
 
     One getrandom system call per id cost a forwarding hop more than any
     other single step. The pool is refilled in a forked child before use, so
@@ -68,13 +69,14 @@ class _RandomIds:
     def __init__(self) -> None:
         self._start()
         os.register_at_fork(after_in_child=self._start)
+        entropy.on_change(self._start)
 
     def _start(self) -> None:
         self._lock = threading.Lock()  # a child's own: the parent's may have been held
         self._refill()
 
     def _refill(self) -> None:
-        self._pool = os.urandom(MESSAGE_ID_BYTES * self._POOL_IDS)
+        self._pool = entropy.token_bytes(MESSAGE_ID_BYTES * self._POOL_IDS)
         self._at = 0
 
     def next(self) -> bytes:

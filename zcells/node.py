@@ -24,14 +24,15 @@ into one another's state.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from zcells import logs, routing
+from zcells.clock import Clock, SystemClock, Timer
 from zcells.dispatch import Dispatcher
 from zcells.errors import (
     Busy,
@@ -112,7 +113,7 @@ class _Relay:
     requester: Peer | None  # whom to answer; None for this cell's own call
     request_id: bytes  # the id the requester used
     future: asyncio.Future[Response] | None = None
-    handle: asyncio.TimerHandle | None = None
+    handle: Timer | None = None
 
 
 @dataclass
@@ -124,7 +125,7 @@ class _Gather:
     aggregation: routing.Aggregation
     started: float
     sent_at: dict[Peer, float] = field(default_factory=dict)
-    handle: asyncio.TimerHandle | None = None
+    handle: Timer | None = None
     future: asyncio.Future[tuple[CellResult, ...]] | None = None
 
 
@@ -137,14 +138,12 @@ class Node:
         transport: Transport,
         methods: MethodTable,
         *,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
         self.transport = transport
         self.methods = methods
-        self.clock = clock
-        self.wall_clock = wall_clock
+        self.clock = clock or SystemClock()
         self.neighbours = Neighbourhood(
             settings.name,
             settings.cell_type,
@@ -162,11 +161,11 @@ class Node:
         # (client, project, role) -> the context its requests carry, less the request id
         self._contexts: dict[tuple[str, str | None, str], RequestContext] = {}
         self.counters: Counter[str] = Counter()
-        self.dispatch = Dispatcher(methods, clock, self._spawn, self.counters)
+        self.dispatch = Dispatcher(methods, self.clock, self._spawn, self.counters)
         # Called with this cell's full path when a parent places it (after a start, or a
         # move to a new parent), so its own records can follow.
         self.on_placed: Callable[[str], None] | None = None
-        self.started_at = clock()
+        self.started_at = self.clock.now()
 
     def install(self, methods: MethodTable) -> None:
         """Serve `methods` from now on (handlers that call through this node come after it)."""
@@ -177,7 +176,7 @@ class Node:
 
     def apply_registry(self, neighbours: list[Neighbour], clients: list[Client]) -> None:
         """Take a fresh read of the cells and clients tables: keyring, parents, view."""
-        self.transport.apply(self.neighbours.apply(neighbours, clients, self.clock()))
+        self.transport.apply(self.neighbours.apply(neighbours, clients, self.clock.now()))
         self._contexts.clear()
 
     @property
@@ -238,7 +237,7 @@ class Node:
             self._on_link(event)
             return
         peer = event.peer
-        self.neighbours.heard(peer, self.clock())
+        self.neighbours.heard(peer, self.clock.now())
         if event.error is not None:
             self._on_bad_message(peer, event.error)
             return
@@ -249,12 +248,12 @@ class Node:
             self._on_response(peer, message)
         elif isinstance(message, Hello):
             before = self.neighbours.known_path
-            self._send_all(self.neighbours.on_hello(peer, message, self.wall_clock()))
+            self._send_all(self.neighbours.on_hello(peer, message, self.clock.wall()))
             self._placed(before)
         elif isinstance(message, Heartbeat):
             before = self.neighbours.known_path
             self._send_all(
-                self.neighbours.learn(peer, message.path, message.your_path, self.wall_clock())
+                self.neighbours.learn(peer, message.path, message.your_path, self.clock.wall())
             )
             self._placed(before)
 
@@ -294,7 +293,7 @@ class Node:
             reason=change.reason,
         )
         if change.up and change.peer.role is Role.PARENT:
-            self._send_soon(change.peer, self.neighbours.hello_for(change.peer, self.wall_clock()))
+            self._send_soon(change.peer, self.neighbours.hello_for(change.peer, self.clock.wall()))
 
     def _send_all(
         self, outgoing: list[tuple[Peer, Hello | Heartbeat]], quiet: bool = False
@@ -307,19 +306,19 @@ class Node:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            await self.clock.sleep(self.settings.heartbeat_interval_s)
             self.beat()
 
     def beat(self) -> None:
         """Send heartbeats to every neighbour and move liveness on by the silence so far."""
-        self._send_all(self.neighbours.beat(self.clock(), self.wall_clock()), quiet=True)
+        self._send_all(self.neighbours.beat(self.clock.now(), self.clock.wall()), quiet=True)
 
     def liveness(self) -> dict[Peer, Liveness]:
-        return self.neighbours.liveness(self.clock())
+        return self.neighbours.liveness(self.clock.now())
 
     def silence(self) -> dict[Peer, float | None]:
         """Seconds since each neighbour was last heard (None: never), for the status view."""
-        return self.neighbours.silence(self.clock())
+        return self.neighbours.silence(self.clock.now())
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -377,7 +376,7 @@ class Node:
             reply_to=reply_to,
             path=path,
             results=results,
-            sent_at=self.wall_clock(),
+            sent_at=self.clock.wall(),
             held_ms=max(0.0, held_ms),
         )
         try:
@@ -437,11 +436,11 @@ class Node:
         return True
 
     def _on_request(self, peer: Peer, message: Request) -> None:
-        started = self.clock()
+        started = self.clock.now()
         if not self._remember(peer, message):
             return
         try:
-            skew = abs(self.wall_clock() - message.sent_at)
+            skew = abs(self.clock.wall() - message.sent_at)
             if skew > self.settings.max_clock_skew_s:
                 raise StaleMessage(f"sent {skew:.0f}s away from this cell's clock", self._here())
             caller = self._caller(peer)
@@ -539,12 +538,12 @@ class Node:
         method: Method,
         deadline: float,
     ) -> None:
-        started = self.clock()
+        started = self.clock.now()
 
         def answer(result: CellResult) -> None:
             if message.want_response:
                 self._answer(
-                    peer, message.id, stamped.path, (result,), (self.clock() - started) * 1000.0
+                    peer, message.id, stamped.path, (result,), (self.clock.now() - started) * 1000.0
                 )
 
         self.dispatch.run(stamped, peer, caller, method, deadline, answer)
@@ -578,20 +577,19 @@ class Node:
 
     def _outgoing(self, message: Request, deadline: float) -> Request:
         """The copy of a request for the next hop: its own id, the time left for it."""
-        remaining_ms = max(0, int((deadline - self.clock()) * 1000))
+        remaining_ms = max(0, int((deadline - self.clock.now()) * 1000))
         return evolve(
             message,
             id=new_message_id(),
-            sent_at=self.wall_clock(),
+            sent_at=self.clock.wall(),
             timeout_ms=routing.forward_budget_ms(remaining_ms),
         )
 
     def _watch(self, message_id: bytes, relay: _Relay, deadline: float) -> None:
         self._relays[(relay.via, message_id)] = relay
         self._hold(relay.requester)
-        delay = max(0.0, deadline - self.clock())
-        relay.handle = asyncio.get_running_loop().call_later(
-            delay, self._expire_relay, relay.via, message_id
+        relay.handle = self.clock.call_at(
+            deadline, functools.partial(self._expire_relay, relay.via, message_id)
         )
 
     def _drop_relay(self, via: Peer, message_id: bytes) -> _Relay | None:
@@ -616,7 +614,7 @@ class Node:
                 relay.request_id,
                 (),
                 (result,),
-                (self.clock() - relay.started) * 1000.0,
+                (self.clock.now() - relay.started) * 1000.0,
             )
 
     # -- broadcasts -------------------------------------------------------------------------
@@ -660,11 +658,11 @@ class Node:
     ) -> None:
         """Send a broadcast on to `to`, collecting their answers until `deadline`."""
         self._gathers[outgoing.id] = gather
-        gather.handle = asyncio.get_running_loop().call_later(
-            max(0.0, deadline - self.clock()), self._finish_gather, outgoing.id
+        gather.handle = self.clock.call_at(
+            deadline, functools.partial(self._finish_gather, outgoing.id)
         )
         for neighbour in to:
-            gather.sent_at[neighbour] = self.clock()
+            gather.sent_at[neighbour] = self.clock.now()
 
             def failed(error: WireError, neighbour: Peer = neighbour) -> None:
                 gather.aggregation.fail(neighbour, error)
@@ -687,7 +685,7 @@ class Node:
                 gather.request.id,
                 gather.request.path,
                 results,
-                (self.clock() - gather.started) * 1000.0,
+                (self.clock.now() - gather.started) * 1000.0,
             )
 
     # -- responses --------------------------------------------------------------------------
@@ -695,7 +693,7 @@ class Node:
     def _on_response(self, peer: Peer, response: Response) -> None:
         gather = self._gathers.get(response.reply_to)
         if gather is not None and gather.aggregation.expects(peer):
-            link_ms = (self.clock() - gather.sent_at[peer]) * 1000.0 - response.held_ms
+            link_ms = (self.clock.now() - gather.sent_at[peer]) * 1000.0 - response.held_ms
             try:
                 gather.aggregation.add(peer, response.results, max(0.0, link_ms))
             except WireError as exc:
@@ -728,7 +726,7 @@ class Node:
                 relay.request_id,
                 response.path,
                 response.results,
-                (self.clock() - relay.started) * 1000.0,
+                (self.clock.now() - relay.started) * 1000.0,
             )
 
     def _plausible_answer(self, relay: _Relay, response: Response) -> bool:
@@ -765,7 +763,7 @@ class Node:
             max_hops=self.settings.max_hop_count,
             want_response=True,
             timeout_ms=int(timeout_s * 1000),
-            sent_at=self.wall_clock(),
+            sent_at=self.clock.wall(),
             context=None,
         )
 
@@ -779,7 +777,7 @@ class Node:
         decision = routing.route_targeted(self.view, message, None)
         if not isinstance(decision, routing.Forward):
             raise InvalidRequest("a cell does not call itself", here)
-        started = self.clock()
+        started = self.clock.now()
         future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         outgoing = self._outgoing(decision.message, started + timeout_s)
         self._watch(
@@ -812,7 +810,7 @@ class Node:
         timeout_s = self.settings.call_timeout_s if timeout_s is None else timeout_s
         here = self.view.home_path()
         message = Broadcast(**self._own_fields(method, body, here, timeout_s), run_locally=False)
-        started = self.clock()
+        started = self.clock.now()
         fanout = routing.route_broadcast(self.view, message)
         outgoing = evolve(self._outgoing(message, started + timeout_s), run_locally=True)
         future: asyncio.Future[tuple[CellResult, ...]] = asyncio.get_running_loop().create_future()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 from zcells import logs
 from zcells.builds import orphan_request_id
@@ -46,13 +45,11 @@ class Orphans:
         node: Node,
         db: DbRunner,
         *,
-        wall_clock: Callable[[], float],
         idle_s: float = 1.0,
         call_timeout_s: float = 10.0,
     ) -> None:
         self.node = node
         self.db = db
-        self._clock = wall_clock
         self.idle_s = idle_s
         self.call_timeout_s = call_timeout_s
         self._bell = asyncio.Event()
@@ -74,14 +71,14 @@ class Orphans:
             if swept == 0:
                 self._bell.clear()
                 try:
-                    async with asyncio.timeout(self.idle_s):
+                    async with self.node.clock.timeout(self.idle_s):
                         await self._bell.wait()
                 except TimeoutError:
                     pass
 
     async def sweep(self) -> int:
         """Try every orphan due now; how many were tried."""
-        due = await self.db.read(orphans_store.due, self._clock(), BATCH)
+        due = await self.db.read(orphans_store.due, self.node.clock.wall(), BATCH)
         await asyncio.gather(*(self._delete(uuid, cell, attempts) for uuid, cell, attempts in due))
         return len(due)
 

@@ -18,7 +18,6 @@ import asyncio
 import logging
 import random
 import signal
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -240,7 +239,9 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
             upstream.wake()
 
     has_hosts = not top and config.compute.fake_hosts > 0
-    driver = FakeDriver(runner, config.compute.fake_build_s, changed) if has_hosts else None
+    driver = (
+        FakeDriver(runner, config.compute.fake_build_s, changed, node.clock) if has_hosts else None
+    )
     placer = Placer(
         node,
         runner,
@@ -249,7 +250,7 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
         changed,
         call_timeout_s=config.cells.call_timeout_s,
     )
-    orphans = Orphans(node, runner, wall_clock=time.time) if top else None
+    orphans = Orphans(node, runner) if top else None
     orphan_found = orphans.wake if orphans is not None else _nothing
     state = StateHandlers(node, runner, applies=top, changed=changed, orphan_found=orphan_found)
     upstream = Upstream(
@@ -274,7 +275,7 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
         page_bytes=min(PAGE_BYTES, config.transport.max_message_bytes // 2),
     )
     compute = ComputeHandlers(runner, placer, driver, changed)
-    rate = MessageRate(lambda: messages_seen(node))
+    rate = MessageRate(lambda: messages_seen(node), clock=node.clock)
     status = StatusHandlers(node, runner, upstream, rate, top=top)
     methods = build_methods(diag, state, compute, servers, status)
     cells = config.cells
@@ -288,9 +289,10 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
         ),
         has_parents=lambda: bool(node.view.parents),
         changed=changed,
+        clock=node.clock,
     )
     if not top:
-        node.on_placed = lambda path: _relocate(runner, path, changed)
+        node.on_placed = lambda path: _relocate(runner, path, node.clock.wall(), changed)
     return Services(
         runner, upstream, driver, builds if top else None, methods, housekeeping, rate, orphans
     )
@@ -299,12 +301,12 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
 _relocations: set[asyncio.Task[None]] = set()
 
 
-def _relocate(runner: DbRunner, path: str, changed: Callable[[], None]) -> None:
+def _relocate(runner: DbRunner, path: str, wall: float, changed: Callable[[], None]) -> None:
     """Put this cell's records under the path a parent just gave it, off the message loop."""
 
     async def run() -> None:
         try:
-            moved = await runner.write(instances_store.relocate_own, path, time.time())
+            moved = await runner.write(instances_store.relocate_own, path, wall)
         except DatabaseError as exc:
             logs.event(log, logging.ERROR, "cell.relocate_failed", error=exc.__class__.__name__)
             return
@@ -349,6 +351,7 @@ async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
             config.cells.cell_type, lambda: node.statistics() if node is not None else {}
         )
         node = Node(node_settings(config), transport, build_methods(diag))
+        cell.db.wall = node.clock.wall  # one clock: rows are stamped by the cell's wall time
         services = build_services(cell, node, diag)
         node.install(services.methods)
         watch = RegistryWatch(cell.db, node, config.cells.db_check_interval_s)

@@ -99,7 +99,7 @@ class Upstream:
                     self._bells.pop(name, None)
                     self.acked.pop(name, None)
                     self.blocked.pop(name, None)
-                await asyncio.sleep(self.retry_s)
+                await self.node.clock.sleep(self.retry_s)
         finally:
             for task in self._streams.values():
                 task.cancel()
@@ -111,7 +111,7 @@ class Upstream:
         while True:
             path = self.node.view.parents.get(parent)
             if path is None:
-                await asyncio.sleep(self.retry_s)
+                await self.node.clock.sleep(self.retry_s)
                 continue
             try:
                 if applied is None:
@@ -132,7 +132,7 @@ class Upstream:
                     error=str(exc),
                 )
                 applied = None
-                await asyncio.sleep(self.retry_s)
+                await self.node.clock.sleep(self.retry_s)
 
     async def _progress(self, parent: str, path: str) -> int:
         answer = (await self.node.call("progress", {}, target=path)).unwrap()
@@ -154,7 +154,7 @@ class Upstream:
         rows = ahead or await self.db.read(outbox_store.read_outbox, applied, self.batch_rows)
         if not rows:
             try:
-                async with asyncio.timeout(self.idle_s):
+                async with self.node.clock.timeout(self.idle_s):
                     await bell.wait()
             except TimeoutError:
                 pass

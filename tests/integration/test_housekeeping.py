@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid as uuid_module
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import msgpack
@@ -16,6 +16,7 @@ from zcells.db.engine import Database
 from zcells.db.models import RequestLogRow
 
 from tests.fakes import run
+from zcells.clock import FakeClock
 from zcells.dbrunner import DbRunner
 from zcells.errors import DatabaseError
 from zcells.housekeeping import Housekeeping, HousekeepingSettings
@@ -54,15 +55,9 @@ def queued(db: Database, after: int = 0) -> list[str]:
     return [Instance.from_wire(msgpack.unpackb(p, raw=False)).uuid for _, _, p in rows]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.wall = T0
-        self.mono = 100.0
-        self.slept: list[float] = []
-
-    def advance(self, seconds: float) -> None:
-        self.wall += seconds
-        self.mono += seconds
+def Clock() -> FakeClock:
+    """Monotonic 100 s, wall time T0: the housekeeping's clock in these tests."""
+    return FakeClock(start=100.0, wall_at_zero=T0 - 100.0)
 
 
 @pytest.fixture
@@ -79,7 +74,6 @@ def keeper(
     count: int = 2,
     parents: bool = True,
     wakes: list[int] | None = None,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Housekeeping:
     return Housekeeping(
         runner,
@@ -88,9 +82,7 @@ def keeper(
         ),
         has_parents=lambda: parents,
         changed=lambda: wakes.append(1) if wakes is not None else None,
-        wall_clock=lambda: clock.wall,
-        clock=lambda: clock.mono,
-        sleep=sleep,
+        clock=clock,
     )
 
 
@@ -183,18 +175,25 @@ def test_a_failing_step_is_logged_and_the_next_one_runs(
     assert "housekeeping.failed" in caplog.text and "disk I/O error" in caplog.text
 
 
-def test_run_sleeps_one_tick_between_steps(runner: DbRunner) -> None:
-    clock = Clock()
-    ticks: list[float] = []
+class Ticking(FakeClock):
+    """A clock whose every sleep is noted and passes at once; the third one cancels."""
 
-    async def sleep(seconds: float) -> None:
-        ticks.append(seconds)
-        clock.advance(seconds)
-        if len(ticks) == 3:
+    def __init__(self) -> None:
+        super().__init__(start=100.0, wall_at_zero=T0 - 100.0)
+        self.ticks: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.ticks.append(seconds)
+        self.advance(seconds)
+        if len(self.ticks) == 3:
             raise asyncio.CancelledError
 
+
+def test_run_sleeps_one_tick_between_steps(runner: DbRunner) -> None:
+    clock = Ticking()
+    ticks = clock.ticks
     owned(runner.db, 1, T0 - 10)
-    heal = keeper(runner, clock, sleep=sleep)
+    heal = keeper(runner, clock)
 
     async def main() -> None:
         with pytest.raises(asyncio.CancelledError):

@@ -8,6 +8,7 @@ and `broadcast`. Every call and broadcast is recorded with its timeout.
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from typing import Any, cast
 
 from zcells.db.engine import Database
 
+from zcells.clock import Clock, FakeClock
 from zcells.dbrunner import DbRunner
 from zcells.instances import Instance, new_instance
 from zcells.liveness import Liveness
@@ -41,7 +43,8 @@ class ScriptedNode:
     children: tuple[str, ...] = ()
     parents: dict[str, str] = field(default_factory=dict)  # name -> its full path
     disabled: set[str] = field(default_factory=set)
-    now: float = 1000.0
+    # Its wall time starts at the real one: the test database stamps rows by the real clock.
+    clock: Clock = field(default_factory=lambda: FakeClock(1000.0, time.time() - 1000.0))
     calls: dict[tuple[str, str], Answer] = field(default_factory=dict)  # (method, target)
     broadcasts: dict[str, Answer | tuple[CellResult, ...]] = field(default_factory=dict)
     sent: list[Sent] = field(default_factory=list)
@@ -53,9 +56,6 @@ class ScriptedNode:
             home_path=lambda target=None: self.here,
         )
         self.neighbours = SimpleNamespace(disabled=self.disabled)
-
-    def clock(self) -> float:
-        return self.now
 
     def liveness(self) -> dict[Peer, Liveness]:
         return {Peer(Role.CHILD, name): Liveness.ALIVE for name in self.children}

@@ -26,6 +26,7 @@ from zcells.builds import (
     time_left_s,
 )
 from zcells.cellsched import RandomCellScheduler
+from zcells.clock import FakeClock
 from zcells.compute import FakeDriver, fake_hosts
 from zcells.dbrunner import DbRunner
 from zcells.errors import CellUnreachable, NoCellsAvailable, NoValidHost
@@ -55,7 +56,7 @@ def refusal(cell: str, error: Exception) -> CellResult:
 
 
 def test_time_left_keeps_a_margin_and_never_goes_below_zero() -> None:
-    node = ScriptedNode(now=100.0).as_node()
+    node = ScriptedNode(clock=FakeClock(start=100.0)).as_node()
     assert time_left_s(node, None) is None
     assert time_left_s(node, 105.0) == pytest.approx(4.5)
     assert time_left_s(node, 100.5) == pytest.approx(0.45)
@@ -98,7 +99,7 @@ def test_every_child_without_a_host_makes_no_valid_host_naming_each(db: DbRunner
 
 
 def test_a_call_to_a_child_gets_the_time_the_request_has_left(db: DbRunner) -> None:
-    node = ScriptedNode(here="api!c1", children=("g1",), now=50.0)
+    node = ScriptedNode(here="api!c1", children=("g1",), clock=FakeClock(start=50.0))
     taken = placed(instance(UUID), "api!c1!g1", "h001", 51.0)
     node.calls[("build", "api!c1!g1")] = ok("api!c1!g1", {"instance": taken.to_wire()})
     got = run(
@@ -149,6 +150,7 @@ def test_a_placement_that_lands_after_the_top_deleted_the_instance_is_deleted(
     db: DbRunner,
 ) -> None:
     node = ScriptedNode(children=("c1",))
+    db.db.wall = node.clock.wall  # one clock for the cell and its database
     waiting = instance(UUID)
     taken = placed(waiting, "api!c1", "h001", 2.0)
     deleting = begin(taken, Action.DELETE, 3.0)
@@ -168,8 +170,9 @@ def test_a_placement_that_lands_after_the_top_deleted_the_instance_is_deleted(
         builds.start(waiting)
         await _drained(builds)
         assert [(s.method, s.target) for s in node.sent] == [("build", "api!c1")]
-        assert await db.read(orphans_store.due, time.time() + 1, 10) == [(UUID, "api!c1", 0)]
-        sweeper = Orphans(node.as_node(), db, wall_clock=time.time)
+        due = node.clock.wall()
+        assert await db.read(orphans_store.due, due, 10) == [(UUID, "api!c1", 0)]
+        sweeper = Orphans(node.as_node(), db)
         assert await sweeper.sweep() == 1
         assert [(s.method, s.target) for s in node.sent][1:] == [("instance_action", "api!c1")]
         assert node.sent[1].body == {
@@ -186,24 +189,24 @@ def test_a_placement_that_lands_after_the_top_deleted_the_instance_is_deleted(
 
 def test_an_orphan_delete_that_fails_is_tried_again_until_acknowledged(db: DbRunner) -> None:
     """Finding 9: a cell frozen when its orphan was found still gets the delete later."""
-    node = ScriptedNode(children=("c1",))
+    clock = FakeClock()
+    node = ScriptedNode(children=("c1",), clock=clock)
+    db.db.wall = clock.wall
     taken = placed(instance(UUID), "api!c1", "h001", 2.0)
     deleting = begin(taken, Action.DELETE, 3.0)
-    now = [1000.0]
 
     async def main() -> None:
         await db.write(orphans_store.note_now, [(UUID, "api!c1")])
-        sweeper = Orphans(node.as_node(), db, wall_clock=lambda: now[0])
+        sweeper = Orphans(node.as_node(), db)
         node.calls[("instance_action", "api!c1")] = CellResult(
             "api!c1", Outcome.ERROR, error=CellUnreachable("frozen", "api")
         )
-        now[0] = time.time()
         assert await sweeper.sweep() == 1
         assert await sweeper.sweep() == 0  # not due yet: it backs off
-        [(_, _, attempts)] = await db.read(orphans_store.due, now[0] + 5, 10)
+        [(_, _, attempts)] = await db.read(orphans_store.due, clock.wall() + 5, 10)
         assert attempts == 1
         node.calls[("instance_action", "api!c1")] = ok("api!c1", {"instance": deleting.to_wire()})
-        now[0] += 5
+        clock.advance(5)
         assert await sweeper.sweep() == 1
         assert await db.read(orphans_store.count) == 0
         assert sweeper.statistics() == {"deleted": 1, "failed": 1}
@@ -308,7 +311,7 @@ def test_a_host_freed_since_the_view_was_read_is_found_before_a_build_is_refused
         cell = Placer(
             node.as_node(), db, RandomCellScheduler(random.Random(1)), driver, lambda: None
         )
-        cell.hosts = HostView(max_age_s=3600)  # never read again on age alone
+        cell.hosts = HostView(max_age_s=3600, clock=cell.clock.now)  # read again only when told
         try:
             taken = await cell.place(instance(first), {}, "build-1", "api!c1", plan=[0.0])
             assert taken.host == "h001"  # the view now holds h001 full
@@ -411,8 +414,14 @@ def test_a_child_silent_twice_is_fenced_before_another_is_tried(db: DbRunner) ->
     scheduler.scheduler.order = lambda candidates, exclude: ["c1", "c2"]  # type: ignore[method-assign]
 
     async def main() -> None:
-        got = await scheduler.place(instance(UUID), {}, "build-1", "api", plan=[0.0])
-        assert got == taken
+        placing = asyncio.create_task(
+            scheduler.place(instance(UUID), {}, "build-1", "api", plan=[0.0])
+        )
+        for _ in range(100):  # the fence waits on the cell's clock: move it on
+            if placing.done():
+                break
+            await node.clock.run_for(0.5)
+        assert await placing == taken
         first, second, elsewhere = node.sent
         assert [s.target for s in node.sent] == ["api!c1", "api!c1", "api!c2"]
         # c2 was asked only once the last lease sent to c1 had run out

@@ -15,6 +15,7 @@ from tests.fakes import run
 from tests.unit.scripted_node import ScriptedNode, instance, parent_call, runner, uuids
 from zcells.builds import Placer
 from zcells.cellsched import RandomCellScheduler
+from zcells.clock import FakeClock
 from zcells.dbrunner import DbRunner
 from zcells.errors import Conflict
 from zcells.handlers.compute import ComputeHandlers
@@ -33,9 +34,9 @@ def db(synced: Database) -> Iterator[DbRunner]:
 
 
 def handlers(db: DbRunner) -> ComputeHandlers:
-    node = ScriptedNode(here=CELL).as_node()
+    node = ScriptedNode(here=CELL, clock=FakeClock(start=0.0, wall_at_zero=10.0)).as_node()
     placer = Placer(node, db, RandomCellScheduler(random.Random(1)), None, lambda: None)
-    return ComputeHandlers(db, placer, None, lambda: None, wall_clock=lambda: 10.0)
+    return ComputeHandlers(db, placer, None, lambda: None)
 
 
 async def held_here(db: DbRunner, uuid: str) -> Instance:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.fakes import MemoryTree, child_request, run, wait_for
+from zcells.clock import FakeClock
 from zcells.errors import (
     AccessDenied,
     CallTimeout,
@@ -279,19 +280,19 @@ def test_a_middle_cell_learns_its_path_and_tells_its_children() -> None:
 
 
 def test_heartbeats_drive_liveness_on_an_injected_clock() -> None:
-    now = [1000.0]
+    clock = FakeClock(start=1000.0)
 
     async def main() -> None:
         tree = MemoryTree({"api": {"c1": {}}}, heartbeat_interval_s=3600, mute_after_s=300)
         await tree.start()
         await tree.placed()
         api = tree.nodes["api"]
-        api.clock = lambda: now[0]
-        api.neighbours.trackers[Peer(Role.CHILD, "c1")].since = now[0]
-        api.neighbours.trackers[Peer(Role.CHILD, "c1")].last_heard = now[0]
+        api.clock = clock
+        api.neighbours.trackers[Peer(Role.CHILD, "c1")].since = clock.now()
+        api.neighbours.trackers[Peer(Role.CHILD, "c1")].last_heard = clock.now()
         child = Peer(Role.CHILD, "c1")
         assert api.liveness()[child].value in ("alive", "unknown")
-        now[0] += 10_000  # c1 silent well past the mute interval
+        clock.advance(10_000)  # c1 silent well past the mute interval
         api.beat()
         assert api.liveness()[child].value == "mute"
         tree.nodes["c1"].beat()  # c1's heartbeat reaches api

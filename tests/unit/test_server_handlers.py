@@ -49,7 +49,7 @@ def front_door(node: ScriptedNode, db: DbRunner) -> ServerHandlers:
     scheduler = RandomCellScheduler(random.Random(1))
     placer = Placer(node.as_node(), db, scheduler, None, lambda: None)
     builds = TopBuilds(placer, db, retries=0, retry_delay_s=0.0)
-    return ServerHandlers(node.as_node(), db, builds, top=True, wall_clock=lambda: 5.0)
+    return ServerHandlers(node.as_node(), db, builds, top=True)
 
 
 def delete(uuid: str = UUID, request_id: str | None = "del-1", **who: Any) -> Any:

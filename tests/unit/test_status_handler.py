@@ -16,6 +16,7 @@ from zcells.db.engine import Database
 
 from tests.fakes import run
 from tests.unit.scripted_node import instance, parent_call, runner, uuids
+from zcells.clock import FakeClock
 from zcells.dbrunner import DbRunner
 from zcells.handlers.status import MessageRate, StatusHandlers
 from zcells.instances import VmState, placed
@@ -30,11 +31,8 @@ class Counting:
     """A message count and a clock that tests move by hand."""
 
     def __init__(self) -> None:
-        self.now = 100.0
+        self.clock = FakeClock(start=100.0)
         self.messages = 0
-
-    def clock(self) -> float:
-        return self.now
 
     def count(self) -> int:
         return self.messages
@@ -46,7 +44,7 @@ def test_the_rate_is_over_the_samples_kept_and_the_ring_is_bounded() -> None:
     assert rate.per_second() is None  # nothing sampled yet
     for _ in range(10):  # 10 messages a second for 10 seconds
         rate.sample()
-        fake.now += 1.0
+        fake.clock.advance(1.0)
         fake.messages += 10
     assert rate.per_second() == pytest.approx(10.0)
     fake.messages += 40  # a burst in the last second counts, spread over the window
@@ -59,7 +57,7 @@ def test_the_rate_is_never_negative_nor_divided_by_zero() -> None:
     rate = MessageRate(fake.count, clock=fake.clock)
     rate.sample()
     assert rate.per_second() is None  # no time has passed
-    fake.now += 2.0
+    fake.clock.advance(2.0)
     fake.messages = -5  # a counter that went back (a new transport) is no negative rate
     assert rate.per_second() == 0.0
 
@@ -84,6 +82,7 @@ def handler(
 ) -> StatusHandlers:
     fake = Counting()
     node = SimpleNamespace(
+        clock=FakeClock(start=0.0, wall_at_zero=time.time() + 60.0),  # a minute after the rows
         view=SimpleNamespace(parents=parents),
         settings=SimpleNamespace(cell_type="api" if top else "compute"),
         liveness=lambda: liveness or {},
@@ -93,7 +92,7 @@ def handler(
     upstream = SimpleNamespace(acked=acked, blocked=blocked or {})
     rate = MessageRate(fake.count, clock=fake.clock)
     rate.sample()
-    fake.now += 2.0
+    fake.clock.advance(2.0)
     fake.messages = 30
     return StatusHandlers(
         cast(Node, node),
@@ -101,7 +100,6 @@ def handler(
         cast(Upstream, upstream),
         rate,
         top=top,
-        wall_clock=lambda: time.time() + 60.0,  # a minute after the rows were written
     )
 
 

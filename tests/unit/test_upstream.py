@@ -20,6 +20,7 @@ from zcells.db.engine import Database
 
 from tests.fakes import run
 from tests.unit.scripted_node import ScriptedNode, instance, ok, runner, uuids
+from zcells.clock import SYSTEM_CLOCK
 from zcells.dbrunner import DbRunner
 from zcells.errors import CallTimeout
 from zcells.instances import Instance, placed
@@ -65,7 +66,8 @@ def db(synced: Database) -> Iterator[DbRunner]:
 def stream(
     db: DbRunner, parent: Parent, resyncs: list[int] | None = None, **options: Any
 ) -> Upstream:
-    node = ScriptedNode(here="api!c1", parents={"api": "api"})
+    # The real clock: the stream's database reads run on threads, in real time.
+    node = ScriptedNode(here="api!c1", parents={"api": "api"}, clock=SYSTEM_CLOCK)
     node.calls[("progress", "api")] = parent.progress
     node.calls[("updates", "api")] = parent.updates
 

@@ -17,7 +17,6 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -58,13 +57,12 @@ class ComputeHandlers:
         placer: Placer,
         driver: FakeDriver | None,
         changed: Callable[[], None],
-        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
         self.placer = placer
         self.driver = driver
         self._changed = changed
-        self._clock = wall_clock
+        self.clock = placer.clock
         self._placing: dict[str, asyncio.Future[Instance]] = {}  # request id -> placement
         self._placed: OrderedDict[str, Instance] = OrderedDict()  # its outcome, for repeats
 
@@ -139,7 +137,7 @@ class ComputeHandlers:
         return {"found": True, "instance": changed.to_wire()}
 
     async def _begin(self, uuid: str, action: Action, request_id: str) -> Instance:
-        now = self._clock()
+        now = self.clock.wall()
         changed = await self.db.write(
             store.change,
             uuid,

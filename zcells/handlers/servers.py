@@ -34,11 +34,9 @@ Rules kept here (DESIGN.md §5, §8):
 from __future__ import annotations
 
 import hashlib
-import time
-import uuid as uuid_module
-from collections.abc import Callable
 from typing import Any, TypeGuard
 
+from zcells import entropy
 from zcells.builds import TopBuilds, check_hints, time_left_s
 from zcells.codec import packb
 from zcells.config import QuotaConfig, section_defaults
@@ -132,7 +130,6 @@ class ServerHandlers:
         top: bool,
         quota: QuotaConfig | None = None,
         page_bytes: int = PAGE_BYTES,
-        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.node = node
         self.db = db
@@ -141,7 +138,7 @@ class ServerHandlers:
         self.quota: QuotaConfig = quota or section_defaults("quota")
         self.default_quota = Quota(self.quota.servers, self.quota.vcpus, self.quota.ram_mb)
         self.page_bytes = page_bytes
-        self._clock = wall_clock
+        self.clock = node.clock
 
     def _require_top(self, call: Call) -> None:
         if not self.top:
@@ -202,11 +199,11 @@ class ServerHandlers:
         metadata = self._metadata(args["metadata"] or {}, call.cell)
         flavor = await self._flavor(args["flavor"])
         request_id = _request_id(call, args["request_id"])
-        now = self._clock()
+        now = self.clock.wall()
         try:
             wanted = [
                 new_instance(
-                    uuid=str(uuid_module.uuid4()),
+                    uuid=entropy.uuid4(),
                     name=args["name"] if count == 1 else f"{args['name']}-{i}",
                     project=_project(call),
                     user=_client(call),
@@ -359,7 +356,7 @@ class ServerHandlers:
                 "nothing was deleted; try again"
             )
         # Every cell answered and none holds it: the top records the delete itself.
-        now = self._clock()
+        now = self.clock.wall()
         gone = finish(begin(held, Action.DELETE, now), now)
         if not await self.db.write(store.index_put, gone):
             return None
@@ -517,7 +514,7 @@ def _host_rows(rows: Any) -> TypeGuard[list[dict[str, Any]]]:
 
 
 def _context_request_id(call: Call) -> str:
-    return call.context.request_id if call.context is not None else str(uuid_module.uuid4())
+    return call.context.request_id if call.context is not None else entropy.uuid4()
 
 
 def _request_id(call: Call, given: str | None, *about: str) -> str:

@@ -14,12 +14,11 @@ them; the view puts the answers of a subtree together. Rules kept here:
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from zcells.clock import SYSTEM_CLOCK, Clock
 from zcells.db import outbox as outbox_store
 from zcells.db import status as status_store
 from zcells.dbrunner import DbRunner
@@ -44,23 +43,23 @@ class MessageRate:
         *,
         window_s: float = 5.0,
         interval_s: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._count = count
         self.window_s = window_s
         self.interval_s = interval_s
-        self._clock = clock
+        self.clock = clock
         self._samples: deque[tuple[float, int]] = deque(maxlen=round(window_s / interval_s) + 1)
 
     def sample(self) -> None:
-        self._samples.append((self._clock(), self._count()))
+        self._samples.append((self.clock.now(), self._count()))
 
     def per_second(self) -> float | None:
         """The rate from the oldest sample kept to now; None before the first sample."""
         if not self._samples:
             return None
         then, before = self._samples[0]
-        elapsed = self._clock() - then
+        elapsed = self.clock.now() - then
         if elapsed <= 0:
             return None
         return max(0, self._count() - before) / elapsed
@@ -75,7 +74,7 @@ class MessageRate:
     async def run(self) -> None:
         while True:
             self.sample()
-            await asyncio.sleep(self.interval_s)
+            await self.clock.sleep(self.interval_s)
 
 
 def messages_seen(node: Node) -> int:
@@ -95,14 +94,12 @@ class StatusHandlers:
         rate: MessageRate,
         *,
         top: bool,
-        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.node = node
         self.db = db
         self.upstream = upstream
         self.rate = rate
         self.top = top
-        self._wall = wall_clock
 
     async def status(self, call: Call) -> dict[str, Any]:
         """This cell's type, its children's liveness, hosts, servers, backlog and message rate."""
@@ -110,7 +107,7 @@ class StatusHandlers:
         acked = self.upstream.acked
         after = min(acked.get(name, 0) for name in parents) if parents else None
         figures = await self.db.read(status_store.figures, after)
-        now = self._wall()
+        now = self.node.clock.wall()
         silence = self.node.silence()
         liveness = self.node.liveness()
         children = {
