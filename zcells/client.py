@@ -8,12 +8,12 @@ request, matched here by `reply_to`, so many calls can share one link.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from zcells.clock import SYSTEM_CLOCK, Clock
 from zcells.errors import CallTimeout, ProtocolError, TransportClosed
 from zcells.messages import (
     Broadcast,
@@ -58,14 +58,12 @@ class CellClient:
         *,
         timeout_s: float = 60.0,
         max_hops: int = 10,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.transport = transport
         self.timeout_s = timeout_s
         self.max_hops = max_hops
         self.clock = clock
-        self.wall_clock = wall_clock
         self.cell_path: str | None = None
         self._waiting: dict[bytes, asyncio.Future[Response]] = {}
         self._hello: asyncio.Future[Hello] | None = None
@@ -89,7 +87,7 @@ class CellClient:
         self._hello = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read(), name="client-reader")
         await self.transport.send(
-            Hello(id=new_message_id(), sent_at=self.wall_clock(), cell_type="client")
+            Hello(id=new_message_id(), sent_at=self.clock.wall(), cell_type="client")
         )
         try:
             async with asyncio.timeout(min(self.timeout_s, 10.0)):
@@ -149,7 +147,7 @@ class CellClient:
             "max_hops": self.max_hops,
             "want_response": True,
             "timeout_ms": int(timeout_s * 1000),
-            "sent_at": self.wall_clock(),
+            "sent_at": self.clock.wall(),
             "context": None,
         }
 
@@ -211,16 +209,16 @@ class CellClient:
         message = Broadcast(
             **self._fields(method, body or {}, timeout_s, direction), run_locally=run_locally
         )
-        started = self.clock()
+        started = self.clock.now()
         response = await self._request(message, timeout_s)
-        link_ms = max(0.0, (self.clock() - started) * 1000.0 - response.held_ms)
+        link_ms = max(0.0, (self.clock.now() - started) * 1000.0 - response.held_ms)
         return response.results, link_ms
 
     async def ping(self, path: str | None = None, timeout_s: float | None = None) -> Ping:
         """Ping one cell; raises its typed error if routing or the cell failed."""
-        started = self.clock()
+        started = self.clock.now()
         result = await self.call("ping", target=path, timeout_s=timeout_s)
-        rtt = (self.clock() - started) * 1000.0
+        rtt = (self.clock.now() - started) * 1000.0
         value = result.unwrap()
         return Ping(cell=str(value.get("cell", result.cell)), ok=True, rtt_ms=rtt)
 

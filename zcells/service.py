@@ -22,9 +22,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from zcells import logs
+from zcells import entropy, logs
 from zcells.builds import Placer, TopBuilds
 from zcells.cellsched import RandomCellScheduler
+from zcells.clock import SYSTEM_CLOCK, Clock
 from zcells.compute import FakeDriver, fake_hosts
 from zcells.config import Config
 from zcells.db import hosts as hosts_store
@@ -47,7 +48,7 @@ from zcells.pidfile import PidFile
 from zcells.records import Client, Neighbour
 from zcells.sockets.keys import KeyPair, check_environment, generate_keypair, load_keypair
 from zcells.sockets.transport import ZmqTransport
-from zcells.transport import Identity
+from zcells.transport import Identity, Transport
 from zcells.upstream import BATCH_BYTES, Upstream
 
 log = logs.get_logger("service")
@@ -155,7 +156,7 @@ class RegistryWatch:
     A database that cannot be read keeps the last good registry in force.
     """
 
-    def __init__(self, db: Database, node: Node, interval_s: float) -> None:
+    def __init__(self, db: DbRunner, node: Node, interval_s: float) -> None:
         self.db = db
         self.node = node
         self.interval_s = interval_s
@@ -168,7 +169,7 @@ class RegistryWatch:
     async def load(self) -> bool:
         """Apply the registry if it changed; True when it did."""
         try:
-            current = await asyncio.to_thread(registry.snapshot, self.db)
+            current = await self.db.read(registry.snapshot)
         except DatabaseError as exc:
             logs.event(log, logging.WARNING, "registry.unreadable", error=exc)
             return False
@@ -190,7 +191,7 @@ class RegistryWatch:
     async def run(self) -> None:
         while True:
             try:
-                async with asyncio.timeout(self.interval_s):
+                async with self.node.clock.timeout(self.interval_s):
                     await self._poked.wait()
             except TimeoutError:
                 pass
@@ -227,10 +228,8 @@ class Services:
     orphans: Orphans | None
 
 
-def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
+def build_services(config: Config, runner: DbRunner, node: Node, diag: DiagHandlers) -> Services:
     """Handlers, the fake driver and the upward stream of one cell, sharing one DB runner."""
-    config = cell.config
-    runner = DbRunner(cell.db)
     top = config.cells.cell_type == "api"
     upstream: Upstream | None = None
 
@@ -245,7 +244,8 @@ def build_services(cell: Cell, node: Node, diag: DiagHandlers) -> Services:
     placer = Placer(
         node,
         runner,
-        RandomCellScheduler(random.Random()),  # noqa: S311 (placement, not secrets)
+        # placement, not secrets; seeded through `entropy` so a simulation can replay it
+        RandomCellScheduler(random.Random(entropy.token_bytes(16))),  # noqa: S311
         driver,
         changed,
         call_timeout_s=config.cells.call_timeout_s,
@@ -323,9 +323,9 @@ def _nothing() -> None:
     pass
 
 
-async def _prepare(cell: Cell, services: Services) -> None:
+async def _prepare(config: Config, services: Services) -> None:
     """Hosts from the config, then pick up whatever a previous run left unfinished."""
-    compute = cell.config.compute
+    compute = config.compute
     if services.driver is not None:
         hosts = fake_hosts(
             compute.fake_hosts,
@@ -343,22 +343,8 @@ async def _prepare(cell: Cell, services: Services) -> None:
 
 async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
     config = cell.config
-    transport = make_transport(config, cell.keys)
-    services: Services | None = None
-    try:
-        node: Node | None = None
-        diag = DiagHandlers(
-            config.cells.cell_type, lambda: node.statistics() if node is not None else {}
-        )
-        node = Node(node_settings(config), transport, build_methods(diag))
-        cell.db.wall = node.clock.wall  # one clock: rows are stamped by the cell's wall time
-        services = build_services(cell, node, diag)
-        node.install(services.methods)
-        watch = RegistryWatch(cell.db, node, config.cells.db_check_interval_s)
-        # The keyring must be in place before the endpoints are bound: a child
-        # refused during a gap would not be redialled by ZeroMQ for a while.
-        await watch.load()
-        await transport.start()
+
+    def started(watch: RegistryWatch) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _on_sighup, watch)
         logs.event(
             log,
@@ -375,6 +361,41 @@ async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
         )
         for warning in config.warnings:
             logs.event(log, logging.WARNING, "config.warning", detail=warning)
+
+    transport = make_transport(config, cell.keys)
+    await run_cell(config, cell.db, transport, SYSTEM_CLOCK, DbRunner(cell.db), stop, started)
+
+
+async def run_cell(
+    config: Config,
+    db: Database,
+    transport: Transport,
+    clock: Clock,
+    runner: DbRunner,
+    stop: asyncio.Event,
+    started: Callable[[RegistryWatch], None] = lambda _watch: None,
+) -> None:
+    """Serve one cell on `transport` until `stop` is set; everything is closed on the way out.
+
+    The daemon runs it over ZeroMQ on the system clock; a simulation runs
+    many in one process, over the in-memory transport, in virtual time.
+    """
+    services: Services | None = None
+    try:
+        node: Node | None = None
+        diag = DiagHandlers(
+            config.cells.cell_type, lambda: node.statistics() if node is not None else {}
+        )
+        node = Node(node_settings(config), transport, build_methods(diag), clock=clock)
+        db.wall = clock.wall  # one clock: rows are stamped by the cell's wall time
+        services = build_services(config, runner, node, diag)
+        node.install(services.methods)
+        watch = RegistryWatch(runner, node, config.cells.db_check_interval_s)
+        # The keyring must be in place before the endpoints are bound: a child
+        # refused during a gap would not be redialled by ZeroMQ for a while.
+        await watch.load()
+        await transport.start()
+        started(watch)
         async with asyncio.TaskGroup() as tasks:
             running = [
                 tasks.create_task(node.run(), name="node"),
@@ -385,7 +406,7 @@ async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
             ]
             if services.orphans is not None:
                 running.append(tasks.create_task(services.orphans.run(), name="orphans"))
-            await _prepare(cell, services)
+            await _prepare(config, services)
             await stop.wait()
             logs.event(log, logging.INFO, "cell.stopping", cell=config.cells.name)
             for task in running:
@@ -396,8 +417,7 @@ async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
         if services is not None and services.builds is not None:
             await services.builds.close()
         await transport.close()
-        if services is not None:
-            services.runner.close()
+        runner.close()
 
 
 def _on_sighup(watch: RegistryWatch) -> None:

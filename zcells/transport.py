@@ -144,10 +144,31 @@ class ClientTransport(ABC):
 
 
 class MemoryNetwork:
-    """Listening in-memory transports by endpoint: a loopback network inside one process."""
+    """Listening in-memory transports by endpoint: a loopback network inside one process.
+
+    It carries every message between two cells at once and lets any cell
+    dial any other; a simulation's network overrides `carry`, `can_dial`
+    and `lost` to delay, drop, duplicate or hold messages and cut links.
+    """
 
     def __init__(self) -> None:
         self.bound: dict[str, MemoryTransport] = {}
+
+    def carry(
+        self, sender: str, receiver: str, link: _Conn, frames: list[bytes], deliver: Deliver
+    ) -> None:
+        """Take `frames` from cell `sender` to cell `receiver` over `link`."""
+        deliver(frames)
+
+    def can_dial(self, dialler: str, listener: str) -> bool:
+        """Whether a handshake from `dialler` reaches `listener` now."""
+        return True
+
+    def lost(self, transport: MemoryTransport) -> None:
+        """`transport` lost a link to a parent; it dials again when `redial()` is called."""
+
+
+Deliver = Callable[[list[bytes]], None]
 
 
 @dataclass(eq=False)
@@ -161,6 +182,9 @@ class _Conn:
     deliver: Callable[[list[bytes]], None]
     lost: Callable[[str], None] = lambda _parent: None
     open: bool = True
+
+    def to_listener(self, frames: list[bytes]) -> None:
+        self.listener.receive_from(self, frames)
 
 
 class MemoryTransport(Transport):
@@ -250,8 +274,8 @@ class MemoryTransport(Transport):
     def _dial(self, name: str, link: ParentLink) -> None:
         server = self.network.bound.get(link.endpoint)
         peer = Peer(Role.PARENT, name)
-        if server is None:
-            return  # nothing listens there yet
+        if server is None or not self.network.can_dial(self.identity.name, server.identity.name):
+            return  # nothing listens there yet, or nothing gets through
         if server.identity.public_key != link.public_key:
             self._emit(LinkChange(peer, up=False, reason="server key does not match"))
             return
@@ -269,11 +293,23 @@ class MemoryTransport(Transport):
         self._dialled[name] = conn
         self._emit(LinkChange(peer, up=True, reason="connected"))
 
+    def parents_up(self) -> bool:
+        """Whether every parent in the topology has a live link."""
+        return all(
+            name in self._dialled and self._dialled[name].open for name in self._topology.parents
+        )
+
+    def lose_parent(self, name: str, reason: str) -> None:
+        """The link to parent `name` broke (a network fault): both ends see it go."""
+        self._drop_parent(name, reason)
+
     def _drop_parent(self, name: str, reason: str) -> None:
         conn = self._dialled.pop(name, None)
         if conn is not None:
             conn.open = False
             self._emit(LinkChange(Peer(Role.PARENT, name), up=False, reason=reason))
+            if not self._closed:
+                self.network.lost(self)
 
     # both
 
@@ -303,13 +339,16 @@ class MemoryTransport(Transport):
             conn = self._dialled.get(peer.name)
             if conn is None or not conn.open:
                 raise CellUnreachable(f"no live link to {peer}", self.identity.name)
-            conn.listener.receive_from(conn, frames)
+            self.network.carry(self.identity.name, peer.name, conn, frames, conn.to_listener)
         else:
             domain = "cells" if peer.role is Role.CHILD else "api"
             conn = self._accepted.get((domain, peer.name))
             if conn is None or not conn.open:
                 raise CellUnreachable(f"no live link to {peer}", self.identity.name)
-            conn.deliver(frames)
+            if peer.role is Role.CHILD:
+                self.network.carry(self.identity.name, peer.name, conn, frames, conn.deliver)
+            else:
+                conn.deliver(frames)
         self.counters["sent"] += 1
         return len(frames[0]) + len(frames[1])
 
