@@ -7,7 +7,7 @@ PYTEST_WORKERS ?= auto
 DEV_DIR ?= $(CURDIR)/.zcells/dev
 
 .PHONY: install run test test-postgres check lint typecheck bench bench-transport bench-updates \
-	bench-builds clean
+	bench-builds bench-sim sim clean
 
 install: $(STAMP)
 
@@ -47,7 +47,7 @@ typecheck: $(STAMP)
 	cd $(TYPECHECK_TREE) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
 		--cache-dir $(CURDIR)/.mypy_cache -p zcells
 
-bench: bench-transport bench-updates bench-builds
+bench: bench-transport bench-updates bench-builds bench-sim
 
 bench-transport: $(STAMP)
 	$(BIN)/python bench/transport.py
@@ -58,6 +58,14 @@ bench-updates: $(STAMP)
 bench-builds: $(STAMP)
 	$(BIN)/python bench/builds.py
 
+bench-sim: $(STAMP)
+	$(BIN)/python bench/sim.py
+
+# The default simulation: 1,000 cells, 10 virtual minutes, every fault; SIM_ARGS to change it
+# (for example SIM_ARGS="--seed 7 --cells 100").
+sim: $(STAMP)
+	$(BIN)/zcells sim $(SIM_ARGS)
+
 # Minutes of faults on a tree of real cells in network namespaces, then the invariants
 # (soak/run.py says which); SOAK_MINUTES=10 by default, SOAK_SEED to replay a run.
 # Also the codec fuzzer at length.
@@ -66,6 +74,7 @@ SOAK_MINUTES ?= 10
 soak: $(STAMP)
 	ZCELLS_FUZZ_CASES=500000 $(BIN)/python -m pytest -q -p no:randomly tests/unit/test_codec_fuzz.py
 	SOAK_MINUTES=$(SOAK_MINUTES) $(BIN)/python soak/run.py
+	for seed in 101 102 103; do $(BIN)/zcells sim --seed $$seed || exit 1; done
 
 .PHONY: docs
 docs: $(STAMP)

@@ -171,12 +171,14 @@ class FakeClock(Clock):
         self._now = until
 
     async def run_for(self, seconds: float, step_s: float = 0.01) -> None:
-        """Advance in steps of `step_s`, letting the loop run what each step woke."""
+        """Advance in steps of `step_s`, letting the loop run what is ready before each step
+        and what the last step woke."""
         steps = max(1, round(seconds / step_s))
-        for _ in range(steps):
-            self.advance(step_s)
+        for step in range(steps + 1):
             for _ in range(5):  # a woken task may wake another in turn
                 await asyncio.sleep(0)
+            if step < steps:
+                self.advance(step_s)
 
     @property
     def pending(self) -> int:

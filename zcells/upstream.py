@@ -19,6 +19,11 @@ Rules kept here (DESIGN.md §4):
   batch leaves as soon as the ack comes; a read ahead is used only if the
   parent acked the whole batch.
 * A row is trimmed only once every parent has applied it.
+* Every change in this process rings the stream's bell; the outbox is also
+  read when the bell has been quiet for `idle_s`, doubling up to
+  `idle_max_s` while it stays empty (a row written by another process, a
+  `zcells` command, is sent within that), so a thousand idle cells do not
+  read their outboxes every second.
 * A row the parent refuses (a record outside this cell's subtree, say, after
   the subtree moved) is held aside in ``held_rows`` with the parent's
   reason, counted and shown by `zcells status`; the rest of the stream flows.
@@ -63,6 +68,7 @@ class Upstream:
         batch_rows: int = BATCH_ROWS,
         batch_bytes: int = BATCH_BYTES,
         idle_s: float = 1.0,
+        idle_max_s: float = 16.0,
         retry_s: float = 1.0,
     ) -> None:
         self.node = node
@@ -70,6 +76,8 @@ class Upstream:
         self.batch_rows = batch_rows
         self.batch_bytes = batch_bytes
         self.idle_s = idle_s
+        self.idle_max_s = max(idle_s, idle_max_s)
+        self._quiet_s: dict[str, float] = {}  # parent -> how long the next idle wait lasts
         self.retry_s = retry_s
         self._resync_children = resync_children
         self._streams: dict[str, asyncio.Task[None]] = {}
@@ -97,6 +105,7 @@ class Upstream:
                 for name in self._streams.keys() - parents:
                     self._streams.pop(name).cancel()
                     self._bells.pop(name, None)
+                    self._quiet_s.pop(name, None)
                     self.acked.pop(name, None)
                     self.blocked.pop(name, None)
                 await self.node.clock.sleep(self.retry_s)
@@ -153,12 +162,16 @@ class Upstream:
         bell.clear()
         rows = ahead or await self.db.read(outbox_store.read_outbox, applied, self.batch_rows)
         if not rows:
+            quiet_s = self._quiet_s.get(parent, self.idle_s)
             try:
-                async with self.node.clock.timeout(self.idle_s):
+                async with self.node.clock.timeout(quiet_s):
                     await bell.wait()
             except TimeoutError:
-                pass
+                self._quiet_s[parent] = min(self.idle_max_s, quiet_s * 2)
+            else:
+                self._quiet_s.pop(parent, None)
             return applied, []
+        self._quiet_s.pop(parent, None)
         rows = within_bytes(rows, self.batch_bytes)
         last = rows[-1][0]
         try:

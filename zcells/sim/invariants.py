@@ -29,7 +29,7 @@ from zcells import codec
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
 from zcells.db import outbox as outbox_store
-from zcells.errors import ProtocolError
+from zcells.errors import WireError
 from zcells.instances import Instance
 from zcells.liveness import Liveness
 from zcells.messages import Targeted
@@ -148,11 +148,11 @@ class SequenceWatch:
             return
         try:
             message = codec.decode(frames)
-        except ProtocolError:
+            if not isinstance(message, Targeted) or message.method != "updates":
+                return
+            rows = message.body.get("rows")
+        except WireError:  # malformed: the receiver refuses it, nothing is applied
             return
-        if not isinstance(message, Targeted) or message.method != "updates":
-            return
-        rows = message.body.get("rows") if isinstance(message.body, dict) else None
         if not isinstance(rows, list):
             return
         self.batches += 1
@@ -169,11 +169,6 @@ class SequenceWatch:
                 self.highest[sender] = max(self.highest.get(sender, 0), seq)
             elif before != digest:
                 self.violations.append(f"{sender}: sequence {seq} sent with two contents")
-
-    def forget_below(self, cell: str, seq: int) -> None:
-        """Rows up to `seq` are trimmed: keep memory bounded."""
-        for key in [k for k in self.seen if k[0] == cell and k[1] <= seq]:
-            del self.seen[key]
 
 
 def unsettled(tree: SimTree) -> list[str]:
