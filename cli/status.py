@@ -48,8 +48,8 @@ from zcells.client import CellClient
 from zcells.errors import WireError
 from zcells.instances import STATUSES
 from zcells.messages import CellResult, Outcome
-from zcells.names import PATH_SEPARATOR
-from zcells.routing import last_name, parent_of
+from zcells.names import PATH_SEPARATOR, last_name
+from zcells.routing import parent_of
 from zcells.sockets.transport import ZmqClient
 
 HEALTHY: Final = "healthy"

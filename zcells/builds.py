@@ -67,8 +67,9 @@ from zcells.errors import (
 from zcells.hostsched import choose_hosts, no_valid_host
 from zcells.instances import Fault, Instance, TaskState, VmState, failed, placed
 from zcells.liveness import Liveness
-from zcells.node import Node
+from zcells.names import child_path
 from zcells.peer import Peer, Role
+from zcells.port import CellPort
 from zcells.records import Host, Resources
 from zcells.routing import forward_budget_ms, is_below
 
@@ -83,7 +84,7 @@ FENCE_MARGIN_S = 2.0
 _REACHABLE = frozenset({Liveness.ALIVE, Liveness.LATE})
 
 
-def time_left_s(node: Node, deadline: float | None) -> float | None:
+def time_left_s(node: CellPort, deadline: float | None) -> float | None:
     """The time a call made before `deadline` (node clock) may take; None: no deadline.
 
     A margin is kept, as each hop of a forwarded request keeps one, so the
@@ -120,7 +121,7 @@ class Placer:
 
     def __init__(
         self,
-        node: Node,
+        node: CellPort,
         db: DbRunner,
         scheduler: CellScheduler,
         driver: FakeDriver | None,
@@ -141,13 +142,13 @@ class Placer:
         liveness = self.node.liveness()
         found = []
         for child in sorted(self.node.view.children):
-            path = f"{here}!{child}"
+            path = child_path(here, child)
             if target is not None and not is_below(target, path):
                 continue
             found.append(
                 Candidate(
                     child,
-                    enabled=child not in self.node.neighbours.disabled,
+                    enabled=child not in self.node.disabled,
                     reachable=liveness.get(Peer(Role.CHILD, child)) in _REACHABLE,
                 )
             )
@@ -300,7 +301,7 @@ class Placer:
         timeout_s: float | None = None,
         lease: float | None = None,
     ) -> Instance:
-        child_path = f"{here}!{child}"
+        target = child_path(here, child)
         body: dict[str, Any] = {
             "instance": instance.to_wire(),
             "hints": dict(hints),
@@ -308,19 +309,13 @@ class Placer:
         }
         if lease is not None:
             body["valid_until"] = lease
-        answer = (
-            await self.node.call("build", body, target=child_path, timeout_s=timeout_s)
-        ).unwrap()
+        answer = (await self.node.call("build", body, target=target, timeout_s=timeout_s)).unwrap()
         try:
             taken = Instance.from_wire(answer.get("instance") if isinstance(answer, dict) else None)
         except SchemaError as exc:
-            raise SchemaError(f"{child_path} acknowledged a build badly: {exc.message}") from None
-        if (
-            taken.uuid != instance.uuid
-            or taken.cell is None
-            or not is_below(taken.cell, child_path)
-        ):
-            raise SenderMismatch(f"{child_path} acknowledged a build it does not hold", here)
+            raise SchemaError(f"{target} acknowledged a build badly: {exc.message}") from None
+        if taken.uuid != instance.uuid or taken.cell is None or not is_below(taken.cell, target):
+            raise SenderMismatch(f"{target} acknowledged a build it does not hold", here)
         return taken
 
 

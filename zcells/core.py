@@ -76,7 +76,7 @@ from zcells.messages import (
     new_message_id,
 )
 from zcells.methods import Method, MethodTable
-from zcells.names import PATH_SEPARATOR
+from zcells.names import child_path
 from zcells.neighbours import Neighbourhood
 from zcells.peer import Peer, Role
 from zcells.records import Client, Neighbour
@@ -296,7 +296,7 @@ class CellCore:
             if parent_path is None and message.path:  # no hello yet: as the parent names it
                 parent_path = message.path[-1]
             if parent_path is not None:
-                return f"{parent_path}{PATH_SEPARATOR}{self.settings.name}"
+                return child_path(parent_path, self.settings.name)
         return self.here()
 
     def _run(
@@ -506,8 +506,8 @@ class CellCore:
         if len(response.results) != 1:
             return False
         if relay.via.role is Role.CHILD:
-            child_path = f"{self.here()}{PATH_SEPARATOR}{relay.via.name}"
-            return routing.is_below(response.results[0].cell, child_path)
+            below = child_path(self.here(), relay.via.name)
+            return routing.is_below(response.results[0].cell, below)
         return True
 
     # -- answers ------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from zcells.client import CellClient
 from zcells.db import migrate, registry
 from zcells.db.engine import Database
 from zcells.errors import ServiceError, WireError
+from zcells.names import child_path
 from zcells.sockets.keys import KeyPair, generate_keypair
 from zcells.sockets.transport import ZmqClient
 
@@ -183,7 +184,7 @@ class CellTree:
 
     def _add(self, tree: Tree, parent: str | None, parent_path: str | None) -> None:
         for name, children in tree.items():
-            path = name if parent_path is None else f"{parent_path}!{name}"
+            path = name if parent_path is None else child_path(parent_path, name)
             directory = self.root / name
             cells_port, api_port = free_ports(2)
             keys = generate_keypair(directory / "keys", name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 
 from zcells.errors import ValidationError
 
@@ -32,6 +33,21 @@ NAME_EXPECTED = "1-64 characters of letters, digits, '_', '.' or '-' (no '!')"
 
 ROLES = ("admin", "member", "reader")
 NEIGHBOUR_KINDS = ("parent", "child")
+
+
+def child_path(parent: str, name: str) -> str:
+    """The full path of cell `name` under the cell at `parent`."""
+    return f"{parent}{PATH_SEPARATOR}{name}"
+
+
+def join_path(names: Iterable[str]) -> str:
+    """Names (or paths) joined into one path, as a routing path is shown."""
+    return PATH_SEPARATOR.join(names)
+
+
+def last_name(path: str) -> str:
+    """The name of the cell at `path`."""
+    return path.rpartition(PATH_SEPARATOR)[2]
 
 
 def check_name(field: str, value: str) -> str:

@@ -25,7 +25,7 @@ from dataclasses import replace
 from zcells import logs, routing
 from zcells.liveness import Liveness, Tracker
 from zcells.messages import Heartbeat, Hello, new_message_id
-from zcells.names import PATH_SEPARATOR
+from zcells.names import PATH_SEPARATOR, child_path, last_name
 from zcells.peer import Peer, Role
 from zcells.records import Client, Neighbour
 from zcells.transport import ParentLink, Topology
@@ -108,7 +108,7 @@ class Neighbourhood:
 
     def hello_for(self, peer: Peer, wall: float) -> Hello:
         here = self.known_path
-        your = f"{here}!{peer.name}" if here and peer.role is Role.CHILD else None
+        your = child_path(here, peer.name) if here and peer.role is Role.CHILD else None
         return Hello(
             id=new_message_id(), sent_at=wall, cell_type=self.cell_type, path=here, your_path=your
         )
@@ -123,7 +123,7 @@ class Neighbourhood:
         """A parent says where it sits; that fixes where this cell sits under it."""
         if peer.role is not Role.PARENT or path is None or peer.name not in self.parent_names:
             return []
-        if your_path != f"{path}!{self.name}" or routing.last_name(path) != peer.name:
+        if your_path != child_path(path, self.name) or last_name(path) != peer.name:
             logs.event(
                 log,
                 logging.WARNING,
@@ -177,7 +177,7 @@ class Neighbourhood:
         here = self.known_path
         beats: Outgoing = []
         for peer, tracker in self.trackers.items():
-            your = f"{here}!{peer.name}" if here and peer.role is Role.CHILD else None
+            your = child_path(here, peer.name) if here and peer.role is Role.CHILD else None
             beats.append(
                 (peer, Heartbeat(id=new_message_id(), sent_at=wall, path=here, your_path=your))
             )

@@ -32,6 +32,7 @@ from zcells.errors import KeyRevoked, TooLarge, TransportClosed, WireError
 from zcells.liveness import Liveness
 from zcells.messages import CellResult, Response
 from zcells.methods import MethodTable
+from zcells.names import join_path
 from zcells.neighbours import Neighbourhood
 from zcells.peer import Peer
 from zcells.records import Client, Neighbour
@@ -83,6 +84,18 @@ class Node:
     @property
     def view(self) -> routing.View:
         return self.core.view
+
+    @property
+    def cell_type(self) -> str:
+        return self.settings.cell_type
+
+    @property
+    def disabled(self) -> frozenset[str]:
+        return self.core.neighbours.disabled
+
+    @property
+    def problems(self) -> Mapping[str, str]:
+        return self.core.neighbours.problems
 
     @property
     def counters(self) -> Any:
@@ -264,7 +277,7 @@ class Node:
                 peer,
                 id=request.id.hex(),
                 method=request.method[:64],
-                path="!".join(request.path)[:200],
+                path=join_path(request.path)[:200],
                 peer=peer,
                 code=error.code,
                 error=error.message,

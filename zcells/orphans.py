@@ -24,7 +24,7 @@ from zcells.db import orphans as orphans_store
 from zcells.dbrunner import DbRunner
 from zcells.errors import Conflict, DatabaseError, NotFoundRemote, WireError
 from zcells.instances import Instance
-from zcells.node import Node
+from zcells.port import CellPort
 
 log = logs.get_logger("orphans")
 
@@ -42,7 +42,7 @@ class Orphans:
 
     def __init__(
         self,
-        node: Node,
+        node: CellPort,
         db: DbRunner,
         *,
         idle_s: float = 1.0,

@@ -53,10 +53,6 @@ from zcells.names import PATH_SEPARATOR
 from zcells.peer import Peer, Role
 
 
-def last_name(path: str) -> str:
-    return path.rpartition(PATH_SEPARATOR)[2]
-
-
 def parent_of(path: str) -> str | None:
     head, sep, _ = path.rpartition(PATH_SEPARATOR)
     return head if sep else None

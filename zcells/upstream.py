@@ -44,7 +44,7 @@ from zcells import logs
 from zcells.db import outbox as outbox_store
 from zcells.dbrunner import DbRunner
 from zcells.errors import DatabaseError, SchemaError, WireError
-from zcells.node import Node
+from zcells.port import CellPort
 
 log = logs.get_logger("upstream")
 
@@ -61,7 +61,7 @@ class Upstream:
 
     def __init__(
         self,
-        node: Node,
+        node: CellPort,
         db: DbRunner,
         *,
         resync_children: Callable[[], Awaitable[Any]],

@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 from zcells.db.engine import Database
 
@@ -22,8 +22,8 @@ from zcells.instances import Instance, new_instance
 from zcells.liveness import Liveness
 from zcells.messages import CellResult, Outcome, RequestContext
 from zcells.methods import Call
-from zcells.node import Node
 from zcells.peer import Peer, Role
+from zcells.port import CellPort
 
 # A result, or a function of the body making one (it may be a coroutine function).
 Answer = CellResult | Callable[[dict[str, Any]], CellResult | Awaitable[CellResult]]
@@ -49,16 +49,21 @@ class ScriptedNode:
     broadcasts: dict[str, Answer | tuple[CellResult, ...]] = field(default_factory=dict)
     sent: list[Sent] = field(default_factory=list)
 
+    cell_type: str = "api"
+    problems: dict[str, str] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         self.view = SimpleNamespace(
             children={name: None for name in self.children},
             parents=self.parents,
             home_path=lambda target=None: self.here,
         )
-        self.neighbours = SimpleNamespace(disabled=self.disabled)
 
     def liveness(self) -> dict[Peer, Liveness]:
         return {Peer(Role.CHILD, name): Liveness.ALIVE for name in self.children}
+
+    def silence(self) -> dict[Peer, float | None]:
+        return {Peer(Role.CHILD, name): 0.0 for name in self.children}
 
     async def call(
         self, method: str, body: dict[str, Any], target: str, timeout_s: float | None = None
@@ -73,8 +78,10 @@ class ScriptedNode:
         answer = self.broadcasts[method]
         return answer if isinstance(answer, tuple) else (await _answer(answer, body),)
 
-    def as_node(self) -> Node:
-        return cast(Node, self)
+    def as_node(self) -> CellPort:
+        """This scripted cell where a `CellPort` is wanted (it is one, structurally)."""
+        port: CellPort = self
+        return port
 
 
 async def _answer(answer: Answer, body: dict[str, Any]) -> CellResult:

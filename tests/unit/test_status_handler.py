@@ -21,8 +21,8 @@ from zcells.dbrunner import DbRunner
 from zcells.handlers.status import MessageRate, StatusHandlers
 from zcells.instances import VmState, placed
 from zcells.liveness import Liveness
-from zcells.node import Node
 from zcells.peer import Peer, Role
+from zcells.port import CellPort
 from zcells.records import Host
 from zcells.upstream import Upstream
 
@@ -84,10 +84,10 @@ def handler(
     node = SimpleNamespace(
         clock=FakeClock(start=0.0, wall_at_zero=time.time() + 60.0),  # a minute after the rows
         view=SimpleNamespace(parents=parents),
-        settings=SimpleNamespace(cell_type="api" if top else "compute"),
+        cell_type="api" if top else "compute",
         liveness=lambda: liveness or {},
         silence=lambda: silence or {},
-        neighbours=SimpleNamespace(problems=problems or {}),
+        problems=problems or {},
     )
     upstream = SimpleNamespace(acked=acked, blocked=blocked or {})
     rate = MessageRate(fake.count, clock=fake.clock)
@@ -95,7 +95,7 @@ def handler(
     fake.clock.advance(2.0)
     fake.messages = 30
     return StatusHandlers(
-        cast(Node, node),
+        cast(CellPort, node),
         db,
         cast(Upstream, upstream),
         rate,

@@ -73,7 +73,7 @@ from zcells.instances import (
 from zcells.messages import Kind, Outcome
 from zcells.methods import Call, Method, Param
 from zcells.names import check_name
-from zcells.node import Node
+from zcells.port import CellPort
 from zcells.quotas import Quota
 from zcells.records import Flavor
 from zcells.routing import is_below
@@ -123,7 +123,7 @@ class ServerHandlers:
 
     def __init__(
         self,
-        node: Node,
+        node: CellPort,
         db: DbRunner,
         builds: TopBuilds,
         *,

@@ -29,7 +29,8 @@ from zcells.dbrunner import DbRunner
 from zcells.errors import InvalidRequest, SchemaError, WireError
 from zcells.messages import Kind
 from zcells.methods import Call, Method, Param
-from zcells.node import Node
+from zcells.names import child_path
+from zcells.port import CellPort
 from zcells.routing import is_below
 
 log = logs.get_logger("state")
@@ -69,7 +70,7 @@ class StateHandlers:
 
     def __init__(
         self,
-        node: Node,
+        node: CellPort,
         db: DbRunner,
         *,
         applies: bool,
@@ -93,7 +94,7 @@ class StateHandlers:
         result = await self.db.write(
             store.apply_updates,
             child,
-            f"{call.cell}!{child}",
+            child_path(call.cell, child),
             rows,
             store_forward=not self.applies,
         )
@@ -151,7 +152,7 @@ class StateHandlers:
         ]
 
 
-async def resync_subtree(node: Node, path: str, timeout_s: float | None) -> Resynced:
+async def resync_subtree(node: CellPort, path: str, timeout_s: float | None) -> Resynced:
     """Ask the cell at `path` to resync its subtree: what each cell of it requeued, or its error.
 
     One entry per cell, flat, whatever the depth; a cell speaks for its own
@@ -180,7 +181,7 @@ async def resync_subtree(node: Node, path: str, timeout_s: float | None) -> Resy
 
 
 async def resync_children(
-    node: Node, here: str | None = None, timeout_s: float | None = None
+    node: CellPort, here: str | None = None, timeout_s: float | None = None
 ) -> Resynced:
     """Ask each child to resync its subtree; each call bounded by `timeout_s`.
 
@@ -188,7 +189,7 @@ async def resync_children(
     """
     here = here or node.view.home_path()
     answers = await asyncio.gather(
-        *(resync_subtree(node, f"{here}!{name}", timeout_s) for name in node.view.children)
+        *(resync_subtree(node, child_path(here, name), timeout_s) for name in node.view.children)
     )
     cells: dict[str, int] = {}
     errors: dict[str, dict[str, str]] = {}

@@ -26,6 +26,7 @@ from zcells.messages import Kind
 from zcells.methods import Call, Method
 from zcells.node import Node
 from zcells.peer import Role
+from zcells.port import CellPort
 from zcells.upstream import Upstream
 
 
@@ -88,7 +89,7 @@ class StatusHandlers:
 
     def __init__(
         self,
-        node: Node,
+        node: CellPort,
         db: DbRunner,
         upstream: Upstream,
         rate: MessageRate,
@@ -119,7 +120,7 @@ class StatusHandlers:
         oldest = None if backlog is None else backlog.oldest_at
         return {
             "cell": call.cell,
-            "cell_type": self.node.settings.cell_type,
+            "cell_type": self.node.cell_type,
             "children": children,
             "hosts": figures.hosts.as_dict(),
             "servers": {"source": "index" if self.top else "own", "counts": figures.servers},
@@ -133,9 +134,7 @@ class StatusHandlers:
 
     async def _problems(self) -> list[str]:
         """What an operator must look at: refused hellos, held rows, a stream that is stuck."""
-        problems = [
-            f"parent {name}: {why}" for name, why in sorted(self.node.neighbours.problems.items())
-        ]
+        problems = [f"parent {name}: {why}" for name, why in sorted(self.node.problems.items())]
         held = await self.db.read(outbox_store.held)
         problems += [
             f"{count} rows refused by parent {parent}, held aside" for parent, count in held.items()

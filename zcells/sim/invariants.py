@@ -33,6 +33,7 @@ from zcells.errors import WireError
 from zcells.instances import Instance
 from zcells.liveness import Liveness
 from zcells.messages import Targeted
+from zcells.names import last_name
 from zcells.peer import Peer, Role
 from zcells.sim.tree import TOP, SimTree
 from zcells.sim.workload import Told
@@ -78,7 +79,7 @@ def servers(tree: SimTree, told: Told) -> list[str]:
             if not indexed.deleted and indexed.status != "ERROR":
                 found.append(f"{uuid}: in no cell, yet {indexed.status} in the index")
             continue
-        name = indexed.cell.rpartition("!")[2]
+        name = last_name(indexed.cell)
         record = own.get(name, {}).get(uuid)
         if record is None:
             found.append(f"{uuid}: the index names {indexed.cell}, which does not hold it")

@@ -24,7 +24,7 @@ from zcells.config import Config, load_config
 from zcells.db import migrate, registry
 from zcells.db.engine import Database
 from zcells.dbrunner import InlineDbRunner
-from zcells.names import PATH_SEPARATOR
+from zcells.names import child_path
 from zcells.node import Node
 from zcells.service import run_cell
 from zcells.sim.network import SimNetwork
@@ -70,7 +70,7 @@ class Shape:
             above = names[(index - 1) // fanout]
             parent[name] = above
             children[above].append(name)
-            path[name] = path[above] + PATH_SEPARATOR + name
+            path[name] = child_path(path[above], name)
         return cls(parent, children, path)
 
     @property
