@@ -72,6 +72,7 @@ from zcells.peer import Peer, Role
 from zcells.port import CellPort
 from zcells.records import Host, Resources
 from zcells.routing import forward_budget_ms, is_below
+from zcells.supervisor import Supervisor
 
 log = logs.get_logger("builds")
 
@@ -330,7 +331,9 @@ class TopBuilds:
         retries: int,
         retry_delay_s: float,
         orphan_found: Callable[[], None] = lambda: None,
+        tasks: Supervisor | None = None,
     ) -> None:
+        self.tasks = tasks or Supervisor()
         self.placer = placer
         self.db = db
         self._orphan_found = orphan_found
@@ -350,7 +353,7 @@ class TopBuilds:
             or instance.uuid in self._running
         ):
             return
-        task = asyncio.create_task(self._build(instance, dict(hints or {})))
+        task = self.tasks.spawn(self._build(instance, dict(hints or {})), name="build")
         self._running[instance.uuid] = task
         task.add_done_callback(lambda _: self._running.pop(instance.uuid, None))
 

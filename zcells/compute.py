@@ -27,6 +27,7 @@ from zcells.dbrunner import DbRunner
 from zcells.errors import Conflict, DatabaseError
 from zcells.instances import Instance, TaskState, finish
 from zcells.records import Host
+from zcells.supervisor import Supervisor
 
 log = logs.get_logger("compute")
 
@@ -57,8 +58,10 @@ class FakeDriver:
         build_s: float,
         changed: Callable[[], None],
         clock: Clock = SYSTEM_CLOCK,
+        tasks: Supervisor | None = None,
     ) -> None:
         self.db = db
+        self.tasks = tasks or Supervisor()
         self.build_s = build_s
         self._changed = changed  # new outbox rows: wake the upward stream
         self.clock = clock
@@ -75,7 +78,7 @@ class FakeDriver:
         self._spawn(self._finish(instance.uuid, task_state))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
+        task = self.tasks.spawn(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

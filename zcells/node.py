@@ -11,8 +11,8 @@ Rules kept here:
 * A failure while carrying out one event is logged and counted; it never
   stops the loop.
 * Every task the loop starts (heartbeats, each coroutine handler) belongs
-  to the loop's task group: when the loop stops, they stop with it, and a
-  cancellation is never swallowed.
+  to the cell's `Supervisor`: when the loop stops, they stop with it, and
+  a cancellation is never swallowed.
 * Time comes from the injected `Clock`, never from the event loop or `time`.
 """
 
@@ -36,6 +36,7 @@ from zcells.names import join_path
 from zcells.neighbours import Neighbourhood
 from zcells.peer import Peer
 from zcells.records import Client, Neighbour
+from zcells.supervisor import Supervisor
 from zcells.transport import LinkChange, Received, Transport
 
 __all__ = ["Node", "NodeSettings"]
@@ -65,7 +66,7 @@ class Node:
         self._settling: dict[int, asyncio.Future[Any]] = {}  # this cell's own calls
         self._timer: Timer | None = None
         self._timer_at: float | None = None
-        self._group: asyncio.TaskGroup | None = None
+        self._supervisor: Supervisor | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -111,17 +112,21 @@ class Node:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Serve until cancelled or the transport closes."""
+    async def run(self, tasks: Supervisor | None = None) -> None:
+        """Serve until cancelled or the transport closes; its tasks go to `tasks`."""
+        if tasks is None:
+            async with Supervisor() as own:
+                await self.run(own)
+            return
+        self._supervisor = tasks
         try:
-            async with asyncio.TaskGroup() as group:
-                self._group = group
-                self._own(group.create_task(self._heartbeats(), name="heartbeats"))
-                await self._serve()
-                for task in list(self._tasks):  # the transport closed: stop what is left
-                    task.cancel()
+            self._own(tasks.spawn(self._heartbeats(), name="heartbeats"))
+            await self._serve()
         finally:
-            self._group = None
+            self._supervisor = None
+            for task in list(self._tasks):  # what this loop started stops with it
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = self._timer_at = None
@@ -143,19 +148,11 @@ class Node:
         task.add_done_callback(self._tasks.discard)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], peer: Peer | None = None) -> None:
-        """Run a coroutine handler in the loop's task group."""
-        if self._group is None:  # not serving: nothing may outlive the loop
+        """Run a coroutine handler under the cell's supervisor."""
+        if self._supervisor is None:  # not serving: nothing may outlive the loop
             coro.close()
             return
-
-        async def guarded() -> None:
-            try:
-                await coro
-            except Exception:  # the handler's own errors are answered; this is a bug
-                self.core.counters["internal_errors"] += 1
-                log.exception("task.failed")
-
-        self._own(self._group.create_task(guarded()))
+        self._own(self._supervisor.spawn(coro, name="handler"))
 
     def _on_event(self, event: Received | LinkChange) -> None:
         now, wall = self.clock.now(), self.clock.wall()

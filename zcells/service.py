@@ -48,6 +48,7 @@ from zcells.pidfile import PidFile
 from zcells.records import Client, Neighbour
 from zcells.sockets.keys import KeyPair, check_environment, generate_keypair, load_keypair
 from zcells.sockets.transport import ZmqTransport
+from zcells.supervisor import Supervisor
 from zcells.transport import Identity, Transport
 from zcells.upstream import BATCH_BYTES, Upstream
 
@@ -228,8 +229,13 @@ class Services:
     orphans: Orphans | None
 
 
-def build_services(config: Config, runner: DbRunner, node: Node, diag: DiagHandlers) -> Services:
-    """Handlers, the fake driver and the upward stream of one cell, sharing one DB runner."""
+def build_services(
+    config: Config, runner: DbRunner, node: Node, diag: DiagHandlers, tasks: Supervisor
+) -> Services:
+    """Handlers, the fake driver and the upward stream of one cell, sharing one DB runner.
+
+    Their background tasks belong to `tasks`.
+    """
     top = config.cells.cell_type == "api"
     upstream: Upstream | None = None
 
@@ -239,7 +245,9 @@ def build_services(config: Config, runner: DbRunner, node: Node, diag: DiagHandl
 
     has_hosts = not top and config.compute.fake_hosts > 0
     driver = (
-        FakeDriver(runner, config.compute.fake_build_s, changed, node.clock) if has_hosts else None
+        FakeDriver(runner, config.compute.fake_build_s, changed, node.clock, tasks)
+        if has_hosts
+        else None
     )
     placer = Placer(
         node,
@@ -258,6 +266,7 @@ def build_services(config: Config, runner: DbRunner, node: Node, diag: DiagHandl
         runner,
         resync_children=lambda: resync_children(node),
         batch_bytes=min(BATCH_BYTES, config.transport.max_message_bytes // 2),
+        tasks=tasks,
     )
     builds = TopBuilds(
         placer,
@@ -265,6 +274,7 @@ def build_services(config: Config, runner: DbRunner, node: Node, diag: DiagHandl
         retries=config.cells.scheduler_retries,
         retry_delay_s=config.cells.scheduler_retry_delay_s,
         orphan_found=orphan_found,
+        tasks=tasks,
     )
     servers = ServerHandlers(
         node,
@@ -292,31 +302,26 @@ def build_services(config: Config, runner: DbRunner, node: Node, diag: DiagHandl
         clock=node.clock,
     )
     if not top:
-        node.on_placed = lambda path: _relocate(runner, path, node.clock.wall(), changed)
+
+        def placed(path: str) -> None:
+            tasks.spawn(_relocate(runner, path, node.clock.wall(), changed), name="relocate")
+
+        node.on_placed = placed
     return Services(
         runner, upstream, driver, builds if top else None, methods, housekeeping, rate, orphans
     )
 
 
-_relocations: set[asyncio.Task[None]] = set()
-
-
-def _relocate(runner: DbRunner, path: str, wall: float, changed: Callable[[], None]) -> None:
+async def _relocate(runner: DbRunner, path: str, wall: float, changed: Callable[[], None]) -> None:
     """Put this cell's records under the path a parent just gave it, off the message loop."""
-
-    async def run() -> None:
-        try:
-            moved = await runner.write(instances_store.relocate_own, path, wall)
-        except DatabaseError as exc:
-            logs.event(log, logging.ERROR, "cell.relocate_failed", error=exc.__class__.__name__)
-            return
-        if moved:
-            logs.event(log, logging.WARNING, "cell.moved", path=path, instances=moved)
-            changed()
-
-    task = asyncio.get_running_loop().create_task(run())
-    _relocations.add(task)
-    task.add_done_callback(_relocations.discard)
+    try:
+        moved = await runner.write(instances_store.relocate_own, path, wall)
+    except DatabaseError as exc:
+        logs.event(log, logging.ERROR, "cell.relocate_failed", error=exc.__class__.__name__)
+        return
+    if moved:
+        logs.event(log, logging.WARNING, "cell.moved", path=path, instances=moved)
+        changed()
 
 
 def _nothing() -> None:
@@ -382,35 +387,38 @@ async def run_cell(
     """
     services: Services | None = None
     try:
-        node: Node | None = None
-        diag = DiagHandlers(
-            config.cells.cell_type, lambda: node.statistics() if node is not None else {}
-        )
-        node = Node(node_settings(config), transport, build_methods(diag), clock=clock)
-        db.wall = clock.wall  # one clock: rows are stamped by the cell's wall time
-        services = build_services(config, runner, node, diag)
-        node.install(services.methods)
-        watch = RegistryWatch(runner, node, config.cells.db_check_interval_s)
-        # The keyring must be in place before the endpoints are bound: a child
-        # refused during a gap would not be redialled by ZeroMQ for a while.
-        await watch.load()
-        await transport.start()
-        started(watch)
-        async with asyncio.TaskGroup() as tasks:
-            running = [
-                tasks.create_task(node.run(), name="node"),
-                tasks.create_task(watch.run(), name="registry"),
-                tasks.create_task(services.upstream.run(), name="upstream"),
-                tasks.create_task(services.housekeeping.run(), name="housekeeping"),
-                tasks.create_task(services.rate.run(), name="message-rate"),
-            ]
-            if services.orphans is not None:
-                running.append(tasks.create_task(services.orphans.run(), name="orphans"))
-            await _prepare(config, services)
-            await stop.wait()
-            logs.event(log, logging.INFO, "cell.stopping", cell=config.cells.name)
-            for task in running:
-                task.cancel()
+        # Background work (builds, the driver, streams, handlers) belongs to `tasks`;
+        # the cell's own loops to `loops`, where a crash of one stops the cell.
+        async with Supervisor() as tasks:
+            node: Node | None = None
+            diag = DiagHandlers(
+                config.cells.cell_type, lambda: node.statistics() if node is not None else {}
+            )
+            node = Node(node_settings(config), transport, build_methods(diag), clock=clock)
+            db.wall = clock.wall  # one clock: rows are stamped by the cell's wall time
+            services = build_services(config, runner, node, diag, tasks)
+            node.install(services.methods)
+            watch = RegistryWatch(runner, node, config.cells.db_check_interval_s)
+            # The keyring must be in place before the endpoints are bound: a child
+            # refused during a gap would not be redialled by ZeroMQ for a while.
+            await watch.load()
+            await transport.start()
+            started(watch)
+            async with asyncio.TaskGroup() as loops:
+                running = [
+                    loops.create_task(node.run(tasks), name="node"),
+                    loops.create_task(watch.run(), name="registry"),
+                    loops.create_task(services.upstream.run(), name="upstream"),
+                    loops.create_task(services.housekeeping.run(), name="housekeeping"),
+                    loops.create_task(services.rate.run(), name="message-rate"),
+                ]
+                if services.orphans is not None:
+                    running.append(loops.create_task(services.orphans.run(), name="orphans"))
+                await _prepare(config, services)
+                await stop.wait()
+                logs.event(log, logging.INFO, "cell.stopping", cell=config.cells.name)
+                for task in running:
+                    task.cancel()
     finally:
         if services is not None and services.driver is not None:
             await services.driver.close()

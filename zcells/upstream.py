@@ -45,6 +45,7 @@ from zcells.db import outbox as outbox_store
 from zcells.dbrunner import DbRunner
 from zcells.errors import DatabaseError, SchemaError, WireError
 from zcells.port import CellPort
+from zcells.supervisor import Supervisor
 
 log = logs.get_logger("upstream")
 
@@ -69,6 +70,7 @@ class Upstream:
         batch_bytes: int = BATCH_BYTES,
         idle_s: float = 1.0,
         idle_max_s: float = 16.0,
+        tasks: Supervisor | None = None,
         retry_s: float = 1.0,
     ) -> None:
         self.node = node
@@ -76,6 +78,7 @@ class Upstream:
         self.batch_rows = batch_rows
         self.batch_bytes = batch_bytes
         self.idle_s = idle_s
+        self.tasks = tasks or Supervisor()
         self.idle_max_s = max(idle_s, idle_max_s)
         self._quiet_s: dict[str, float] = {}  # parent -> how long the next idle wait lasts
         self.retry_s = retry_s
@@ -99,7 +102,7 @@ class Upstream:
                 parents = set(self.node.view.parents)
                 for name in parents - self._streams.keys():
                     self._bells[name] = asyncio.Event()
-                    self._streams[name] = asyncio.create_task(
+                    self._streams[name] = self.tasks.spawn(
                         self._stream(name), name=f"upstream-{name}"
                     )
                 for name in self._streams.keys() - parents:
