@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from tests.polling import until
 from zcells.client import CellClient
 from zcells.handlers import build_methods
 from zcells.handlers.diag import DiagHandlers
@@ -143,17 +144,9 @@ class MemoryTree:
 
     async def placed(self, timeout_s: float = 5.0) -> None:
         """Wait until every cell knows its full path."""
-        await wait_for(
+        await until(
             lambda: all(n.view.paths for n in self.nodes.values()), timeout_s, "every cell placed"
         )
-
-
-async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def run(coro: Awaitable[Any], timeout_s: float = 30.0) -> Any:

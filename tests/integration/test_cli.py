@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import zmq
 import zmq.auth
 
 from tests.cli_helpers import ZCELLS, Result, run, run_process, write_config
-from zcells.devtree import free_ports
+from zcells.devtree import free_ports, wait_until
 
 Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 
@@ -440,15 +439,6 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str], argv: list[s
 # -- serve ---------------------------------------------------------------------------
 
 
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 class Served:
     """A `zcells serve` process whose log goes to a file the test can poll."""
 
@@ -466,7 +456,7 @@ class Served:
         return self.log.read_text()
 
     def wait_started(self) -> None:
-        wait_for(
+        wait_until(
             lambda: "cell.started" in self.text() or self.proc.poll() is not None,
             30,
             "cell.started in the log",

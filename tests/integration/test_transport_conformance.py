@@ -25,6 +25,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
+from tests.polling import until
 from zcells import codec
 from zcells.errors import (
     AccessDenied,
@@ -142,15 +143,6 @@ async def link_event(t: Transport, parent: str, *, up: bool) -> LinkChange:
     )
     assert isinstance(event, LinkChange)
     return event
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Poll a condition that has no event of its own, with a deadline."""
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {WAIT_S} s")
-        await asyncio.sleep(0.01)
 
 
 # -- the one factory interface, two backends ---------------------------------------------
@@ -576,7 +568,7 @@ async def test_close_refuses_further_use(w: World) -> None:
             return False
         return False
 
-    await until(parent_gone, "C's sends to the closed T fail as unreachable")
+    await until(parent_gone, WAIT_S, "C's sends to the closed T fail as unreachable")
 
 
 @conformance

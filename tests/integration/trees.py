@@ -6,9 +6,7 @@ a deadline and says what it last saw when the deadline passes.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from zcells.client import CellClient
@@ -16,18 +14,6 @@ from zcells.devtree import CellTree
 from zcells.errors import WireError
 
 Summary = dict[str, tuple[str, str | None, str | None, int]]
-
-
-async def until(check: Callable[[], Awaitable[Any]], timeout_s: float, what: str) -> Any:
-    """Call `check` until it returns something true; bounded by `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last: {str(last)[:2000]}")
 
 
 async def answer(client: CellClient, method: str, body: dict[str, Any] | None = None) -> Any:

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.fakes import MemoryTree, child_request, run, wait_for
+from tests.fakes import MemoryTree, child_request, run
+from tests.polling import until
 from zcells.clock import FakeClock
 from zcells.errors import (
     AccessDenied,
@@ -191,7 +192,7 @@ def test_bad_requests_from_a_child_get_typed_errors(changes: dict[str, Any], cod
         await tree.start()
         await tree.placed()
         rogue = Rogue(tree)
-        await wait_for(lambda: "api" in tree.transports["r"].statistics()["parents_up"], 5, "up")
+        await until(lambda: "api" in tree.transports["r"].statistics()["parents_up"], 5, "up")
         answer = await rogue.ask(rogue.request(**changes))
         (result,) = answer.results
         assert result.outcome is Outcome.ERROR and result.error is not None
@@ -296,7 +297,7 @@ def test_heartbeats_drive_liveness_on_an_injected_clock() -> None:
         api.beat()
         assert api.liveness()[child].value == "mute"
         tree.nodes["c1"].beat()  # c1's heartbeat reaches api
-        await wait_for(lambda: api.liveness()[child].value == "alive", 5, "c1 alive again")
+        await until(lambda: api.liveness()[child].value == "alive", 5, "c1 alive again")
         await tree.stop()
 
     run(main())
@@ -346,7 +347,7 @@ def test_forged_response_from_a_client_goes_nowhere() -> None:
                 results=(),
             )
             await client.transport.send(forged)
-            await wait_for(
+            await until(
                 lambda: tree.nodes["api"].counters["unmatched_responses"] == 1,
                 5,
                 "the forged response counted",
