@@ -237,15 +237,21 @@ _COMMON: Final[dict[str, tuple[Check, str]]] = {
     "id": (_is_bin, "16 bytes"),
     "ts": (_is_float, "a float"),
 }
+# The header fields every request carries, in wire order: (wire key, the attribute of
+# `Targeted`/`Broadcast` it holds, its check, what it must be). Encoding, decoding and
+# checking all read this one table.
+_REQUEST_FIELDS: Final[tuple[tuple[str, str, Check, str], ...]] = (
+    ("method", "method", _is_str, "a string"),
+    ("dir", "direction", _is_str, "up or down"),
+    ("path", "path", _is_str_list, "a list of strings"),
+    ("hops", "hops", _is_int, "an integer"),
+    ("max_hops", "max_hops", _is_int, "an integer"),
+    ("want", "want_response", _is_bool, "a boolean"),
+    ("ttl_ms", "timeout_ms", _is_int, "an integer"),
+)
 _REQUEST: Final[dict[str, tuple[Check, str]]] = {
     **_COMMON,
-    "method": (_is_str, "a string"),
-    "dir": (_is_str, "up or down"),
-    "path": (_is_str_list, "a list of strings"),
-    "hops": (_is_int, "an integer"),
-    "max_hops": (_is_int, "an integer"),
-    "want": (_is_bool, "a boolean"),
-    "ttl_ms": (_is_int, "an integer"),
+    **{key: (check, expected) for key, _, check, expected in _REQUEST_FIELDS},
     "ctx": (_is_ctx, "a map or nil"),
 }
 HEADER_KEYS: Final[dict[Kind, dict[str, tuple[Check, str]]]] = {
@@ -391,13 +397,9 @@ def encode(message: Message) -> list[bytes]:
     body: Any = {}
     if isinstance(message, (Targeted, Broadcast)):
         ctx = message.context
-        header["method"] = message.method
-        header["dir"] = message.direction
-        header["path"] = list(message.path)
-        header["hops"] = message.hops
-        header["max_hops"] = message.max_hops
-        header["want"] = message.want_response
-        header["ttl_ms"] = message.timeout_ms
+        for key, attribute, _, _ in _REQUEST_FIELDS:
+            header[key] = getattr(message, attribute)
+        header["path"] = list(message.path)  # in its place: the key is there already
         header["ctx"] = (
             None
             if ctx is None
@@ -498,20 +500,14 @@ def _build(kind: Kind, h: dict[str, Any], body_frame: bytes) -> Message:
         direction = _DIRECTIONS.get(h["dir"])
         if direction is None:
             raise SchemaError("header: field 'dir': expected up or down")
-        fields: dict[str, Any] = {
-            "id": h["id"],
-            "method": h["method"],
-            "body": RawBody(body_frame),
-            "direction": direction,
-            "path": tuple(h["path"]),
-            "hops": h["hops"],
-            "max_hops": h["max_hops"],
-            "want_response": h["want"],
-            "timeout_ms": h["ttl_ms"],
-            "sent_at": h["ts"],
-            "context": _context(h["ctx"]),
-            "kind": kind,
-        }
+        fields: dict[str, Any] = {attribute: h[key] for key, attribute, _, _ in _REQUEST_FIELDS}
+        fields["direction"] = direction
+        fields["path"] = tuple(h["path"])
+        fields["id"] = h["id"]
+        fields["body"] = RawBody(body_frame)
+        fields["sent_at"] = h["ts"]
+        fields["context"] = _context(h["ctx"])
+        fields["kind"] = kind
         if kind is Kind.TARGETED:
             fields["target"] = h["target"]
             return from_fields(Targeted, fields)
