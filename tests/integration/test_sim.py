@@ -104,13 +104,14 @@ def test_the_invariants_name_each_thing_out_of_place(tmp_path: Path) -> None:
         assert store.index_put(c1, built)  # alive on h001, which claims nothing for it
         assert store.index_put(top, replace(built, version=built.version + 1))  # index ahead
         assert store.index_put(c2, finish(placed(instance(UUIDS[1]), "api!c2", "h1", 2.0), 3.0))
-        told = Told(created={UUIDS[0]: "r0", UUIDS[2]: "r2"}, deleted={UUIDS[0]})
+        told = Told(created={UUIDS[0]: "r0", UUIDS[2]: "r2", UUIDS[3]: "r2"}, deleted={UUIDS[0]})
 
         servers = invariants.servers(tree, told)
         assert any(f"{UUIDS[2]}: a client was told of it" in line for line in servers)
         stray = f"{UUIDS[1]}: alive in api!c2; the index has it under None"
         assert stray in servers
         assert any(line.startswith(f"{UUIDS[0]}: index ") for line in servers)
+        assert f"request r2: answered with 2 servers: {[UUIDS[2], UUIDS[3]]}" in servers
         assert invariants.deletes(tree, told) == [
             f"{UUIDS[0]}: delete accepted; the index has it ACTIVE"
         ]

@@ -68,6 +68,7 @@ def servers(tree: SimTree, told: Told) -> list[str]:
     for uuid in sorted(told.created):
         if uuid not in top:
             found.append(f"{uuid}: a client was told of it; the index does not hold it")
+    found += _one_server_per_request(told)
     alive: dict[str, list[str]] = {}
     for name, held in own.items():
         for uuid, instance in held.items():
@@ -86,6 +87,18 @@ def servers(tree: SimTree, told: Told) -> list[str]:
         elif _fields(record) != _fields(indexed):
             found.append(f"{uuid}: index {_fields(indexed)} != {indexed.cell} {_fields(record)}")
     return found
+
+
+def _one_server_per_request(told: Told) -> list[str]:
+    """Every create asks for one server: a request id answered with two was built twice."""
+    by_request: dict[str, list[str]] = {}
+    for uuid, request_id in told.created.items():
+        by_request.setdefault(request_id, []).append(uuid)
+    return [
+        f"request {request_id}: answered with {len(made)} servers: {sorted(made)}"
+        for request_id, made in sorted(by_request.items())
+        if len(made) > 1
+    ]
 
 
 def _alive_once(tree: SimTree, alive: dict[str, list[str]], top: dict[str, Instance]) -> list[str]:
