@@ -24,7 +24,7 @@ import pytest
 
 from tests.fakes import run
 from tests.integration import trees
-from tests.integration.trees import until
+from tests.polling import until
 from zcells.devtree import CellTree, running_tree
 from zcells.errors import WireError
 

@@ -24,7 +24,8 @@ import zmq
 import zmq.utils.monitor
 
 from tests.fakes import child_request, run
-from tests.integration.trees import answer, servers, until
+from tests.integration.trees import answer, servers
+from tests.polling import until
 from tests.unit.scripted_node import instance
 from zcells import codec
 from zcells.devtree import CellProc, CellTree, running_tree

@@ -26,8 +26,8 @@ from tests.integration.trees import (
     refused,
     servers,
     summary,
-    until,
 )
+from tests.polling import until
 from zcells.client import CellClient
 from zcells.devtree import CellTree, running_tree
 from zcells.errors import (

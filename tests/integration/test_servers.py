@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from tests.fakes import run
-from tests.integration.trees import index_agrees_with_cells, servers, until
+from tests.integration.trees import index_agrees_with_cells, servers
+from tests.polling import until
 from zcells.devtree import CellTree, running_tree
 from zcells.errors import NotFoundRemote
 

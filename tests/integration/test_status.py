@@ -21,7 +21,8 @@ from zcells.cli.connect import Target
 from zcells.cli.status import HEALTHY, UNREACHABLE, Snapshot, gather, watch
 
 from tests.cli_helpers import ZCELLS, run_process
-from tests.integration.trees import answer, servers, until
+from tests.integration.trees import answer, servers
+from tests.polling import until
 from zcells.devtree import CellTree, running_tree
 
 CELLS = ["api", "api!c1", "api!c1!g1", "api!c2"]

@@ -16,7 +16,8 @@ from zcells.db import registry
 from zcells.db.engine import Database
 
 from tests.fakes import run
-from tests.integration.trees import answer, servers, until
+from tests.integration.trees import answer, servers
+from tests.polling import until
 from zcells.devtree import CellProc, CellTree, running_tree
 
 TREE = {"api": {"c1": {"g1": {}}, "c2": {}}}

@@ -31,8 +31,8 @@ from tests.integration.test_transport_conformance import (
     next_event,
     response,
     targeted,
-    until,
 )
+from tests.polling import until
 from zcells import codec
 from zcells.errors import Busy, CellUnreachable, FrameError, KeyRevoked, TooLarge
 from zcells.messages import Response
@@ -346,7 +346,9 @@ def test_a_routing_id_names_a_peer_only_while_its_connection_is_open() -> None:
             assert routes.latest("A") == rid
             w.sockets.remove(a)
             a.close(linger=0)
-            await until(lambda: routes.latest("A") is None, "T unbinding A's closed connection")
+            await until(
+                lambda: routes.latest("A") is None, WAIT_S, "T unbinding A's closed connection"
+            )
             with pytest.raises(CellUnreachable):
                 w.t.send(Peer(CHILD, "A"), heartbeat())
 
@@ -417,7 +419,7 @@ def test_two_connections_with_one_client_key_each_get_their_own_answers() -> Non
             first_id = w.t._asked[(client, asked_again)]
             w.sockets.remove(first)
             first.close(linger=0)  # gone before its answer: the latest connection gets it
-            await until(lambda: _gone(w.t, first_id), "T noticing the closed connection")
+            await until(lambda: _gone(w.t, first_id), WAIT_S, "T noticing the closed connection")
             w.t.send(client, response(asked_again))
             await answered(second, asked_again)
 
@@ -601,7 +603,9 @@ def test_slowloris_connections_are_closed_and_cells_still_served() -> None:
                 writer.close()
                 with contextlib.suppress(ConnectionError):
                     await writer.wait_closed()
-            await until(lambda: _open_sockets() <= baseline, "socket descriptors back to baseline")
+            await until(
+                lambda: _open_sockets() <= baseline, WAIT_S, "socket descriptors back to baseline"
+            )
 
     run(scenario)
 
@@ -619,7 +623,9 @@ def test_a_new_connection_on_a_reused_descriptor_keeps_its_route() -> None:
             assert await next_event(w.t) == Received(client, message=hi)
             w.sockets.remove(first)
             first.close(linger=0)
-            await until(lambda: bool(watch.sock.get(zmq.EVENTS) & zmq.POLLIN), "the close reported")
+            await until(
+                lambda: bool(watch.sock.get(zmq.EVENTS) & zmq.POLLIN), WAIT_S, "the close reported"
+            )
             second = await w.good_dealer("K", "api")  # most likely on the same descriptor
             await second.send_multipart(codec.encode(asked := targeted()))
             assert await next_event(w.t) == Received(client, message=asked)
