@@ -102,7 +102,7 @@ class NodeSettings:
     remember_answer_bytes: int = 64 << 10  # a larger answer is not kept (a listing page, say)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Running:
     """A method run here: whom to answer, or which gather takes its result."""
 
@@ -112,6 +112,7 @@ class _Running:
     want_response: bool
     started: float
     gather: bytes | None = None
+    held: bool = False  # counted in flight for `peer`
 
 
 class CellCore:
@@ -309,8 +310,12 @@ class CellCore:
         deadline: float,
     ) -> Run:
         token = next(self._tokens)
+        # A plain function runs to its end before the next message is read: only a
+        # coroutine handler (or the gather around a local run) is in flight for a while.
+        if running.gather is None and method.is_coroutine:
+            running.held = True
+            self._hold(running.peer)
         self._running[token] = running
-        self._hold(running.peer if running.gather is None else None)
         return Run(token, stamped, peer, caller, method, deadline)
 
     def ran(self, token: int, result: CellResult, now: float, wall: float) -> list[Action]:
@@ -324,7 +329,8 @@ class CellCore:
                 return []
             gather.aggregation.add_local(result)
             return self._finish_gather(running.gather, now, wall) if gather.aggregation.done else []
-        self._release(running.peer)
+        if running.held:
+            self._release(running.peer)
         if not running.want_response:
             return []
         held_ms = (now - running.started) * 1000.0

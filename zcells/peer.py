@@ -6,7 +6,7 @@ we dial, from the server key we pinned); never from anything it wrote.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -20,6 +20,14 @@ class Role(StrEnum):
 class Peer:
     role: Role
     name: str
+    # Peers key the cell core's tables, several lookups per message: hashed once.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.role.value, self.name)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         return f"{self.role.value}:{self.name}"
