@@ -1,0 +1,252 @@
+"""What a cell, or a whole subtree, can still take: capacities, and their aggregation.
+
+Pure: hosts, flavors and announcements in, figures out; no I/O, no clock.
+
+Rules kept here:
+
+1. A host's room is what is free on it after keeping `reserve_percent` of
+   its size free (nova's `reserve_percent`, default 10). A disabled host has
+   no room.
+2. A cell's capacity, for each distinct RAM size, disk size and vCPU count
+   among the flavors, is how many instances of that size still fit, counted
+   host by host (an instance never spans hosts) and summed; with the total
+   free RAM, disk and vCPUs beside. A flavor fits a cell only if its RAM, its
+   disk and its vCPUs each have a unit left (`fits`).
+3. A subtree's capacity is its own cell's plus its live children's latest
+   announcements, added figure by figure; a child not alive adds nothing, so
+   a dead subtree never draws builds.
+4. An announcement carries a version that only grows for its cell (`Version`:
+   the cell's start, then a counter). An older one never replaces a newer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from zcells.errors import SchemaError
+from zcells.records import Flavor, Host
+
+DEFAULT_RESERVE_PERCENT: Final = 10.0
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Free resources in all, and instances of each size that still fit, summed over hosts."""
+
+    ram_free_mb: int = 0
+    disk_free_gb: int = 0
+    vcpus_free: int = 0
+    ram_units: Mapping[int, int] = field(default_factory=dict)  # memory_mb -> instances
+    disk_units: Mapping[int, int] = field(default_factory=dict)  # disk_gb -> instances
+    vcpu_units: Mapping[int, int] = field(default_factory=dict)  # vcpus -> instances
+
+    def units_for(self, flavor: Flavor) -> int:
+        """How many instances of `flavor` fit: the scarcest of its RAM, disk and vCPUs."""
+        counts = [
+            _units(self.ram_units, flavor.memory_mb),
+            _units(self.disk_units, flavor.disk_gb),
+            _units(self.vcpu_units, flavor.vcpus),
+        ]
+        return min(counts)
+
+    def fits(self, flavor: Flavor) -> bool:
+        return self.units_for(flavor) > 0
+
+    def less(self, flavor: Flavor, count: int = 1) -> Capacity:
+        """This capacity once `count` instances of `flavor` were placed in it (a parent's view
+        between announcements); never below zero."""
+
+        def minus(units: Mapping[int, int], size: int) -> dict[int, int]:
+            if size <= 0:
+                return dict(units)
+            # Not knowing which host took it, count it against every size, conservatively:
+            # an instance of `size` uses up ceil(size / s) instances of size s.
+            return {s: max(0, n - (count * size + s - 1) // s) for s, n in units.items()}
+
+        return Capacity(
+            ram_free_mb=max(0, self.ram_free_mb - count * flavor.memory_mb),
+            disk_free_gb=max(0, self.disk_free_gb - count * flavor.disk_gb),
+            vcpus_free=max(0, self.vcpus_free - count * flavor.vcpus),
+            ram_units=minus(self.ram_units, flavor.memory_mb),
+            disk_units=minus(self.disk_units, flavor.disk_gb),
+            vcpu_units=minus(self.vcpu_units, flavor.vcpus),
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "ram_free_mb": self.ram_free_mb,
+            "disk_free_gb": self.disk_free_gb,
+            "vcpus_free": self.vcpus_free,
+            "ram_units": {str(k): v for k, v in sorted(self.ram_units.items())},
+            "disk_units": {str(k): v for k, v in sorted(self.disk_units.items())},
+            "vcpu_units": {str(k): v for k, v in sorted(self.vcpu_units.items())},
+        }
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Capacity:
+        """A capacity as a child sent it; `SchemaError` naming what is wrong."""
+        if type(raw) is not dict or set(raw) != _WIRE_KEYS:
+            raise SchemaError(f"capacity: expected the keys {sorted(_WIRE_KEYS)}")
+        totals = [raw["ram_free_mb"], raw["disk_free_gb"], raw["vcpus_free"]]
+        if any(type(v) is not int or not 0 <= v <= _MAX_FIGURE for v in totals):
+            raise SchemaError("capacity: free figures must be whole numbers >= 0")
+        return cls(
+            ram_free_mb=totals[0],
+            disk_free_gb=totals[1],
+            vcpus_free=totals[2],
+            ram_units=_units_from_wire(raw["ram_units"], "ram_units"),
+            disk_units=_units_from_wire(raw["disk_units"], "disk_units"),
+            vcpu_units=_units_from_wire(raw["vcpu_units"], "vcpu_units"),
+        )
+
+
+_WIRE_KEYS: Final = frozenset(
+    {"ram_free_mb", "disk_free_gb", "vcpus_free", "ram_units", "disk_units", "vcpu_units"}
+)
+_MAX_FIGURE: Final = 2**53  # larger than any real cloud; keeps sums exact in every client
+_MAX_SIZES: Final = 1000  # distinct sizes a capacity may list
+
+
+def _units(units: Mapping[int, int], size: int) -> int:
+    if size <= 0:  # a flavor that needs none of it (a 0 GB root disk)
+        return _MAX_FIGURE
+    return units.get(size, 0)
+
+
+def _units_from_wire(raw: Any, name: str) -> dict[int, int]:
+    if type(raw) is not dict or len(raw) > _MAX_SIZES:
+        raise SchemaError(f"capacity: {name} must be a map of at most {_MAX_SIZES} sizes")
+    units: dict[int, int] = {}
+    for key, value in raw.items():
+        if type(key) is not str or not key.isdigit() or len(key) > 15:
+            raise SchemaError(f"capacity: {name} keys are sizes, whole numbers")
+        if type(value) is not int or not 0 <= value <= _MAX_FIGURE:
+            raise SchemaError(f"capacity: {name} values are counts, whole numbers >= 0")
+        units[int(key)] = value
+    return units
+
+
+def host_room(host: Host, reserve_percent: float) -> tuple[int, int, int]:
+    """(RAM MB, disk GB, vCPUs) free on `host` after its reserve; nothing if disabled."""
+    if not host.enabled:
+        return 0, 0, 0
+    keep = reserve_percent / 100.0
+    free = host.free
+    return (
+        max(0, free.memory_mb - int(host.memory_mb * keep)),
+        max(0, free.disk_gb - int(host.disk_gb * keep)),
+        max(0, free.vcpus - int(host.vcpus * keep)),
+    )
+
+
+def cell_capacity(
+    hosts: Sequence[Host],
+    flavors: Sequence[Flavor],
+    reserve_percent: float = DEFAULT_RESERVE_PERCENT,
+) -> Capacity:
+    """This cell's own capacity, from its hosts, for the sizes among `flavors`."""
+    if not 0 <= reserve_percent < 100:
+        raise ValueError(f"reserve_percent must be 0 to under 100, not {reserve_percent}")
+    rooms = [host_room(host, reserve_percent) for host in hosts]
+    sizes = (
+        sorted({f.memory_mb for f in flavors if f.memory_mb > 0}),
+        sorted({f.disk_gb for f in flavors if f.disk_gb > 0}),
+        sorted({f.vcpus for f in flavors if f.vcpus > 0}),
+    )
+    units = [
+        {size: sum(room[axis] // size for room in rooms) for size in sizes[axis]}
+        for axis in range(3)
+    ]
+    return Capacity(
+        ram_free_mb=sum(room[0] for room in rooms),
+        disk_free_gb=sum(room[1] for room in rooms),
+        vcpus_free=sum(room[2] for room in rooms),
+        ram_units=units[0],
+        disk_units=units[1],
+        vcpu_units=units[2],
+    )
+
+
+def added(parts: Iterable[Capacity]) -> Capacity:
+    """Capacities added figure by figure: a subtree's, from its cells'."""
+    total = Capacity()
+    ram: dict[int, int] = {}
+    disk: dict[int, int] = {}
+    vcpu: dict[int, int] = {}
+    ram_free = disk_free = vcpus_free = 0
+    for part in parts:
+        ram_free += part.ram_free_mb
+        disk_free += part.disk_free_gb
+        vcpus_free += part.vcpus_free
+        for into, units in (
+            (ram, part.ram_units),
+            (disk, part.disk_units),
+            (vcpu, part.vcpu_units),
+        ):
+            for size, count in units.items():
+                into[size] = into.get(size, 0) + count
+    if not (ram or disk or vcpu or ram_free or disk_free or vcpus_free):
+        return total
+    return Capacity(ram_free, disk_free, vcpus_free, ram, disk, vcpu)
+
+
+@dataclass(frozen=True, order=True)
+class Version:
+    """An announcement's place among its cell's: the cell's start (ms), then a counter."""
+
+    started_ms: int
+    counter: int
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """What a cell said of its subtree: capacity and capabilities, with their version."""
+
+    version: Version
+    capacity: Capacity
+    capabilities: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+
+@dataclass
+class ChildViews:
+    """A parent's latest announcement from each child, and what it placed there since."""
+
+    latest: dict[str, Announcement] = field(default_factory=dict)
+
+    def take(self, child: str, announcement: Announcement) -> bool:
+        """Keep `announcement` unless one as new or newer is kept; whether it was taken."""
+        kept = self.latest.get(child)
+        if kept is not None and kept.version >= announcement.version:
+            return False
+        self.latest[child] = announcement
+        return True
+
+    def placed(self, child: str, flavor: Flavor) -> None:
+        """One instance of `flavor` went to `child`: take it off until the child says anew."""
+        kept = self.latest.get(child)
+        if kept is not None:
+            self.latest[child] = Announcement(
+                kept.version, kept.capacity.less(flavor), kept.capabilities
+            )
+
+    def forget(self, child: str) -> None:
+        self.latest.pop(child, None)
+
+    def subtree(
+        self,
+        own: Capacity,
+        own_capabilities: Mapping[str, frozenset[str]],
+        alive: Iterable[str],
+    ) -> tuple[Capacity, dict[str, frozenset[str]]]:
+        """This cell's subtree: its own capacity plus its live children's; capabilities unioned.
+
+        A child that is not alive adds neither capacity nor capabilities.
+        """
+        live = [self.latest[name] for name in sorted(set(alive)) if name in self.latest]
+        capabilities: dict[str, frozenset[str]] = dict(own_capabilities)
+        for announcement in live:
+            for key, values in announcement.capabilities.items():
+                capabilities[key] = capabilities.get(key, frozenset()) | values
+        return added([own, *(a.capacity for a in live)]), capabilities
