@@ -231,9 +231,6 @@ class ChildViews:
                 kept.version, kept.capacity.less(flavor), kept.capabilities
             )
 
-    def forget(self, child: str) -> None:
-        self.latest.pop(child, None)
-
     def subtree(
         self,
         own: Capacity,

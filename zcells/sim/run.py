@@ -276,7 +276,8 @@ async def _main(
     try:
         for name in shape.names:
             tree.start(name)
-        await _until(loop, lambda: _placed(tree, nodes), PLACED_WITHIN_S)
+        placed = await _until(loop, lambda: _placed(tree, nodes), PLACED_WITHIN_S)
+        unplaced = [] if placed else [f"not every cell was placed within {PLACED_WITHIN_S:g}s"]
         log(f"placed at t={loop.time():.1f}s; running {options.duration_s:g}s with faults")
         spec = parse_faults(options.faults, options.cells)
         faults = plan(
@@ -312,7 +313,7 @@ async def _main(
             "deletes": invariants.deletes(tree, told),
             "claims": invariants.claims(tree),
             "outbox": list(watch.violations),
-            "settled": why + [f"{c}: a create was never answered" for c in unanswered],
+            "settled": unplaced + why + [f"{c}: a create was never answered" for c in unanswered],
         }
         report.messages = network.counters["delivered"]
         report.counts.update({f"network_{k}": v for k, v in network.counters.items()})
@@ -354,11 +355,7 @@ async def _settle(
             if not why:
                 return []
         await asyncio.sleep(POLL_S)
-    return [f"not settled {tree_time(loop)}: {w}" for w in why[:5]]
-
-
-def tree_time(loop: asyncio.AbstractEventLoop) -> str:
-    return f"at t={loop.time():.0f}s"
+    return [f"not settled at t={loop.time():.0f}s: {w}" for w in why[:5]]
 
 
 def _index_unsettled(tree: SimTree) -> list[str]:
