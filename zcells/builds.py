@@ -41,14 +41,8 @@ from dataclasses import replace
 from typing import Any
 
 from zcells import logs
-from zcells.cellsched import (
-    HERE,
-    MAX_RETRIES,
-    BuildAttempts,
-    Candidate,
-    CellScheduler,
-    retry_plan,
-)
+from zcells.cellfilters import BuildSpec, Decision
+from zcells.cellsched import HERE, MAX_RETRIES, MAX_SUMMARY_LENGTH, BuildAttempts, retry_plan
 from zcells.compute import FakeDriver
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
@@ -62,27 +56,28 @@ from zcells.errors import (
     NoValidHost,
     SchemaError,
     SenderMismatch,
+    ValidationError,
     WireError,
 )
 from zcells.hostsched import choose_hosts, no_valid_host
 from zcells.instances import Fault, Instance, TaskState, VmState, failed, placed
-from zcells.liveness import Liveness
-from zcells.names import child_path
-from zcells.peer import Peer, Role
+from zcells.names import check_cell_path, child_path
 from zcells.port import CellPort
-from zcells.records import Host, Resources
+from zcells.records import Flavor, Host, Resources
 from zcells.routing import forward_budget_ms, is_below
+from zcells.scheduling import CellScheduling
 from zcells.supervisor import Supervisor
 
 log = logs.get_logger("builds")
 
-HINTS = frozenset({"target_cell"})
+# target_cell: a cell path; different_cell and same_cell: cell paths, joined by commas.
+HINTS = frozenset({"target_cell", "different_cell", "same_cell"})
+MAX_HINT_PATHS = 16
 HOST_VIEW_S = 1.0
 ASKS = 2  # tries of a build at one child that times out, before another child is tried
 # The cells' wall clocks are trusted to agree within this (as NTP keeps them): a
 # parent waits this long past a build's lease before it builds elsewhere.
 FENCE_MARGIN_S = 2.0
-_REACHABLE = frozenset({Liveness.ALIVE, Liveness.LATE})
 
 
 def time_left_s(node: CellPort, deadline: float | None) -> float | None:
@@ -107,14 +102,48 @@ def waiting_to_be_scheduled(instance: Instance) -> bool:
 
 
 def check_hints(hints: Mapping[str, Any]) -> dict[str, str]:
-    """Scheduler hints a build accepts: `target_cell` (a full cell path) only."""
+    """Scheduler hints a build accepts, each checked: `target_cell` (one full cell path),
+    `different_cell` and `same_cell` (full cell paths joined by commas)."""
     unknown = sorted(str(k)[:40] for k in hints if k not in HINTS)
     if unknown:
         raise InvalidRequest(f"unknown scheduler hints {unknown}; known: {sorted(HINTS)}")
     for key, value in hints.items():
         if type(value) is not str or not value:
             raise InvalidRequest(f"hint {key!r} must be a non-empty string")
+        paths = [value] if key == "target_cell" else value.split(",")
+        if len(paths) > MAX_HINT_PATHS:
+            raise InvalidRequest(f"hint {key!r} names more than {MAX_HINT_PATHS} cells")
+        for path in paths:
+            try:
+                check_cell_path(path)
+            except ValidationError as exc:
+                raise InvalidRequest(f"hint {key!r}: {exc}") from None
     return dict(hints)
+
+
+def build_spec(
+    instance: Instance, hints: Mapping[str, str], image_properties: Mapping[str, str]
+) -> BuildSpec:
+    """What the cell scheduler weighs a build of `instance` by."""
+    flavor = Flavor(instance.flavor, instance.memory_mb, instance.disk_gb, instance.vcpus)
+    return spec_of(flavor, hints, image_properties)
+
+
+def spec_of(
+    flavor: Flavor, hints: Mapping[str, str], image_properties: Mapping[str, str]
+) -> BuildSpec:
+    """What the cell scheduler weighs a build by: its sizes, its image, its (checked) hints."""
+    return BuildSpec(
+        flavor=flavor,
+        image_properties=dict(image_properties),
+        target_cell=hints.get("target_cell"),
+        different_cell=_paths(hints.get("different_cell")),
+        same_cell=_paths(hints.get("same_cell")),
+    )
+
+
+def _paths(value: str | None) -> frozenset[str]:
+    return frozenset(p for p in (value or "").split(",") if p)
 
 
 class Placer:
@@ -124,7 +153,7 @@ class Placer:
         self,
         node: CellPort,
         db: DbRunner,
-        scheduler: CellScheduler,
+        scheduling: CellScheduling,
         driver: FakeDriver | None,
         changed: Callable[[], None],
         call_timeout_s: float = 60.0,
@@ -132,30 +161,15 @@ class Placer:
         self.node = node
         self.db = db
         self.call_timeout_s = call_timeout_s  # a call to a child with no deadline of its own
-        self.scheduler = scheduler
+        self.scheduling = scheduling
         self.driver = driver  # None: this cell has no hosts of its own
         self._changed = changed
         self.clock = node.clock
         self.hosts = HostView(clock=node.clock.now)
 
-    def candidates(self, here: str, hints: Mapping[str, str]) -> list[Candidate]:
-        target = hints.get("target_cell")
-        liveness = self.node.liveness()
-        found = []
-        for child in sorted(self.node.view.children):
-            path = child_path(here, child)
-            if target is not None and not is_below(target, path):
-                continue
-            found.append(
-                Candidate(
-                    child,
-                    enabled=child not in self.node.disabled,
-                    reachable=liveness.get(Peer(Role.CHILD, child)) in _REACHABLE,
-                )
-            )
-        if self.driver is not None and (target is None or target == here):
-            found.append(Candidate(HERE, enabled=True, reachable=True))
-        return found
+    def decide(self, spec: BuildSpec, here: str) -> Decision:
+        """The cell scheduler's decision for `spec` at this cell, as it stands now."""
+        return self.scheduling.decide(spec, here, self.driver is not None)
 
     async def place(
         self,
@@ -167,6 +181,7 @@ class Placer:
         wanted: Callable[[], Awaitable[bool]] | None = None,
         deadline: float | None = None,
         valid_until: float | None = None,
+        image_properties: Mapping[str, str] | None = None,
     ) -> Instance:
         """The instance as placed in this cell's subtree; `NoValidHost`/`NoCellsAvailable` if not.
 
@@ -178,21 +193,31 @@ class Placer:
         `deadline` (node clock), if given, bounds each call to a child;
         `valid_until` (wall clock), the lease of the build this cell was sent,
         if given: nothing is placed after it, here or below.
+
+        Each round asks the cell scheduler afresh. When its filters leave no
+        candidate the build fails at once, with what each filter removed: no
+        cell is asked, and no later round is waited for. Candidates that were
+        expected to fit and did not are tried again round after round.
         """
+        properties = dict(image_properties or {})
+        spec = build_spec(instance, hints, properties)
         attempts = BuildAttempts()
-        candidates: list[Candidate] = []
+        decision: Decision | None = None
         for round_, delay in enumerate(plan):
             if delay > 0:
                 await self.clock.sleep(delay)
             if round_ > 0 and wanted is not None and not await wanted():
                 raise InvalidRequest(f"instance {instance.uuid} was deleted while scheduling")
-            candidates = self.candidates(here, hints)
-            for name in self.scheduler.order(candidates, exclude=()):
+            decision = self.decide(spec, here)
+            if not decision.order:
+                break
+            for name in decision.order:
                 try:
                     if name == HERE:
                         return await self._place_here(instance, request_id, here, valid_until)
+                    self.scheduling.placed(name, spec.flavor)
                     return await self._place_below_once(
-                        instance, hints, request_id, here, name, deadline, valid_until
+                        instance, hints, request_id, here, name, deadline, valid_until, properties
                     )
                 except WireError as exc:
                     attempts.tried(name, exc.code, exc.message)
@@ -205,19 +230,7 @@ class Placer:
                         code=exc.code,
                         error=exc.message,
                     )
-        if not candidates and not attempts.attempts:
-            target = hints.get("target_cell")
-            if target is not None:
-                raise NoCellsAvailable(
-                    f"target_cell {target}: no such cell with hosts at or below {here}", here
-                )
-            raise NoValidHost(
-                f"no valid host in {here}: it has no hosts and no cells below it", here
-            )
-        reason = attempts.summary()
-        if attempts.all_no_valid_host():
-            raise NoValidHost(reason, here)
-        raise NoCellsAvailable(reason, here)
+        raise _nowhere(here, spec, attempts, decision)
 
     async def _place_here(
         self, instance: Instance, request_id: str, here: str, valid_until: float | None
@@ -235,6 +248,7 @@ class Placer:
         )
         if taken is None:
             raise no_valid_host(hosts, need, here)
+        self.scheduling.placed(HERE, build_spec(instance, {}, {}).flavor)
         self._changed()
         self.driver.schedule(taken)
         return taken
@@ -248,6 +262,7 @@ class Placer:
         child: str,
         deadline: float | None,
         valid_until: float | None,
+        image_properties: Mapping[str, str],
     ) -> Instance:
         """Build through `child`, and know it did not when this returns an error.
 
@@ -270,7 +285,7 @@ class Placer:
             leases.append(lease)
             try:
                 return await self._place_below(
-                    instance, hints, request_id, here, child, timeout_s, lease
+                    instance, hints, request_id, here, child, timeout_s, lease, image_properties
                 )
             except CallTimeout:
                 if asked + 1 < ASKS:
@@ -301,6 +316,7 @@ class Placer:
         child: str,
         timeout_s: float | None = None,
         lease: float | None = None,
+        image_properties: Mapping[str, str] | None = None,
     ) -> Instance:
         target = child_path(here, child)
         body: dict[str, Any] = {
@@ -310,6 +326,8 @@ class Placer:
         }
         if lease is not None:
             body["valid_until"] = lease
+        if image_properties:
+            body["image_properties"] = dict(image_properties)
         answer = (await self.node.call("build", body, target=target, timeout_s=timeout_s)).unwrap()
         try:
             taken = Instance.from_wire(answer.get("instance") if isinstance(answer, dict) else None)
@@ -318,6 +336,41 @@ class Placer:
         if taken.uuid != instance.uuid or taken.cell is None or not is_below(taken.cell, target):
             raise SenderMismatch(f"{target} acknowledged a build it does not hold", here)
         return taken
+
+
+def _nowhere(
+    here: str, spec: BuildSpec, attempts: BuildAttempts, decision: Decision | None
+) -> WireError:
+    """Why a build could not be placed from `here`: each try, then what the filters removed.
+
+    `NoValidHost` when every cell tried had no host, or a filter found no
+    room or no matching hypervisor; `NoCellsAvailable` when no cell could be
+    tried at all (disabled, or not where the hints allow).
+    """
+    removed = [w for w in decision.weighed if w.removed_by is not None] if decision else []
+    if not attempts.attempts and (decision is None or not decision.weighed):
+        return NoValidHost(f"no valid host in {here}: it has no hosts and no cells below it", here)
+    parts = [attempts.summary()] if attempts.attempts else []
+    if removed:
+        shown = "; ".join(
+            f"{'this cell' if w.name == HERE else w.name}: {w.removed_by} ({w.reason})"
+            for w in removed
+        )
+        parts.append(f"at {here} the filters removed {shown}")
+    reason = _shortened(f"no cell could take {spec.flavor.name}: " + "; ".join(parts))
+    no_room = any(w.removed_by in _NO_ROOM for w in removed)
+    if attempts.all_no_valid_host() or (not attempts.attempts and no_room):
+        return NoValidHost(reason, here)
+    return NoCellsAvailable(reason, here)
+
+
+_NO_ROOM = frozenset({"capacity", "image_properties"})
+
+
+def _shortened(text: str) -> str:
+    if len(text) <= MAX_SUMMARY_LENGTH:
+        return text
+    return text[: MAX_SUMMARY_LENGTH - 3] + "..."
 
 
 class TopBuilds:
@@ -332,8 +385,10 @@ class TopBuilds:
         retry_delay_s: float,
         orphan_found: Callable[[], None] = lambda: None,
         tasks: Supervisor | None = None,
+        image_properties: Callable[[str], Awaitable[Mapping[str, str]]] | None = None,
     ) -> None:
         self.tasks = tasks or Supervisor()
+        self._image_properties = image_properties
         self.placer = placer
         self.db = db
         self._orphan_found = orphan_found
@@ -376,9 +431,18 @@ class TopBuilds:
             held = await self.db.read(store.get, instance.uuid)
             return held is not None and not held.deleted and held.cell is None
 
+        properties: Mapping[str, str] = {}
+        if self._image_properties is not None:
+            properties = await self._image_properties(instance.image)
         try:
             taken = await self.placer.place(
-                instance, hints, f"build-{instance.uuid}", here, self.plan, wanted
+                instance,
+                hints,
+                f"build-{instance.uuid}",
+                here,
+                self.plan,
+                wanted,
+                image_properties=properties,
             )
         except (NoValidHost, NoCellsAvailable) as exc:
             held = await self.db.read(store.get, instance.uuid)

@@ -22,7 +22,7 @@ Rules kept here:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from zcells.errors import SchemaError
@@ -202,48 +202,141 @@ class Version:
 
 @dataclass(frozen=True)
 class Announcement:
-    """What a cell said of its subtree: capacity and capabilities, with their version."""
+    """What a cell said of its subtree: capacity and capabilities, with their version.
+
+    `enabled` False: the cell takes no new builds (`[cells] enable = False`).
+    """
 
     version: Version
     capacity: Capacity
     capabilities: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    enabled: bool = True
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "version": [self.version.started_ms, self.version.counter],
+            "capacity": self.capacity.to_wire(),
+            "capabilities": capabilities_to_wire(self.capabilities),
+            "enabled": self.enabled,
+        }
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Announcement:
+        """An announcement as a child sent it; `SchemaError` naming what is wrong."""
+        if type(raw) is not dict or set(raw) != _ANNOUNCEMENT_KEYS:
+            raise SchemaError(f"announcement: expected the keys {sorted(_ANNOUNCEMENT_KEYS)}")
+        version = raw["version"]
+        if (
+            type(version) is not list
+            or len(version) != 2
+            or any(type(v) is not int or not 0 <= v <= _MAX_FIGURE for v in version)
+        ):
+            raise SchemaError("announcement: version must be [started_ms, counter]")
+        if type(raw["enabled"]) is not bool:
+            raise SchemaError("announcement: enabled must be true or false")
+        return cls(
+            Version(version[0], version[1]),
+            Capacity.from_wire(raw["capacity"]),
+            capabilities_from_wire(raw["capabilities"]),
+            raw["enabled"],
+        )
+
+
+_ANNOUNCEMENT_KEYS: Final = frozenset({"version", "capacity", "capabilities", "enabled"})
+MAX_CAPABILITIES: Final = 64  # keys a cell may announce, and values per key
+MAX_CAPABILITY_LENGTH: Final = 64
+
+
+def capabilities_to_wire(capabilities: Mapping[str, frozenset[str]]) -> dict[str, list[str]]:
+    return {key: sorted(values) for key, values in sorted(capabilities.items())}
+
+
+def capabilities_from_wire(raw: Any) -> dict[str, frozenset[str]]:
+    """Capabilities as a child sent them: at most `MAX_CAPABILITIES` keys of short strings.
+
+    A subtree's capabilities are its cells' unioned, so the bound holds for
+    the union too: a child cannot make its parent hold more than it allows.
+    """
+    if type(raw) is not dict or len(raw) > MAX_CAPABILITIES:
+        raise SchemaError(f"capabilities: a map of at most {MAX_CAPABILITIES} keys")
+    capabilities: dict[str, frozenset[str]] = {}
+    for key, values in raw.items():
+        if type(key) is not str or not 0 < len(key) <= MAX_CAPABILITY_LENGTH:
+            raise SchemaError(f"capabilities: keys are strings of 1 to {MAX_CAPABILITY_LENGTH}")
+        if type(values) is not list or len(values) > MAX_CAPABILITIES:
+            raise SchemaError(f"capabilities: {key[:40]!r} must list at most {MAX_CAPABILITIES}")
+        if any(type(v) is not str or not 0 < len(v) <= MAX_CAPABILITY_LENGTH for v in values):
+            raise SchemaError(f"capabilities: values are strings of 1 to {MAX_CAPABILITY_LENGTH}")
+        capabilities[key] = frozenset(values)
+    return capabilities
+
+
+def unioned(
+    parts: Iterable[Mapping[str, frozenset[str]]],
+) -> dict[str, frozenset[str]]:
+    """Capabilities unioned key by key, within `MAX_CAPABILITIES` keys and values per key."""
+    union: dict[str, frozenset[str]] = {}
+    for part in parts:
+        for key, values in part.items():
+            if key not in union and len(union) >= MAX_CAPABILITIES:
+                continue
+            merged = union.get(key, frozenset()) | values
+            union[key] = merged if len(merged) <= MAX_CAPABILITIES else _first(merged)
+    return union
+
+
+def _first(values: frozenset[str]) -> frozenset[str]:
+    return frozenset(sorted(values)[:MAX_CAPABILITIES])
 
 
 @dataclass
 class ChildViews:
-    """A parent's latest announcement from each child, and what it placed there since."""
+    """A parent's latest announcement from each child, and what it placed there since.
 
+    An older announcement never replaces a newer one, unless the newer one
+    was kept for `stale_after_s` without a newer coming (a child whose clock
+    went back across a restart is heard again, not ignored for good).
+    """
+
+    stale_after_s: float = 180.0
     latest: dict[str, Announcement] = field(default_factory=dict)
+    heard_at: dict[str, float] = field(default_factory=dict)  # child -> node clock
 
-    def take(self, child: str, announcement: Announcement) -> bool:
+    def take(self, child: str, announcement: Announcement, now: float) -> bool:
         """Keep `announcement` unless one as new or newer is kept; whether it was taken."""
         kept = self.latest.get(child)
-        if kept is not None and kept.version >= announcement.version:
+        fresh = now - self.heard_at.get(child, now) < self.stale_after_s
+        if kept is not None and kept.version >= announcement.version and fresh:
             return False
         self.latest[child] = announcement
+        self.heard_at[child] = now
         return True
+
+    def keep_only(self, children: Iterable[str]) -> None:
+        """Forget the children no longer registered."""
+        wanted = set(children)
+        for name in [n for n in self.latest if n not in wanted]:
+            del self.latest[name]
+            self.heard_at.pop(name, None)
 
     def placed(self, child: str, flavor: Flavor) -> None:
         """One instance of `flavor` went to `child`: take it off until the child says anew."""
         kept = self.latest.get(child)
         if kept is not None:
-            self.latest[child] = Announcement(
-                kept.version, kept.capacity.less(flavor), kept.capabilities
-            )
+            self.latest[child] = replace(kept, capacity=kept.capacity.less(flavor))
 
     def subtree(
         self,
         own: Capacity,
         own_capabilities: Mapping[str, frozenset[str]],
-        alive: Iterable[str],
+        counted: Iterable[str],
     ) -> tuple[Capacity, dict[str, frozenset[str]]]:
-        """This cell's subtree: its own capacity plus its live children's; capabilities unioned.
+        """This cell's subtree: its own capacity plus the `counted` children's; capabilities
+        unioned.
 
-        A child that is not alive adds neither capacity nor capabilities.
+        The caller counts the children that are alive and take builds: a
+        mute or disabled child adds neither capacity nor capabilities.
         """
-        live = [self.latest[name] for name in sorted(set(alive)) if name in self.latest]
-        capabilities: dict[str, frozenset[str]] = dict(own_capabilities)
-        for announcement in live:
-            for key, values in announcement.capabilities.items():
-                capabilities[key] = capabilities.get(key, frozenset()) | values
+        live = [self.latest[name] for name in sorted(set(counted)) if name in self.latest]
+        capabilities = unioned([own_capabilities, *(a.capabilities for a in live)])
         return added([own, *(a.capacity for a in live)]), capabilities

@@ -19,6 +19,7 @@ Rules kept here (STYLE.md §11):
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,18 +56,19 @@ class CellCandidate:
     capabilities: Mapping[str, frozenset[str]] = field(default_factory=dict)
     weight_offset: float = 0.0
     weight_scale: float = 1.0
+    own: bool = False  # this cell's own hosts (`HERE`), not a child
 
 
 Filter = Callable[[CellCandidate, BuildSpec], str | None]
 Weigher = Callable[[CellCandidate, BuildSpec], float]
 
 
-def _within(path: str, root: str) -> bool:
-    return (
-        path == root
-        or path.startswith(root + PATH_SEPARATOR)
-        or root.startswith(path + PATH_SEPARATOR)
-    )
+def _within(cell: CellCandidate, root: str) -> bool:
+    """Whether `cell` is `root`, below it, or (a child, not this cell's own hosts) above it."""
+    path = cell.path
+    if path == root or path.startswith(root + PATH_SEPARATOR):
+        return True
+    return not cell.own and root.startswith(path + PATH_SEPARATOR)
 
 
 def disabled(cell: CellCandidate, spec: BuildSpec) -> str | None:
@@ -74,7 +76,7 @@ def disabled(cell: CellCandidate, spec: BuildSpec) -> str | None:
 
 
 def target_cell(cell: CellCandidate, spec: BuildSpec) -> str | None:
-    if spec.target_cell is None or _within(cell.path, spec.target_cell):
+    if spec.target_cell is None or _within(cell, spec.target_cell):
         return None
     return f"not on the way to the target cell {spec.target_cell}"
 
@@ -87,15 +89,19 @@ def different_cell(cell: CellCandidate, spec: BuildSpec) -> str | None:
 
 
 def same_cell(cell: CellCandidate, spec: BuildSpec) -> str | None:
-    if not spec.same_cell or any(_within(cell.path, kept) for kept in spec.same_cell):
+    if not spec.same_cell or any(_within(cell, kept) for kept in spec.same_cell):
         return None
     return f"the build must stay in {', '.join(sorted(spec.same_cell))}"
 
 
 def capacity(cell: CellCandidate, spec: BuildSpec) -> str | None:
-    if cell.capacity is None:
-        return "has announced no capacity yet"
-    if cell.capacity.fits(spec.flavor):
+    """Room for the flavor's RAM, disk and vCPUs on one host, as last announced.
+
+    A cell that has announced nothing yet (it has just come up) passes: it
+    is drawn after every cell known to have room, and says so itself if it
+    has none.
+    """
+    if cell.capacity is None or cell.capacity.fits(spec.flavor):
         return None
     flavor = spec.flavor
     free = cell.capacity
@@ -185,6 +191,18 @@ WEIGHERS: Final[dict[str, tuple[Weigher, float]]] = {
     "weight_offset": (weight_offset, 1.0),
     "mute_child": (mute_child, -10000.0),
 }
+SPREAD: Final = "ram_by_instance_type"  # the weigher whose raw value sets the draw in a tier
+
+# A filter with nothing to check for a build is not run (a decision over a thousand
+# children must stay well under a millisecond).
+_APPLIES: Final[dict[str, Callable[[BuildSpec], bool]]] = {
+    "disabled": lambda spec: True,
+    "target_cell": lambda spec: spec.target_cell is not None,
+    "different_cell": lambda spec: bool(spec.different_cell),
+    "same_cell": lambda spec: bool(spec.same_cell),
+    "capacity": lambda spec: True,
+    "image_properties": lambda spec: any(k in spec.image_properties for k in IMAGE_PROPERTIES),
+}
 NOVA_NAMES: Final = {
     "TargetCellFilter": "target_cell",
     "DifferentCellFilter": "different_cell",
@@ -193,6 +211,30 @@ NOVA_NAMES: Final = {
     "WeightOffsetWeigher": "weight_offset",
     "MuteChildWeigher": "mute_child",
 }
+
+
+_ALL: Final = frozenset(
+    {"all", "nova.cells.filters.all_filters", "nova.cells.weights.all_weighers"}
+)
+
+
+def resolve(names: Sequence[str], table: Mapping[str, object]) -> tuple[str, ...]:
+    """Filter or weigher names as configured, in zcells' names; nova's accepted.
+
+    A nova class path counts by its last part (`nova.cells.filters.target_cell.
+    TargetCellFilter`), and nova's `all_filters`/`all_weighers` name the whole
+    table. `ValueError` names the first unknown name and the known ones.
+    """
+    resolved: list[str] = []
+    for name in names:
+        if name in _ALL:
+            resolved += list(table)
+            continue
+        ours = NOVA_NAMES.get(name.rsplit(".", 1)[-1], name)
+        if ours not in table:
+            raise ValueError(f"unknown name {name!r}; known: {', '.join(table)}")
+        resolved.append(ours)
+    return tuple(dict.fromkeys(resolved))
 
 
 def normalised(values: Sequence[float]) -> list[float]:
@@ -214,13 +256,24 @@ class Weighed:
     reason: str | None
     raw: Mapping[str, float] = field(default_factory=dict)
     normal: Mapping[str, float] = field(default_factory=dict)
-    total: float = 0.0
+    total: float = 0.0  # every weigher, normalised and multiplied, added (nova's weight)
+    tier: float = 0.0  # the same without the spreading weigher: the rank of its tier
+    chance: float = 0.0  # its chance of going first among the candidates of its tier
 
 
 @dataclass(frozen=True)
 class Decision:
     order: tuple[str, ...]  # the candidates to try, best first
     weighed: tuple[Weighed, ...]  # every candidate, in the order given
+
+    def removed(self) -> str:
+        """Why every candidate was removed, on one line: `name: filter (reason)`, ..."""
+        return "; ".join(f"{w.name}: {w.removed_by} ({w.reason})" for w in self.weighed)
+
+
+def multipliers_of(names: Sequence[str], overrides: Mapping[str, float]) -> dict[str, float]:
+    """The multiplier of each weigher named, nova's default unless overridden."""
+    return {name: overrides.get(name, WEIGHERS[name][1]) for name in names}
 
 
 def schedule(
@@ -231,13 +284,24 @@ def schedule(
     filters: Sequence[str] = tuple(FILTERS),
     weighers: Mapping[str, float] | None = None,
 ) -> Decision:
-    """Filter, weigh and order `candidates` for `spec`; every step kept for the explanation."""
-    multipliers = {name: m for name, (_, m) in WEIGHERS.items()} if weighers is None else weighers
+    """Filter, weigh and order `candidates` for `spec`; every step kept for the explanation.
+
+    The weighers other than the spreading one (`SPREAD`) rank the candidates
+    in tiers, highest first. Within a tier the order is drawn, each
+    candidate's chance of going next in proportion to its room for the
+    flavor (its `SPREAD` raw value) when that weigher's multiplier is
+    positive, to the inverse of its room when negative (filling the fullest
+    first), evenly when zero or not configured. So children of capacities
+    1:2:4 take builds in that proportion, and a burst between two
+    announcements does not pile onto one cell.
+    """
+    multipliers = multipliers_of(tuple(WEIGHERS), {}) if weighers is None else dict(weighers)
     verdicts: list[tuple[str | None, str | None]] = []
+    checks = [(name, FILTERS[name]) for name in filters if _APPLIES[name](spec)]
     for cell in candidates:
         verdict: tuple[str | None, str | None] = (None, None)
-        for name in filters:
-            reason = FILTERS[name](cell, spec)
+        for name, check in checks:
+            reason = check(cell, spec)
             if reason is not None:
                 verdict = (name, reason)
                 break
@@ -245,18 +309,29 @@ def schedule(
     passed = [c for c, (by, _) in zip(candidates, verdicts, strict=True) if by is None]
     raw = {name: [WEIGHERS[name][0](c, spec) for c in passed] for name in multipliers}
     normal = {name: normalised(values) for name, values in raw.items()}
+    ranked = [name for name in multipliers if name != SPREAD]
+    tiers = [sum(multipliers[n] * normal[n][i] for n in ranked) for i in range(len(passed))]
+    spread = multipliers.get(SPREAD, 0.0)
     totals = [
-        sum(multipliers[name] * normal[name][i] for name in multipliers) for i in range(len(passed))
+        tiers[i] + (spread * normal[SPREAD][i] if SPREAD in multipliers else 0.0)
+        for i in range(len(passed))
     ]
-    draws = [rng.random() for _ in passed]  # ties go by a draw, never by the caller's order
-    best_first = sorted(range(len(passed)), key=lambda i: (-totals[i], draws[i]))
-    index = {c.name: i for i, c in enumerate(passed)}
+    rooms = [ram_units(c, spec) for c in passed] if spread else [1.0] * len(passed)
+    odds = [_odds(room, spread) for room in rooms]
+    keys = [_draw_key(rng, weight) for weight in odds]
+    best_first = sorted(range(len(passed)), key=lambda i: (-tiers[i], -keys[i][0], -keys[i][1]))
+    in_tier: dict[float, float] = {}
+    for i, weight in enumerate(odds):
+        in_tier[tiers[i]] = in_tier.get(tiers[i], 0.0) + weight
+    index = {id(c): i for i, c in enumerate(passed)}
     weighed = []
     for cell, (by, reason) in zip(candidates, verdicts, strict=True):
-        i = index.get(cell.name)
-        if by is not None or i is None:
+        found = index.get(id(cell))
+        if by is not None or found is None:
             weighed.append(Weighed(cell.name, by, reason))
             continue
+        i = found
+        pool = in_tier[tiers[i]]
         weighed.append(
             Weighed(
                 cell.name,
@@ -265,6 +340,31 @@ def schedule(
                 raw={name: raw[name][i] for name in multipliers},
                 normal={name: normal[name][i] for name in multipliers},
                 total=totals[i],
+                tier=tiers[i],
+                chance=odds[i] / pool if pool > 0 else 0.0,
             )
         )
     return Decision(tuple(passed[i].name for i in best_first), tuple(weighed))
+
+
+def _odds(room: float, multiplier: float) -> float:
+    """A candidate's weight in the draw of its tier, from its room for the flavor."""
+    if multiplier > 0:
+        return room
+    if multiplier < 0:
+        return 1.0 / (1.0 + room)
+    return 1.0
+
+
+def _draw_key(rng: random.Random, weight: float) -> tuple[float, float]:
+    """A key whose order, highest first, is a draw in proportion to `weight`.
+
+    Sorting by log(u) / weight (u uniform in (0, 1]) draws without replacement
+    with those weights (Efraimidis and Spirakis); a weight of 0 goes after
+    every other, in an even draw of its own.
+    """
+    u = 1.0 - rng.random()
+    second = rng.random()
+    if weight <= 0:
+        return -math.inf, second
+    return math.log(u) / weight, second

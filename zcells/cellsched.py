@@ -1,23 +1,15 @@
-"""The cell scheduler: in which order a cell offers a build to its children and itself.
+"""The tries of a build: how many, how far apart, and what the fault says when all fail.
 
-Pure: no I/O and no clock; randomness comes from the `random.Random` passed in.
+Pure: no I/O and no clock. Which cell is tried in which order is the cell
+scheduler's (`zcells.cellfilters`, `zcells.scheduling`); `HERE` names this
+cell's own hosts among the candidates.
 
 Rules kept here:
 
-1. The candidates are this cell's children by name, and `HERE` for this cell
-   itself when it has hosts of its own. A candidate is tried only when it is
-   enabled, reachable and not excluded (a cell that already failed this
-   build, or one a hint rules out).
-2. A `CellScheduler` only orders candidates; it sends nothing and claims
-   nothing. This release orders at random (`RandomCellScheduler`): every
-   order of the eligible candidates is equally likely, and for a given seed
-   the order does not depend on the order the candidates came in. A
-   scheduler of filters and weighers can take its place behind the same
-   `order` method.
-3. A build tries a first time and then at most `retries` more times, each
+1. A build tries a first time and then at most `retries` more times, each
    after `delay_s` (`retry_plan`, nova's `scheduler_retries`); the number of
    tries is capped at `MAX_RETRIES` + 1 whatever the configuration says.
-4. `BuildAttempts` keeps what each try said, so that when every try fails the
+2. `BuildAttempts` keeps what each try said, so that when every try fails the
    fault names each cell with its last error on one line of at most
    `MAX_SUMMARY_LENGTH` characters. The build failed for want of a host
    (`E_NO_VALID_HOST`) only when every cell tried last said so; otherwise no
@@ -27,10 +19,8 @@ Rules kept here:
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final
 
 from zcells.errors import NoValidHost
 
@@ -40,36 +30,6 @@ MAX_SUMMARY_LENGTH: Final = 1000
 
 _HERE_SHOWN: Final = "this cell"
 _ELLIPSIS: Final = "..."
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A place a build could go: a child cell by name, or `HERE` for this cell's own hosts."""
-
-    name: str
-    enabled: bool
-    reachable: bool
-
-
-class CellScheduler(Protocol):
-    def order(self, candidates: Sequence[Candidate], exclude: Collection[str]) -> list[str]:
-        """The names of the candidates to try, in the order to try them."""
-        ...
-
-
-class RandomCellScheduler:
-    """Every enabled, reachable, not excluded candidate, in an order drawn from `rng`."""
-
-    def __init__(self, rng: random.Random) -> None:
-        self._rng = rng
-
-    def order(self, candidates: Sequence[Candidate], exclude: Collection[str]) -> list[str]:
-        # Sorted first so that the draw, not the caller's order, decides the result.
-        names = sorted(
-            {c.name for c in candidates if c.enabled and c.reachable and c.name not in exclude}
-        )
-        self._rng.shuffle(names)
-        return names
 
 
 @dataclass(frozen=True)

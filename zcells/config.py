@@ -13,7 +13,6 @@ Rules kept here:
   section that zcells has no use for (``enable``, ``topic``, ...) are the one
   exception: accepted and reported as warnings, so an operator's existing
   section carries over. A section zcells does not know is a warning.
-* Options that are read but not acted on yet (`NOT_USED_YET`) warn when set.
 * Relative paths in a file are relative to that file's directory.
 * With no file at all (the embedded default) the cell is an API cell named
   ``api`` on loopback, with its state under ``$ZCELLS_STATE_DIR`` or
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from zcells import config_values as parsers
+from zcells.cellfilters import FILTERS, WEIGHERS, resolve
 from zcells.config_values import parse_capabilities
 from zcells.errors import ConfigError
 
@@ -38,11 +38,6 @@ CONFIG_ENV: Final = "ZCELLS_CONFIG"
 STATE_DIR_ENV: Final = "ZCELLS_STATE_DIR"
 EMBEDDED: Final = "<embedded defaults>"
 
-# Options accepted and kept, but not acted on yet: setting one warns, and says why.
-NOT_USED_YET: Final[Mapping[tuple[str, str], str]] = {
-    ("cells", "capabilities"): "not used yet: cells are not scheduled by capability yet",
-    ("cells", "reserve_percent"): "not used yet: cells are not scheduled by capacity yet",
-}
 
 CELL_TYPES: Final = ("api", "compute")
 COMPUTE_DRIVERS: Final = ("fake",)
@@ -51,7 +46,6 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 # nova-cells [cells] keys that have no meaning here; accepted, then reported.
 NOVA_ONLY_KEYS: Final = frozenset(
     {
-        "enable",
         "topic",
         "manager",
         "driver",
@@ -115,7 +109,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
         parse_capabilities,
         {},
         "key=value;value pairs separated by commas, e.g. hypervisor=kvm;xen, os=linux",
-        "Capabilities of this cell, for cell scheduling; read, not used by this release.",
+        "Capabilities of this cell, announced to its parent and matched against image"
+        " properties (hypervisor=..., architecture=..., hypervisor_version=...).",
     ),
     Option(
         "cells",
@@ -140,7 +135,66 @@ OPTIONS: Final[tuple[Option, ...]] = (
         parsers.float_value(0.0, 100.0),
         10.0,
         "a percentage from 0 to 100",
-        "Share of RAM and disk to keep out of announced capacity; read, not used by this release.",
+        "Share of each host's RAM, disk and vCPUs kept out of the capacity this cell announces.",
+    ),
+    Option(
+        "cells",
+        "enable",
+        parsers.bool_value,
+        True,
+        "true or false",
+        "false: this cell takes no new builds; its parent's cell scheduler passes it over.",
+    ),
+    Option(
+        "cells",
+        "capability_interval",
+        parsers.float_value(1.0),
+        60.0,
+        _SECONDS,
+        "How often a cell announces its capacities and capabilities to its parent, besides"
+        " soon after each change and whenever the link comes up.",
+        "capability_interval_s",
+    ),
+    Option(
+        "cells",
+        "scheduler_filters",
+        parsers.names_value(lambda names: resolve(names, FILTERS)),
+        tuple(FILTERS),
+        "filter names separated by commas: " + ", ".join(FILTERS) + " (or nova's class names)",
+        "The cell scheduler's filters, in the order they are applied.",
+    ),
+    Option(
+        "cells",
+        "scheduler_weighers",
+        parsers.names_value(lambda names: resolve(names, WEIGHERS)),
+        tuple(WEIGHERS),
+        "weigher names separated by commas: " + ", ".join(WEIGHERS) + " (or nova's class names)",
+        "The cell scheduler's weighers.",
+    ),
+    Option(
+        "cells",
+        "ram_weight_multiplier",
+        parsers.float_value(-1e9, 1e9),
+        10.0,
+        "a number",
+        "Multiplier of the RAM units weigher; positive spreads builds in proportion to room,"
+        " negative fills the fullest cell first.",
+    ),
+    Option(
+        "cells",
+        "offset_weight_multiplier",
+        parsers.float_value(-1e9, 1e9),
+        1.0,
+        "a number",
+        "Multiplier of the weight offset weigher (`zcells cell update --weight-offset`).",
+    ),
+    Option(
+        "cells",
+        "mute_weight_multiplier",
+        parsers.float_value(-1e9, 1e9),
+        -10000.0,
+        "a number",
+        "Multiplier of the mute child weigher: how far down a child not heard from goes.",
     ),
     Option(
         "cells",
@@ -426,6 +480,13 @@ class CellsConfig:
     call_timeout_s: float
     max_hop_count: int
     reserve_percent: float
+    enable: bool
+    capability_interval_s: float
+    scheduler_filters: tuple[str, ...]
+    scheduler_weighers: tuple[str, ...]
+    ram_weight_multiplier: float
+    offset_weight_multiplier: float
+    mute_weight_multiplier: float
     mute_child_interval_s: float
     heartbeat_interval_s: float
     max_clock_skew_s: float
@@ -569,9 +630,6 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
                         warnings.append(f"{source}: [{section}] {key}: {why}; ignored")
                         continue
                     raise ConfigError(source, section, key, None, _valid_keys(section, key))
-                if (section, key) in NOT_USED_YET:
-                    why = NOT_USED_YET[(section, key)]
-                    warnings.append(f"{source}: [{section}] {key}: {why}")
                 try:
                     value = option.parse(raw)
                 except ValueError:

@@ -36,6 +36,7 @@ TYPE_NAMES: Final[Mapping[str, str]] = {
     "Path": "path",
     "bool": "boolean",
     "Mapping": "key=values list",
+    "tuple": "list of names",
 }
 _BUILDERS: Final = ("int_value", "float_value", "choice_value")
 
@@ -95,6 +96,8 @@ def default_text(option: Option) -> str:
         return "`" + ", ".join(f"{k}={';'.join(v)}" for k, v in default.items()) + "`"
     if isinstance(default, float):
         return f"`{_number(default)}`"
+    if isinstance(default, tuple):
+        return "`" + ", ".join(default) + "`"
     return f"`{default}`"
 
 

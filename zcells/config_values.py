@@ -99,3 +99,13 @@ def parse_capabilities(text: str) -> Mapping[str, tuple[str, ...]]:
             raise ValueError
         result[key] = parts
     return result
+
+
+def names_value(resolve: Callable[[list[str]], tuple[str, ...]]) -> Parser:
+    """A comma-separated list of names, each resolved (and checked) by `resolve`."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = [item.strip() for item in text.split(",") if item.strip()]
+        return resolve(names)
+
+    return parse

@@ -52,6 +52,7 @@ class Neighbourhood:
         self.view = routing.View(name, max_hop_count=max_hop_count)
         self.clients: dict[str, Client] = {}
         self.disabled: frozenset[str] = frozenset()  # children the cell scheduler skips
+        self.weights: dict[str, tuple[float, float]] = {}  # child -> (weight offset, scale)
         self.trackers: dict[Peer, Tracker] = {}
         self.problems: dict[str, str] = {}  # parent name -> why its hello is refused
         self.parent_names: frozenset[str] = frozenset()  # parents in the cells table
@@ -72,6 +73,7 @@ class Neighbourhood:
             parents = {first: parents[first]}
         children = {n.name: n for n in neighbours if n.kind == "child"}
         self.disabled = frozenset(n for n, c in children.items() if c.disabled)
+        self.weights = {n: (c.weight_offset, c.weight_scale) for n, c in children.items()}
         self.parent_names = frozenset(parents)
         registered = {n.name for n in neighbours if n.kind == "parent"}
         self.problems = {n: why for n, why in self.problems.items() if n in registered}

@@ -63,6 +63,8 @@ class Node:
         # Called with this cell's full path when a parent places it (after a start, or a
         # move to a new parent), so its own records can follow.
         self.on_placed: Callable[[str], None] | None = None
+        # Called with the neighbour whenever a link to it comes up.
+        self.on_link_up: Callable[[Peer], None] | None = None
         self._settling: dict[int, asyncio.Future[Any]] = {}  # this cell's own calls
         self._timer: Timer | None = None
         self._timer_at: float | None = None
@@ -93,6 +95,10 @@ class Node:
     @property
     def disabled(self) -> frozenset[str]:
         return self.core.neighbours.disabled
+
+    @property
+    def weights(self) -> Mapping[str, tuple[float, float]]:
+        return self.core.neighbours.weights
 
     @property
     def problems(self) -> Mapping[str, str]:
@@ -165,6 +171,8 @@ class Node:
                 reason=event.reason,
             )
             self._carry_out(self.core.link_changed(event, wall))
+            if event.up and self.on_link_up is not None:
+                self.on_link_up(event.peer)
         elif event.error is not None:
             self._carry_out(self.core.bad_message(event.peer, event.error, now, wall))
         elif event.message is not None:

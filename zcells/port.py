@@ -35,6 +35,10 @@ class CellPort(Protocol):
         """Children the cell scheduler skips."""
 
     @property
+    def weights(self) -> Mapping[str, tuple[float, float]]:
+        """Each child's weight offset and scale, as the cells table holds them."""
+
+    @property
     def problems(self) -> Mapping[str, str]:
         """Parents whose hello is refused, and why."""
 

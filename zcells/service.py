@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from zcells import entropy, logs
+from zcells import logs
 from zcells.builds import Placer, TopBuilds
-from zcells.cellsched import RandomCellScheduler
 from zcells.clock import SYSTEM_CLOCK, Clock
 from zcells.compute import FakeDriver, fake_hosts
-from zcells.config import Config
+from zcells.config import CellsConfig, Config
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as instances_store
 from zcells.db import migrate, registry
@@ -37,6 +35,7 @@ from zcells.errors import DatabaseError
 from zcells.handlers import build_methods
 from zcells.handlers.compute import ComputeHandlers
 from zcells.handlers.diag import DiagHandlers
+from zcells.handlers.scheduling import SchedulingHandlers
 from zcells.handlers.servers import PAGE_BYTES, ServerHandlers
 from zcells.handlers.state import StateHandlers, resync_children
 from zcells.handlers.status import MessageRate, StatusHandlers, messages_seen
@@ -46,6 +45,7 @@ from zcells.node import Node, NodeSettings
 from zcells.orphans import Orphans
 from zcells.pidfile import PidFile
 from zcells.records import Client, Neighbour
+from zcells.scheduling import Announcer, CellScheduling, SchedulerSettings
 from zcells.sockets.keys import KeyPair, check_environment, generate_keypair, load_keypair
 from zcells.sockets.transport import ZmqTransport
 from zcells.supervisor import Supervisor
@@ -227,6 +227,7 @@ class Services:
     housekeeping: Housekeeping
     rate: MessageRate
     orphans: Orphans | None
+    announcer: Announcer
 
 
 def build_services(
@@ -239,9 +240,10 @@ def build_services(
     top = config.cells.cell_type == "api"
     upstream: Upstream | None = None
 
-    def changed() -> None:  # new outbox rows
+    def changed() -> None:  # new outbox rows: instances, and so capacity, changed
         if upstream is not None:
             upstream.wake()
+        announcer.changed()
 
     has_hosts = not top and config.compute.fake_hosts > 0
     driver = (
@@ -249,14 +251,16 @@ def build_services(
         if has_hosts
         else None
     )
-    placer = Placer(
+    scheduling = CellScheduling(node, scheduler_settings(config.cells))
+    announcer = Announcer(
         node,
         runner,
-        # placement, not secrets; seeded through `entropy` so a simulation can replay it
-        RandomCellScheduler(random.Random(entropy.token_bytes(16))),  # noqa: S311
-        driver,
-        changed,
-        call_timeout_s=config.cells.call_timeout_s,
+        scheduling,
+        has_hosts=has_hosts,
+        call_timeout_s=min(10.0, config.cells.call_timeout_s),
+    )
+    placer = Placer(
+        node, runner, scheduling, driver, changed, call_timeout_s=config.cells.call_timeout_s
     )
     orphans = Orphans(node, runner) if top else None
     orphan_found = orphans.wake if orphans is not None else _nothing
@@ -286,8 +290,9 @@ def build_services(
     )
     compute = ComputeHandlers(runner, placer, driver, changed)
     rate = MessageRate(lambda: messages_seen(node), clock=node.clock)
-    status = StatusHandlers(node, runner, upstream, rate, top=top)
-    methods = build_methods(diag, state, compute, servers, status)
+    status = StatusHandlers(node, runner, upstream, rate, top=top, scheduling=scheduling)
+    explain = SchedulingHandlers(node, runner, announcer, placer)
+    methods = build_methods(diag, state, compute, servers, status, explain)
     cells = config.cells
     housekeeping = Housekeeping(
         runner,
@@ -301,14 +306,41 @@ def build_services(
         changed=changed,
         clock=node.clock,
     )
+    node.on_link_up = announcer.link_up
     if not top:
 
         def placed(path: str) -> None:
+            announcer.changed()  # the parent's path is known now: it can be told
             tasks.spawn(_relocate(runner, path, node.clock.wall(), changed), name="relocate")
 
         node.on_placed = placed
     return Services(
-        runner, upstream, driver, builds if top else None, methods, housekeeping, rate, orphans
+        runner,
+        upstream,
+        driver,
+        builds if top else None,
+        methods,
+        housekeeping,
+        rate,
+        orphans,
+        announcer,
+    )
+
+
+def scheduler_settings(cells: CellsConfig) -> SchedulerSettings:
+    """The cell scheduler's settings from `[cells]`."""
+    multipliers = {
+        "ram_by_instance_type": cells.ram_weight_multiplier,
+        "weight_offset": cells.offset_weight_multiplier,
+        "mute_child": cells.mute_weight_multiplier,
+    }
+    return SchedulerSettings(
+        filters=cells.scheduler_filters,
+        weighers={name: multipliers[name] for name in cells.scheduler_weighers},
+        reserve_percent=cells.reserve_percent,
+        capabilities={k: frozenset(v) for k, v in cells.capabilities.items()},
+        enabled=cells.enable,
+        interval_s=cells.capability_interval_s,
     )
 
 
@@ -411,6 +443,7 @@ async def run_cell(
                     loops.create_task(services.upstream.run(), name="upstream"),
                     loops.create_task(services.housekeeping.run(), name="housekeeping"),
                     loops.create_task(services.rate.run(), name="message-rate"),
+                    loops.create_task(services.announcer.run(), name="announcer"),
                 ]
                 if services.orphans is not None:
                     running.append(loops.create_task(services.orphans.run(), name="orphans"))

@@ -8,6 +8,7 @@ and `broadcast`. Every call and broadcast is recorded with its timeout.
 from __future__ import annotations
 
 import inspect
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,7 @@ from zcells.messages import CellResult, Outcome, RequestContext
 from zcells.methods import Call
 from zcells.peer import Peer, Role
 from zcells.port import CellPort
+from zcells.scheduling import CellScheduling, SchedulerSettings
 
 # A result, or a function of the body making one (it may be a coroutine function).
 Answer = CellResult | Callable[[dict[str, Any]], CellResult | Awaitable[CellResult]]
@@ -43,6 +45,7 @@ class ScriptedNode:
     children: tuple[str, ...] = ()
     parents: dict[str, str] = field(default_factory=dict)  # name -> its full path
     disabled: set[str] = field(default_factory=set)
+    weights: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Its wall time starts at the real one: the test database stamps rows by the real clock.
     clock: Clock = field(default_factory=lambda: FakeClock(1000.0, time.time() - 1000.0))
     calls: dict[tuple[str, str], Answer] = field(default_factory=dict)  # (method, target)
@@ -82,6 +85,11 @@ class ScriptedNode:
         """This scripted cell where a `CellPort` is wanted (it is one, structurally)."""
         port: CellPort = self
         return port
+
+
+def scheduling(node: CellPort) -> CellScheduling:
+    """The cell scheduler of `node` with default settings and a fixed seed."""
+    return CellScheduling(node, SchedulerSettings(), random.Random(1))
 
 
 async def _answer(answer: Answer, body: dict[str, Any]) -> CellResult:

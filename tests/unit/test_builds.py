@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,7 +16,15 @@ from zcells.db import orphans as orphans_store
 from zcells.db.engine import Database
 
 from tests.fakes import run
-from tests.unit.scripted_node import ScriptedNode, instance, ok, parent_call, runner, uuids
+from tests.unit.scripted_node import (
+    ScriptedNode,
+    instance,
+    ok,
+    parent_call,
+    runner,
+    scheduling,
+    uuids,
+)
 from zcells.builds import (
     HostView,
     Placer,
@@ -25,7 +32,7 @@ from zcells.builds import (
     orphan_request_id,
     time_left_s,
 )
-from zcells.cellsched import RandomCellScheduler
+from zcells.capacity import Announcement, Capacity, Version
 from zcells.clock import FakeClock
 from zcells.compute import FakeDriver, fake_hosts
 from zcells.dbrunner import DbRunner
@@ -37,6 +44,7 @@ from zcells.orphans import Orphans
 from zcells.records import Host
 
 UUID = next(iter(uuids(1)))
+C1_FIRST = {"c1": (1.0, 1.0)}  # a weight offset that puts c1 before c2
 
 
 @pytest.fixture
@@ -47,7 +55,7 @@ def db(synced: Database) -> Iterator[DbRunner]:
 
 
 def placer(node: ScriptedNode, db: DbRunner) -> Placer:
-    return Placer(node.as_node(), db, RandomCellScheduler(random.Random(1)), None, lambda: None)
+    return Placer(node.as_node(), db, scheduling(node.as_node()), None, lambda: None)
 
 
 def refusal(cell: str, error: Exception) -> CellResult:
@@ -83,7 +91,41 @@ def test_children_that_cannot_be_tried_are_no_cell_available(db: DbRunner) -> No
     node = ScriptedNode(children=("c1",), disabled={"c1"})
     with pytest.raises(NoCellsAvailable) as info:
         run(placer(node, db).place(instance(UUID), {}, "build-1", "api", plan=[0.0]))
-    assert "no enabled, reachable cell" in info.value.message
+    assert "at api the filters removed c1: disabled (disabled: takes no new builds)" in (
+        info.value.message
+    )
+    assert node.sent == []
+
+
+def test_no_room_announced_anywhere_fails_at_once_naming_what_each_filter_removed(
+    db: DbRunner,
+) -> None:
+    node = ScriptedNode(children=("c1", "c2"))
+    port = node.as_node()
+    here = Placer(port, db, scheduling(port), None, lambda: None)
+    full = Capacity(ram_free_mb=256, ram_units={512: 0}, disk_units={1: 9}, vcpu_units={1: 9})
+    for name in node.children:
+        assert here.scheduling.take(name, Announcement(Version(1, 1), full))
+    with pytest.raises(NoValidHost) as info:
+        run(here.place(instance(UUID), {}, "build-1", "api", plan=[0.0, 5.0, 5.0]))
+    assert node.sent == []  # not one child asked, no retry waited for
+    assert "c1: capacity (no room for m1.tiny" in info.value.message
+    assert "c2: capacity (no room for m1.tiny" in info.value.message
+
+
+def test_a_child_that_announced_room_and_had_none_is_retried_by_the_plan(db: DbRunner) -> None:
+    node = ScriptedNode(children=("c1",))
+    port = node.as_node()
+    here = Placer(port, db, scheduling(port), None, lambda: None)
+    roomy = Capacity(ram_free_mb=9999, ram_units={512: 9}, disk_units={1: 9}, vcpu_units={1: 9})
+    assert here.scheduling.take("c1", Announcement(Version(1, 1), roomy))
+    node.calls[("build", "api!c1")] = refusal("api!c1", NoValidHost("full after all", "api!c1"))
+    with pytest.raises(NoValidHost) as info:
+        run(here.place(instance(UUID), {}, "build-1", "api", plan=[0.0, 0.0, 0.0]))
+    assert [sent.target for sent in node.sent] == ["api!c1"] * 3
+    assert "after 3 attempts" in info.value.message
+    # each try came off the view, as a burst would: 9 - 3 left
+    assert here.scheduling.views.latest["c1"].capacity.ram_units[512] == 6
 
 
 def test_every_child_without_a_host_makes_no_valid_host_naming_each(db: DbRunner) -> None:
@@ -281,9 +323,7 @@ def test_a_burst_of_builds_spreads_over_the_hosts(db: DbRunner) -> None:
 
     async def burst() -> list[Instance]:
         driver = FakeDriver(db, 60.0, lambda: None)
-        cell = Placer(
-            node.as_node(), db, RandomCellScheduler(random.Random(1)), driver, lambda: None
-        )
+        cell = Placer(node.as_node(), db, scheduling(node.as_node()), driver, lambda: None)
         try:
             return await asyncio.gather(
                 *(
@@ -308,9 +348,7 @@ def test_a_host_freed_since_the_view_was_read_is_found_before_a_build_is_refused
 
     async def main() -> None:
         driver = FakeDriver(db, 60.0, lambda: None)
-        cell = Placer(
-            node.as_node(), db, RandomCellScheduler(random.Random(1)), driver, lambda: None
-        )
+        cell = Placer(node.as_node(), db, scheduling(node.as_node()), driver, lambda: None)
         cell.hosts = HostView(max_age_s=3600, clock=cell.clock.now)  # read again only when told
         try:
             taken = await cell.place(instance(first), {}, "build-1", "api!c1", plan=[0.0])
@@ -334,7 +372,7 @@ def test_a_host_freed_since_the_view_was_read_is_found_before_a_build_is_refused
 
 
 def test_a_child_that_timed_out_is_asked_again_before_another_is_tried(db: DbRunner) -> None:
-    node = ScriptedNode(here="api", children=("c1", "c2"))
+    node = ScriptedNode(here="api", children=("c1", "c2"), weights=C1_FIRST)
     taken = placed(instance(UUID), "api!c1", "h001", 2.0)
     answers = iter(
         [CellResult("api!c1", Outcome.TIMED_OUT), ok("api!c1", {"instance": taken.to_wire()})]
@@ -342,7 +380,6 @@ def test_a_child_that_timed_out_is_asked_again_before_another_is_tried(db: DbRun
     node.calls[("build", "api!c1")] = lambda body: next(answers)
     node.calls[("build", "api!c2")] = ok("api!c2", {"instance": taken.to_wire()})
     scheduler = placer(node, db)
-    scheduler.scheduler.order = lambda candidates, exclude: ["c1", "c2"]  # type: ignore[method-assign]
     got = run(scheduler.place(instance(UUID), {}, "build-1", "api", plan=[0.0]))
     assert got == taken
     assert [(s.method, s.target, s.body["request_id"]) for s in node.sent] == [
@@ -386,7 +423,7 @@ def test_a_build_whose_lease_ran_out_is_not_placed(db: DbRunner) -> None:
     """A parent that heard nothing twice builds elsewhere only after the lease it sent."""
     hosts_store.sync_hosts(db.db, fake_hosts(1, 4096, 100, 8))
     node = ScriptedNode(here="api!c1")
-    here = Placer(node.as_node(), db, RandomCellScheduler(random.Random(1)), None, lambda: None)
+    here = Placer(node.as_node(), db, scheduling(node.as_node()), None, lambda: None)
     here.driver = FakeDriver(db, 0.0, lambda: None)
 
     async def main() -> None:
@@ -405,13 +442,12 @@ def test_a_build_whose_lease_ran_out_is_not_placed(db: DbRunner) -> None:
 
 
 def test_a_child_silent_twice_is_fenced_before_another_is_tried(db: DbRunner) -> None:
-    node = ScriptedNode(here="api", children=("c1", "c2"))
+    node = ScriptedNode(here="api", children=("c1", "c2"), weights=C1_FIRST)
     taken = placed(instance(UUID), "api!c2", "h001", 2.0)
     node.calls[("build", "api!c1")] = CellResult("api!c1", Outcome.TIMED_OUT)
     node.calls[("build", "api!c2")] = ok("api!c2", {"instance": taken.to_wire()})
     scheduler = placer(node, db)
     scheduler.call_timeout_s = 0.2
-    scheduler.scheduler.order = lambda candidates, exclude: ["c1", "c2"]  # type: ignore[method-assign]
 
     async def main() -> None:
         placing = asyncio.create_task(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zcells.capacity import (
+    MAX_CAPABILITIES,
     Announcement,
     Capacity,
     ChildViews,
@@ -12,6 +13,7 @@ from zcells.capacity import (
     added,
     cell_capacity,
     host_room,
+    unioned,
 )
 from zcells.errors import SchemaError
 from zcells.records import Flavor, Host
@@ -56,30 +58,67 @@ def test_units_are_counted_host_by_host_for_each_flavor_size() -> None:
 def test_a_subtree_adds_its_live_children_only() -> None:
     own = cell_capacity([host("h1")], FLAVORS, 0.0)
     views = ChildViews()
-    views.take("c1", Announcement(Version(1, 1), own, {"hypervisor": frozenset({"kvm"})}))
-    views.take("c2", Announcement(Version(1, 1), own, {"hypervisor": frozenset({"xen"})}))
-    total, capabilities = views.subtree(own, {"os": frozenset({"linux"})}, alive=["c1"])
+    views.take("c1", Announcement(Version(1, 1), own, {"hypervisor": frozenset({"kvm"})}), 0.0)
+    views.take("c2", Announcement(Version(1, 1), own, {"hypervisor": frozenset({"xen"})}), 0.0)
+    total, capabilities = views.subtree(own, {"os": frozenset({"linux"})}, ["c1"])
     assert total == added([own, own])
     assert total.ram_units[512] == 2 * own.ram_units[512]
     assert capabilities == {"os": frozenset({"linux"}), "hypervisor": frozenset({"kvm"})}
-    everyone, _ = views.subtree(own, {}, alive=["c1", "c2", "gone"])
+    everyone, _ = views.subtree(own, {}, ["c1", "c2", "gone"])
     assert everyone == added([own, own, own])
 
 
 def test_an_older_announcement_never_replaces_a_newer() -> None:
     views = ChildViews()
     newer = Announcement(Version(2, 1), Capacity(ram_free_mb=10))
-    assert views.take("c1", newer)
-    assert not views.take("c1", Announcement(Version(1, 99), Capacity(ram_free_mb=99)))
-    assert not views.take("c1", Announcement(Version(2, 1), Capacity(ram_free_mb=99)))
-    assert views.take("c1", Announcement(Version(2, 2), Capacity(ram_free_mb=5)))
+    assert views.take("c1", newer, 0.0)
+    assert not views.take("c1", Announcement(Version(1, 99), Capacity(ram_free_mb=99)), 1.0)
+    assert not views.take("c1", Announcement(Version(2, 1), Capacity(ram_free_mb=99)), 2.0)
+    assert views.take("c1", Announcement(Version(2, 2), Capacity(ram_free_mb=5)), 3.0)
     assert views.latest["c1"].capacity.ram_free_mb == 5
+
+
+def test_an_announcement_kept_too_long_gives_way_to_any_other() -> None:
+    """A child whose clock went back across a restart is heard again, not ignored for good."""
+    views = ChildViews(stale_after_s=60.0)
+    assert views.take("c1", Announcement(Version(5_000, 1), Capacity(ram_free_mb=1)), 0.0)
+    assert not views.take("c1", Announcement(Version(4_000, 1), Capacity(ram_free_mb=2)), 59.0)
+    assert views.take("c1", Announcement(Version(4_000, 1), Capacity(ram_free_mb=2)), 60.0)
+    assert views.latest["c1"].capacity.ram_free_mb == 2
+    views.keep_only(["c2"])
+    assert views.latest == {} and views.heard_at == {}
+
+
+def test_an_announcement_round_trips_and_bounds_what_a_child_may_say() -> None:
+    capacity = cell_capacity([host("h1")], FLAVORS, 10.0)
+    told = Announcement(Version(7, 3), capacity, {"hypervisor": frozenset({"kvm", "xen"})}, False)
+    assert Announcement.from_wire(told.to_wire()) == told
+    wire = told.to_wire()
+    for bad in (
+        {**wire, "version": [7]},
+        {**wire, "version": [-1, 3]},
+        {**wire, "enabled": 1},
+        {**wire, "capabilities": {"k" * 65: ["v"]}},
+        {**wire, "capabilities": {f"k{i}": ["v"] for i in range(65)}},
+        {**wire, "capabilities": {"k": [f"v{i}" for i in range(65)]}},
+        {**wire, "capabilities": {"k": "kvm"}},
+        {k: v for k, v in wire.items() if k != "enabled"},
+    ):
+        with pytest.raises(SchemaError):
+            Announcement.from_wire(bad)
+
+
+def test_capabilities_unioned_stay_within_their_bound() -> None:
+    many = [{f"k{i}": frozenset({f"v{j}" for j in range(40)})} for i in range(100)]
+    union = unioned([*many, {"k0": frozenset({f"w{j}" for j in range(40)})}])
+    assert len(union) == MAX_CAPABILITIES
+    assert all(len(values) <= MAX_CAPABILITIES for values in union.values())
 
 
 def test_what_a_parent_placed_comes_off_its_view_until_the_child_speaks() -> None:
     views = ChildViews()
     capacity = cell_capacity([host("h1", ram=4096)], FLAVORS, 0.0)
-    views.take("c1", Announcement(Version(1, 1), capacity))
+    views.take("c1", Announcement(Version(1, 1), capacity), 0.0)
     views.placed("c1", SMALL)
     after = views.latest["c1"].capacity
     assert after.ram_free_mb == 2048

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from zcells.capacity import cell_capacity
+from zcells.capacity import Capacity, cell_capacity
 from zcells.cellfilters import (
     FILTERS,
     NOVA_NAMES,
@@ -15,6 +15,7 @@ from zcells.cellfilters import (
     BuildSpec,
     CellCandidate,
     normalised,
+    resolve,
     schedule,
 )
 from zcells.records import Flavor, Host
@@ -46,7 +47,7 @@ FILTER_CASES = [
     ("different_cell", cell(), BuildSpec(TINY, different_cell=frozenset({"api!c11"})), None),
     ("same_cell", cell(), BuildSpec(TINY, same_cell=frozenset({"api!c2"})), "must stay in"),
     ("same_cell", cell(), BuildSpec(TINY, same_cell=frozenset({"api!c1!g1"})), None),
-    ("capacity", cell(capacity=None), BuildSpec(TINY), "announced no capacity"),
+    ("capacity", cell(capacity=None), BuildSpec(TINY), None),  # not heard yet: tried last
     ("capacity", cell(), BuildSpec(LARGE), "no room for m1.large"),
     ("capacity", cell(capacity=room(8192)), BuildSpec(LARGE), None),
     ("capacity", cell(capacity=room(4096, hosts=2)), BuildSpec(LARGE), "not on one host"),
@@ -115,17 +116,55 @@ def test_nova_s_scenario_a_huge_negative_offset_always_goes_last() -> None:
     assert {order[0] for order in firsts} == {"c1", "c2"}  # equal cells share the first place
 
 
-def test_more_room_comes_first_and_a_mute_child_last_whatever_its_room() -> None:
+def test_room_sets_the_chance_of_going_first_and_a_mute_child_goes_last_whatever_its_room() -> None:
     cells = [
-        cell("small", capacity=room(1024)),
-        cell("big", capacity=room(16384)),
+        cell("small", capacity=room(1024)),  # 2 tiny instances
+        cell("big", capacity=room(16384)),  # 32
         cell("mute", capacity=room(65536), mute=True),
     ]
+    orders = [schedule(cells, BuildSpec(TINY), random.Random(seed)).order for seed in range(400)]
+    assert all(order[-1] == "mute" for order in orders)
+    big_first = sum(order[0] == "big" for order in orders) / len(orders)
+    assert 0.88 <= big_first <= 0.99  # 32 / 34 = 0.94
     decision = schedule(cells, BuildSpec(TINY), random.Random(7))
-    assert decision.order == ("big", "small", "mute")
     by_name = {w.name: w for w in decision.weighed}
     assert by_name["big"].normal["ram_by_instance_type"] < 1.0  # mute has the most room
     assert by_name["mute"].total == pytest.approx(10.0 - 10000.0)
+    assert by_name["big"].chance == pytest.approx(32 / 34)
+    assert by_name["mute"].chance == 1.0  # alone in its tier
+
+
+def test_children_of_capacities_1_2_4_take_builds_in_that_proportion() -> None:
+    """Each placement comes off the parent's view, as between two announcements."""
+    views = {
+        name: Capacity(ram_units={512: units}, disk_units={1: units}, vcpu_units={1: units})
+        for name, units in (("a", 1000), ("b", 2000), ("c", 4000))
+    }
+    taken = dict.fromkeys(views, 0)
+    rng = random.Random(5)
+    for _ in range(3500):  # half of the room
+        cells = [cell(name, capacity=capacity) for name, capacity in views.items()]
+        first = schedule(cells, BuildSpec(TINY), rng).order[0]
+        taken[first] += 1
+        views[first] = views[first].less(TINY)
+    shares = {name: count / 3500 for name, count in taken.items()}
+    for name, share in zip("abc", (1 / 7, 2 / 7, 4 / 7), strict=True):
+        assert abs(shares[name] - share) < 0.02, shares
+
+
+def test_a_negative_ram_multiplier_fills_the_fullest_first() -> None:
+    cells = [cell("roomy", capacity=room(65536)), cell("full", capacity=room(512))]
+    orders = [
+        schedule(cells, BuildSpec(TINY), random.Random(s), weighers={"ram_by_instance_type": -1})
+        for s in range(200)
+    ]
+    assert sum(d.order[0] == "full" for d in orders) > 150  # chance 1/2 against 1/129
+
+
+def test_a_cell_not_heard_yet_is_tried_after_every_cell_known_to_have_room() -> None:
+    cells = [cell("new", capacity=None), cell("known")]
+    for seed in range(50):
+        assert schedule(cells, BuildSpec(TINY), random.Random(seed)).order == ("known", "new")
 
 
 def test_a_decision_keeps_every_verdict_for_the_explanation() -> None:
@@ -155,9 +194,22 @@ def test_ties_are_drawn_from_the_seed_not_from_the_callers_order() -> None:
 
 def test_multipliers_and_nova_names() -> None:
     cells = [cell("roomy", capacity=room(8192)), cell("liked", weight_offset=5.0)]
-    ram_only = schedule(
-        cells, BuildSpec(TINY), random.Random(1), weighers={"ram_by_instance_type": 1}
-    )
-    offset_only = schedule(cells, BuildSpec(TINY), random.Random(1), weighers={"weight_offset": 1})
-    assert ram_only.order[0] == "roomy" and offset_only.order[0] == "liked"
+    ram_only = [
+        schedule(cells, BuildSpec(TINY), random.Random(s), weighers={"ram_by_instance_type": 1})
+        for s in range(300)
+    ]
+    assert 0.58 <= sum(d.order[0] == "roomy" for d in ram_only) / 300 <= 0.76  # 16 / 24
+    for seed in range(50):
+        offset_only = schedule(
+            cells, BuildSpec(TINY), random.Random(seed), weighers={"weight_offset": 1}
+        )
+        assert offset_only.order == ("liked", "roomy")
     assert set(NOVA_NAMES.values()) <= set(FILTERS) | set(WEIGHERS)
+
+
+def test_configured_names_resolve_to_ours_and_nova_s() -> None:
+    assert resolve(["TargetCellFilter", "capacity"], FILTERS) == ("target_cell", "capacity")
+    assert resolve(["nova.cells.weights.mute_child.MuteChildWeigher"], WEIGHERS) == ("mute_child",)
+    assert resolve(["nova.cells.filters.all_filters"], FILTERS) == tuple(FILTERS)
+    with pytest.raises(ValueError, match="unknown name 'NoSuchFilter'"):
+        resolve(["NoSuchFilter"], FILTERS)

@@ -1,10 +1,8 @@
-"""The cell scheduler with seeded random generators: eligibility, distribution, faults, retries."""
+"""The tries of a build: the fault that sums them up, and the retry plan."""
 
 from __future__ import annotations
 
-import itertools
 import math
-import random
 
 import pytest
 
@@ -13,74 +11,11 @@ from zcells.cellsched import (
     MAX_RETRIES,
     MAX_SUMMARY_LENGTH,
     BuildAttempts,
-    Candidate,
-    CellScheduler,
-    RandomCellScheduler,
     retry_plan,
 )
 
 NVH = "E_NO_VALID_HOST"
 UNREACHABLE = "E_UNREACHABLE"
-
-MIXED = [
-    Candidate("c1", enabled=True, reachable=True),
-    Candidate("c2", enabled=False, reachable=True),
-    Candidate("c3", enabled=True, reachable=False),
-    Candidate("c4", enabled=False, reachable=False),
-    Candidate("c5", enabled=True, reachable=True),
-    Candidate(HERE, enabled=True, reachable=True),
-]
-
-
-def scheduler(seed: int) -> CellScheduler:
-    return RandomCellScheduler(random.Random(seed))
-
-
-def test_never_returns_disabled_unreachable_or_excluded_names() -> None:
-    for seed in range(50):
-        assert sorted(scheduler(seed).order(MIXED, exclude=())) == [".", "c1", "c5"]
-        assert sorted(scheduler(seed).order(MIXED, exclude={"c5", "c2"})) == [".", "c1"]
-        assert scheduler(seed).order(MIXED, exclude={"c1", "c5", HERE}) == []
-
-
-def test_nothing_to_order() -> None:
-    assert scheduler(0).order([], exclude=()) == []
-    off = [Candidate("c1", enabled=False, reachable=True)]
-    assert scheduler(0).order(off, exclude=()) == []
-
-
-def test_a_name_listed_twice_is_offered_once() -> None:
-    twice = [Candidate("c1", True, True), Candidate("c1", True, True)]
-    assert scheduler(0).order(twice, exclude=()) == ["c1"]
-
-
-def test_same_seed_same_order_whatever_order_the_candidates_came_in() -> None:
-    candidates = [Candidate(f"c{i}", True, True) for i in range(8)]
-    for seed in range(20):
-        forward = scheduler(seed).order(candidates, exclude=())
-        backward = scheduler(seed).order(list(reversed(candidates)), exclude=())
-        assert forward == backward
-
-
-def test_every_order_of_three_candidates_is_drawn_evenly_across_seeds() -> None:
-    candidates = [Candidate(name, True, True) for name in ("c1", "c2", HERE)]
-    runs = 600
-    counts = dict.fromkeys(itertools.permutations(sorted(c.name for c in candidates)), 0)
-    for seed in range(runs):
-        counts[tuple(scheduler(seed).order(candidates, exclude=()))] += 1
-    assert len(counts) == 6
-    # Each of the 6 orders expects 100 of 600; a fair shuffle stays far inside 50..150.
-    assert all(50 < n < 150 for n in counts.values()), counts
-
-
-def test_one_scheduler_keeps_drawing_from_its_generator() -> None:
-    candidates = [Candidate(name, True, True) for name in ("a", "b", "c", "d")]
-    sched = scheduler(7)
-    orders = {tuple(sched.order(candidates, exclude=())) for _ in range(50)}
-    assert len(orders) > 1
-
-
-# -- BuildAttempts ---------------------------------------------------------------------------
 
 
 def test_summary_lists_each_cell_with_its_last_error_in_first_tried_order() -> None:

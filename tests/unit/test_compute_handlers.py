@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 
 import pytest
@@ -12,9 +11,8 @@ from zcells.db import outbox as outbox_store
 from zcells.db.engine import Database
 
 from tests.fakes import run
-from tests.unit.scripted_node import ScriptedNode, instance, parent_call, runner, uuids
+from tests.unit.scripted_node import ScriptedNode, instance, parent_call, runner, scheduling, uuids
 from zcells.builds import Placer
-from zcells.cellsched import RandomCellScheduler
 from zcells.clock import FakeClock
 from zcells.dbrunner import DbRunner
 from zcells.errors import Conflict
@@ -35,7 +33,7 @@ def db(synced: Database) -> Iterator[DbRunner]:
 
 def handlers(db: DbRunner) -> ComputeHandlers:
     node = ScriptedNode(here=CELL, clock=FakeClock(start=0.0, wall_at_zero=10.0)).as_node()
-    placer = Placer(node, db, RandomCellScheduler(random.Random(1)), None, lambda: None)
+    placer = Placer(node, db, scheduling(node), None, lambda: None)
     return ComputeHandlers(db, placer, None, lambda: None)
 
 

@@ -73,10 +73,8 @@ fake_hosts = 4
     assert config.transport.keys_dir == tmp_path / "keys"  # relative to the file
     assert config.database.connection == "sqlite:////var/lib/zcells/eu.db"
     assert config.compute.fake_hosts == 4
-    assert [w.split(": ", 1)[1].split(":")[0] for w in config.warnings] == [
-        "[cells] capabilities",
-        "[cells] reserve_percent",
-    ]  # read, not acted on yet
+    assert config.cells.reserve_percent == 10.0
+    assert config.warnings == ()  # every option set is acted on
 
 
 def test_config_env_variable_names_the_file(tmp_path: Path) -> None:
@@ -132,15 +130,32 @@ def test_missing_file_and_bad_syntax_are_config_errors(tmp_path: Path) -> None:
 def test_nova_keys_and_unknown_sections_warn_but_load(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        "[cells]\nenable = True\ntopic = cells\ncapabilities = os=linux\n"
+        "[cells]\nenable = False\ntopic = cells\ncapabilities = os=linux\n"
         "[DEFAULT]\nverbose = true\n[weird]\nx = 1\n",
     )
     config = load_config(path, env={})
     text = "\n".join(config.warnings)
-    assert "[cells] enable: a nova-cells option" in text
+    assert "[cells] topic: a nova-cells option" in text
     assert "[weird] is not a zcells section" in text
-    assert "[cells] capabilities: not used yet" in text
+    assert "capabilities" not in text
     assert config.cells.name == "api"
+    assert config.cells.enable is False  # nova's key, read as "this cell takes no new builds"
+
+
+def test_scheduler_filters_and_weighers_take_ours_and_nova_s_names(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[cells]\nscheduler_filters = TargetCellFilter, capacity, disabled\n"
+        "scheduler_weighers = nova.cells.weights.weight_offset.WeightOffsetWeigher\n"
+        "offset_weight_multiplier = 2.5\n",
+    )
+    cells = load_config(path, env={}).cells
+    assert cells.scheduler_filters == ("target_cell", "capacity", "disabled")
+    assert cells.scheduler_weighers == ("weight_offset",)
+    assert cells.offset_weight_multiplier == 2.5
+    bad = write(tmp_path, "[cells]\nscheduler_filters = capacity, NoSuchFilter\n")
+    with pytest.raises(ConfigError, match="scheduler_filters"):
+        load_config(bad, env={})
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@ request ids, isolation."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -14,9 +13,16 @@ from zcells.db import registry
 from zcells.db.engine import Database
 
 from tests.fakes import run
-from tests.unit.scripted_node import ScriptedNode, client_call, instance, ok, runner, uuids
+from tests.unit.scripted_node import (
+    ScriptedNode,
+    client_call,
+    instance,
+    ok,
+    runner,
+    scheduling,
+    uuids,
+)
 from zcells.builds import Placer, TopBuilds
-from zcells.cellsched import RandomCellScheduler
 from zcells.codec import packb
 from zcells.dbrunner import DbRunner
 from zcells.errors import (
@@ -46,7 +52,7 @@ def db(synced: Database) -> Iterator[DbRunner]:
 
 
 def front_door(node: ScriptedNode, db: DbRunner) -> ServerHandlers:
-    scheduler = RandomCellScheduler(random.Random(1))
+    scheduler = scheduling(node.as_node())
     placer = Placer(node.as_node(), db, scheduler, None, lambda: None)
     builds = TopBuilds(placer, db, retries=0, retry_delay_s=0.0)
     return ServerHandlers(node.as_node(), db, builds, top=True)

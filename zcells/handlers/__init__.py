@@ -11,12 +11,20 @@ from typing import Protocol
 
 from zcells.handlers.compute import ComputeHandlers
 from zcells.handlers.diag import DiagHandlers
+from zcells.handlers.scheduling import SchedulingHandlers
 from zcells.handlers.servers import ServerHandlers
 from zcells.handlers.state import StateHandlers
 from zcells.handlers.status import StatusHandlers
 from zcells.methods import Method, MethodTable
 
-HANDLER_CLASSES = (DiagHandlers, StateHandlers, ComputeHandlers, ServerHandlers, StatusHandlers)
+HANDLER_CLASSES = (
+    DiagHandlers,
+    StateHandlers,
+    ComputeHandlers,
+    ServerHandlers,
+    StatusHandlers,
+    SchedulingHandlers,
+)
 
 
 class Handlers(Protocol):

@@ -26,10 +26,11 @@ from zcells.compute import FakeDriver
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
 from zcells.dbrunner import DbRunner
-from zcells.errors import Conflict, InvalidRequest, SchemaError
+from zcells.errors import Conflict, InvalidRequest, NoValidHost, SchemaError
 from zcells.instances import Action, Instance, TaskState, VmState, begin
 from zcells.messages import Kind
 from zcells.methods import Call, Method, Param
+from zcells.scheduling import check_image_properties
 
 _ACTIONS = {action.value: action for action in Action}
 PLACED_KEPT = 10_000  # placements remembered for a parent that asks the same build again
@@ -81,6 +82,11 @@ class ComputeHandlers:
             raise SchemaError("build: the instance must be building and waiting to be scheduled")
         request_id = check_request_id(call.args["request_id"])
         hints = check_hints(call.args["hints"] or {})
+        image_properties = check_image_properties(call.args.get("image_properties"))
+        if not self.placer.scheduling.settings.enabled:
+            raise NoValidHost(
+                f"{call.cell} takes no new builds ([cells] enable = False)", call.cell
+            )
         valid_until = call.args["valid_until"]
         placed_before = self._placed.get(request_id)
         if placed_before is not None:
@@ -96,6 +102,7 @@ class ComputeHandlers:
                     plan=[0.0],
                     deadline=call.deadline,
                     valid_until=valid_until,
+                    image_properties=image_properties,
                 )
             )
             self._placing[request_id] = running
@@ -169,6 +176,7 @@ class ComputeHandlers:
                     "hints": Param(dict, required=False),
                     "valid_until": Param(float, required=False),
                     "request_id": Param(str),
+                    "image_properties": Param(dict, required=False),
                 },
             ),
             Method(

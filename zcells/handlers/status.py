@@ -27,6 +27,7 @@ from zcells.methods import Call, Method
 from zcells.node import Node
 from zcells.peer import Role
 from zcells.port import CellPort
+from zcells.scheduling import CellScheduling
 from zcells.upstream import Upstream
 
 
@@ -95,8 +96,10 @@ class StatusHandlers:
         rate: MessageRate,
         *,
         top: bool,
+        scheduling: CellScheduling | None = None,
     ) -> None:
         self.node = node
+        self.scheduling = scheduling
         self.db = db
         self.upstream = upstream
         self.rate = rate
@@ -129,6 +132,7 @@ class StatusHandlers:
                 "oldest_s": None if oldest is None else _rounded(max(0.0, now - oldest)),
             },
             "msgs_per_s": _rounded(self.rate.per_second()),
+            "scheduling": None if self.scheduling is None else self.scheduling.status(),
             "problems": await self._problems(),
         }
 
