@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from zcells.cli import dbcmd, dev, hosts, keys, quota, registry, servers, sim, status
+from zcells.cli import dbcmd, dev, hosts, keys, quota, registry, schedule, servers, sim, status
 from zcells.cli.common import State, state, stderr
 
 from zcells import logs, service
@@ -37,6 +37,7 @@ app.add_typer(servers.flavor_app, name="flavor")
 app.add_typer(quota.quota_app, name="quota")
 app.add_typer(hosts.host_app, name="host")
 app.add_typer(dev.dev_app, name="dev")
+app.add_typer(schedule.schedule_app, name="schedule")
 app.command("status")(status.status)
 app.command("sim")(sim.sim)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ from zcells.db import migrate
 from zcells.db.engine import Database
 
 from zcells.config import Config, load_config
+from zcells.errors import ValidationError
 
 stdout = Console(soft_wrap=True)
 # Piped output is for scripts and logs: never wrap it to an imagined 80 columns.
@@ -94,3 +95,17 @@ def print_table(
 def note(message: str) -> None:
     """A human remark on stderr, so stdout stays clean for scripts."""
     stderr.print(message, markup=False, highlight=False)
+
+
+def parse_pairs(option: str, raw: Iterable[str], *, empty_values: bool) -> dict[str, str]:
+    """`KEY=VALUE` options as a map; `ValidationError` naming the option otherwise."""
+    pairs: dict[str, str] = {}
+    expected = "KEY=VALUE" if empty_values else "KEY=VALUE with a non-empty value"
+    for item in raw:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or (not value and not empty_values):
+            raise ValidationError(option, item, expected)
+        if key in pairs:
+            raise ValidationError(option, item, f"each key once ({key!r} is given twice)")
+        pairs[key] = value
+    return pairs

@@ -17,13 +17,13 @@ import asyncio
 import math
 import sys
 import uuid as uuid_module
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from zcells.cli.common import note, print_json, print_table, stdout
+from zcells.cli.common import note, parse_pairs, print_json, print_table, stdout
 from zcells.cli.connect import (
     ClientKey,
     Endpoint,
@@ -33,6 +33,7 @@ from zcells.cli.connect import (
     resolve,
     with_client,
 )
+from zcells.cli.schedule import explain, explanation_body, print_explanation
 
 from zcells.client import CellClient
 from zcells.errors import Busy, CallTimeout, CellUnreachable, ValidationError
@@ -77,6 +78,13 @@ def server_create(
         typer.Option("--hint", help="Scheduler hint KEY=VALUE (admin), e.g. target_cell=api!c1."),
     ] = None,
     meta: Annotated[list[str] | None, typer.Option("--meta", help="Metadata KEY=VALUE.")] = None,
+    explain_first: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="First show how the cell scheduler weighs this build, level by level.",
+        ),
+    ] = False,
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait until each is ACTIVE or ERROR; exit 1 on ERROR.")
     ] = False,
@@ -91,18 +99,25 @@ def server_create(
     if count < 1:
         raise ValidationError("--count", str(count), "a whole number >= 1")
     _check_wait_timeout(wait_timeout)
+    hints = parse_pairs("--hint", hint or [], empty_values=False)
     body = {
         "name": name,
         "flavor": flavor,
         "image": image,
         "count": count,
-        "hints": parse_pairs("--hint", hint or [], empty_values=False),
+        "hints": hints,
         "metadata": parse_pairs("--meta", meta or [], empty_values=True),
         "request_id": str(uuid_module.uuid4()),
     }
     target = resolve(endpoint, server_key, key)
 
     async def work(client: CellClient) -> tuple[list[str], list[View]]:
+        if explain_first:
+            weighed = await explain(client, explanation_body(flavor, image, hints))
+            if json_output:
+                print_json({"explanation": weighed})
+            else:
+                print_explanation(weighed)
         answer = await _with_retries(lambda: client.request("server_create", body))
         uuids = [str(u) for u in answer["servers"]]
         if not wait:
@@ -327,20 +342,6 @@ def flavor_list(
 
 
 # -- arguments ------------------------------------------------------------------------------
-
-
-def parse_pairs(option: str, raw: Iterable[str], *, empty_values: bool) -> dict[str, str]:
-    """`KEY=VALUE` options as a map; `ValidationError` naming the option otherwise."""
-    pairs: dict[str, str] = {}
-    expected = "KEY=VALUE" if empty_values else "KEY=VALUE with a non-empty value"
-    for item in raw:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or (not value and not empty_values):
-            raise ValidationError(option, item, expected)
-        if key in pairs:
-            raise ValidationError(option, item, f"each key once ({key!r} is given twice)")
-        pairs[key] = value
-    return pairs
 
 
 def check_uuid(value: str, field: str = "server uuid") -> str:

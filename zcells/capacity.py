@@ -54,6 +54,18 @@ class Capacity:
     def fits(self, flavor: Flavor) -> bool:
         return self.units_for(flavor) > 0
 
+    def knows(self, flavor: Flavor) -> bool:
+        """Whether each size of `flavor` is counted here (the cell knew the flavor when it
+        announced; one created since has not reached it yet)."""
+        return all(
+            size <= 0 or size in units
+            for units, size in (
+                (self.ram_units, flavor.memory_mb),
+                (self.disk_units, flavor.disk_gb),
+                (self.vcpu_units, flavor.vcpus),
+            )
+        )
+
     def less(self, flavor: Flavor, count: int = 1) -> Capacity:
         """This capacity once `count` instances of `flavor` were placed in it (a parent's view
         between announcements); never below zero."""

@@ -97,11 +97,14 @@ def same_cell(cell: CellCandidate, spec: BuildSpec) -> str | None:
 def capacity(cell: CellCandidate, spec: BuildSpec) -> str | None:
     """Room for the flavor's RAM, disk and vCPUs on one host, as last announced.
 
-    A cell that has announced nothing yet (it has just come up) passes: it
-    is drawn after every cell known to have room, and says so itself if it
-    has none.
+    A cell that has announced nothing yet (it has just come up), or whose
+    announcement does not count the flavor's sizes (the flavor has not
+    reached it yet), passes: it is drawn after every cell known to have
+    room, and says so itself if it has none.
     """
-    if cell.capacity is None or cell.capacity.fits(spec.flavor):
+    if cell.capacity is None or not cell.capacity.knows(spec.flavor):
+        return None
+    if cell.capacity.fits(spec.flavor):
         return None
     flavor = spec.flavor
     free = cell.capacity
@@ -165,7 +168,9 @@ def _parts(version: str) -> tuple[int, ...] | None:
 
 def ram_units(cell: CellCandidate, spec: BuildSpec) -> float:
     """How many instances of the flavor the cell still has room for."""
-    return 0.0 if cell.capacity is None else float(cell.capacity.units_for(spec.flavor))
+    if cell.capacity is None or not cell.capacity.knows(spec.flavor):
+        return 0.0  # not known: drawn after every cell known to have room
+    return float(cell.capacity.units_for(spec.flavor))
 
 
 def weight_offset(cell: CellCandidate, spec: BuildSpec) -> float:

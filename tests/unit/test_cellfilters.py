@@ -48,6 +48,7 @@ FILTER_CASES = [
     ("same_cell", cell(), BuildSpec(TINY, same_cell=frozenset({"api!c2"})), "must stay in"),
     ("same_cell", cell(), BuildSpec(TINY, same_cell=frozenset({"api!c1!g1"})), None),
     ("capacity", cell(capacity=None), BuildSpec(TINY), None),  # not heard yet: tried last
+    ("capacity", cell(), BuildSpec(Flavor("new", 1024, 1, 1)), None),  # size not counted yet
     ("capacity", cell(), BuildSpec(LARGE), "no room for m1.large"),
     ("capacity", cell(capacity=room(8192)), BuildSpec(LARGE), None),
     ("capacity", cell(capacity=room(4096, hosts=2)), BuildSpec(LARGE), "not on one host"),
