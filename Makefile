@@ -7,7 +7,7 @@ PYTEST_WORKERS ?= auto
 DEV_DIR ?= $(CURDIR)/.zcells/dev
 
 .PHONY: install run test test-postgres check lint typecheck bench bench-transport bench-updates \
-	bench-builds bench-sim sim clean
+	bench-builds bench-sim bench-scheduler sim clean
 
 install: $(STAMP)
 
@@ -47,7 +47,7 @@ typecheck: $(STAMP)
 	cd $(TYPECHECK_TREE) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
 		--cache-dir $(CURDIR)/.mypy_cache -p zcells
 
-bench: bench-transport bench-updates bench-builds bench-sim
+bench: bench-transport bench-updates bench-builds bench-sim bench-scheduler
 
 bench-transport: $(STAMP)
 	$(BIN)/python bench/transport.py
@@ -60,6 +60,9 @@ bench-builds: $(STAMP)
 
 bench-sim: $(STAMP)
 	$(BIN)/python bench/sim.py
+
+bench-scheduler: $(STAMP)
+	$(BIN)/python bench/scheduler.py
 
 # The default simulation: 1,000 cells, 10 virtual minutes, every fault; SIM_ARGS to change it
 # (for example SIM_ARGS="--seed 7 --cells 100").

@@ -347,18 +347,18 @@ def _nowhere(
     room or no matching hypervisor; `NoCellsAvailable` when no cell could be
     tried at all (disabled, or not where the hints allow).
     """
-    removed = [w for w in decision.weighed if w.removed_by is not None] if decision else []
-    if not attempts.attempts and (decision is None or not decision.weighed):
+    removed = decision.removed if decision is not None else ()
+    if not attempts.attempts and not removed and (decision is None or not decision.order):
         return NoValidHost(f"no valid host in {here}: it has no hosts and no cells below it", here)
     parts = [attempts.summary()] if attempts.attempts else []
     if removed:
         shown = "; ".join(
-            f"{'this cell' if w.name == HERE else w.name}: {w.removed_by} ({w.reason})"
-            for w in removed
+            f"{'this cell' if name == HERE else name}: {by} ({reason})"
+            for name, by, reason in removed
         )
         parts.append(f"at {here} the filters removed {shown}")
     reason = _shortened(f"no cell could take {spec.flavor.name}: " + "; ".join(parts))
-    no_room = any(w.removed_by in _NO_ROOM for w in removed)
+    no_room = any(by in _NO_ROOM for _, by, _ in removed)
     if attempts.all_no_valid_host() or (not attempts.attempts and no_room):
         return NoValidHost(reason, here)
     return NoCellsAvailable(reason, here)

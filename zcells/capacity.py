@@ -42,29 +42,38 @@ class Capacity:
     disk_units: Mapping[int, int] = field(default_factory=dict)  # disk_gb -> instances
     vcpu_units: Mapping[int, int] = field(default_factory=dict)  # vcpus -> instances
 
+    def room_for(self, flavor: Flavor) -> int | None:
+        """How many instances of `flavor` fit: the scarcest of its RAM, disk and vCPUs; None
+        when a size of it is not counted here (the cell announced before it knew the flavor).
+
+        Asked by a filter and a weigher for every candidate of every decision:
+        the last answer is kept (a capacity never changes; a flavor is a value).
+        """
+        memo = self.__dict__
+        if memo.get("_room_of") is flavor:
+            known: int | None = memo["_room"]
+            return known
+        memory, disk, vcpus = flavor.memory_mb, flavor.disk_gb, flavor.vcpus
+        room: int | None = _MAX_FIGURE
+        if memory > 0:
+            room = self.ram_units.get(memory, -1)
+        if disk > 0 and room is not None and room >= 0:
+            count = self.disk_units.get(disk, -1)
+            room = count if count < room else room
+        if vcpus > 0 and room is not None and room >= 0:
+            count = self.vcpu_units.get(vcpus, -1)
+            room = count if count < room else room
+        if room is not None and room < 0:
+            room = None
+        memo["_room_of"], memo["_room"] = flavor, room  # not fields: neither compared nor sent
+        return room
+
     def units_for(self, flavor: Flavor) -> int:
-        """How many instances of `flavor` fit: the scarcest of its RAM, disk and vCPUs."""
-        counts = [
-            _units(self.ram_units, flavor.memory_mb),
-            _units(self.disk_units, flavor.disk_gb),
-            _units(self.vcpu_units, flavor.vcpus),
-        ]
-        return min(counts)
+        """How many instances of `flavor` fit; a size not counted here counts as none."""
+        return self.room_for(flavor) or 0
 
     def fits(self, flavor: Flavor) -> bool:
         return self.units_for(flavor) > 0
-
-    def knows(self, flavor: Flavor) -> bool:
-        """Whether each size of `flavor` is counted here (the cell knew the flavor when it
-        announced; one created since has not reached it yet)."""
-        return all(
-            size <= 0 or size in units
-            for units, size in (
-                (self.ram_units, flavor.memory_mb),
-                (self.disk_units, flavor.disk_gb),
-                (self.vcpu_units, flavor.vcpus),
-            )
-        )
 
     def less(self, flavor: Flavor, count: int = 1) -> Capacity:
         """This capacity once `count` instances of `flavor` were placed in it (a parent's view
@@ -119,12 +128,6 @@ _WIRE_KEYS: Final = frozenset(
 )
 _MAX_FIGURE: Final = 2**53  # larger than any real cloud; keeps sums exact in every client
 _MAX_SIZES: Final = 1000  # distinct sizes a capacity may list
-
-
-def _units(units: Mapping[int, int], size: int) -> int:
-    if size <= 0:  # a flavor that needs none of it (a 0 GB root disk)
-        return _MAX_FIGURE
-    return units.get(size, 0)
 
 
 def _units_from_wire(raw: Any, name: str) -> dict[int, int]:

@@ -19,6 +19,7 @@ Rules kept here (STYLE.md §11):
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -102,12 +103,11 @@ def capacity(cell: CellCandidate, spec: BuildSpec) -> str | None:
     reached it yet), passes: it is drawn after every cell known to have
     room, and says so itself if it has none.
     """
-    if cell.capacity is None or not cell.capacity.knows(spec.flavor):
-        return None
-    if cell.capacity.fits(spec.flavor):
+    free = cell.capacity
+    room = None if free is None else free.room_for(spec.flavor)
+    if free is None or room is None or room > 0:
         return None
     flavor = spec.flavor
-    free = cell.capacity
     return (
         f"no room for {flavor.name}: {free.ram_free_mb} MB, {free.disk_free_gb} GB and "
         f"{free.vcpus_free} vCPUs free, not on one host"
@@ -168,9 +168,8 @@ def _parts(version: str) -> tuple[int, ...] | None:
 
 def ram_units(cell: CellCandidate, spec: BuildSpec) -> float:
     """How many instances of the flavor the cell still has room for."""
-    if cell.capacity is None or not cell.capacity.knows(spec.flavor):
-        return 0.0  # not known: drawn after every cell known to have room
-    return float(cell.capacity.units_for(spec.flavor))
+    room = None if cell.capacity is None else cell.capacity.room_for(spec.flavor)
+    return 0.0 if room is None else float(room)  # not known: drawn after every known cell
 
 
 def weight_offset(cell: CellCandidate, spec: BuildSpec) -> float:
@@ -266,14 +265,23 @@ class Weighed:
     chance: float = 0.0  # its chance of going first among the candidates of its tier
 
 
-@dataclass(frozen=True)
 class Decision:
-    order: tuple[str, ...]  # the candidates to try, best first
-    weighed: tuple[Weighed, ...]  # every candidate, in the order given
+    """The order to try, what the filters removed, and (made when asked) every candidate's part."""
 
-    def removed(self) -> str:
-        """Why every candidate was removed, on one line: `name: filter (reason)`, ..."""
-        return "; ".join(f"{w.name}: {w.removed_by} ({w.reason})" for w in self.weighed)
+    def __init__(
+        self,
+        order: tuple[str, ...],
+        removed: tuple[tuple[str, str, str], ...],
+        explain: Callable[[], tuple[Weighed, ...]],
+    ) -> None:
+        self.order = order  # the candidates to try, best first
+        self.removed = removed  # (candidate, filter, reason) for each candidate removed
+        self._explain = explain
+
+    @functools.cached_property
+    def weighed(self) -> tuple[Weighed, ...]:
+        """Every candidate, in the order given, with its verdict or its weights."""
+        return self._explain()
 
 
 def multipliers_of(names: Sequence[str], overrides: Mapping[str, float]) -> dict[str, float]:
@@ -301,55 +309,61 @@ def schedule(
     announcements does not pile onto one cell.
     """
     multipliers = multipliers_of(tuple(WEIGHERS), {}) if weighers is None else dict(weighers)
-    verdicts: list[tuple[str | None, str | None]] = []
     checks = [(name, FILTERS[name]) for name in filters if _APPLIES[name](spec)]
-    for cell in candidates:
-        verdict: tuple[str | None, str | None] = (None, None)
-        for name, check in checks:
-            reason = check(cell, spec)
-            if reason is not None:
-                verdict = (name, reason)
-                break
-        verdicts.append(verdict)
-    passed = [c for c, (by, _) in zip(candidates, verdicts, strict=True) if by is None]
-    raw = {name: [WEIGHERS[name][0](c, spec) for c in passed] for name in multipliers}
+    passed = list(candidates)
+    removed: list[tuple[str, str, str]] = []
+    for name, check in checks:  # filter by filter: the common case removes no one
+        kept = [cell for cell in passed if check(cell, spec) is None]
+        if len(kept) < len(passed):
+            removed += [(c.name, name, why) for c in passed if (why := check(c, spec)) is not None]
+        passed = kept
+    raw = {}
+    for name in multipliers:
+        weigh = WEIGHERS[name][0]
+        raw[name] = [weigh(cell, spec) for cell in passed]
     normal = {name: normalised(values) for name, values in raw.items()}
-    ranked = [name for name in multipliers if name != SPREAD]
-    tiers = [sum(multipliers[n] * normal[n][i] for n in ranked) for i in range(len(passed))]
+    count = len(passed)
+    tiers = [0.0] * count
+    for name, values in normal.items():
+        multiplier = multipliers[name]
+        if name != SPREAD and multiplier and any(values):
+            tiers = [t + multiplier * v for t, v in zip(tiers, values, strict=True)]
     spread = multipliers.get(SPREAD, 0.0)
-    totals = [
-        tiers[i] + (spread * normal[SPREAD][i] if SPREAD in multipliers else 0.0)
-        for i in range(len(passed))
-    ]
-    rooms = [ram_units(c, spec) for c in passed] if spread else [1.0] * len(passed)
-    odds = [_odds(room, spread) for room in rooms]
+    odds = [_odds(room, spread) for room in raw[SPREAD]] if spread else [1.0] * count
     keys = [_draw_key(rng, weight) for weight in odds]
-    best_first = sorted(range(len(passed)), key=lambda i: (-tiers[i], -keys[i][0], -keys[i][1]))
-    in_tier: dict[float, float] = {}
-    for i, weight in enumerate(odds):
-        in_tier[tiers[i]] = in_tier.get(tiers[i], 0.0) + weight
-    index = {id(c): i for i, c in enumerate(passed)}
-    weighed = []
-    for cell, (by, reason) in zip(candidates, verdicts, strict=True):
-        found = index.get(id(cell))
-        if by is not None or found is None:
-            weighed.append(Weighed(cell.name, by, reason))
-            continue
-        i = found
-        pool = in_tier[tiers[i]]
-        weighed.append(
-            Weighed(
-                cell.name,
-                None,
-                None,
-                raw={name: raw[name][i] for name in multipliers},
-                normal={name: normal[name][i] for name in multipliers},
-                total=totals[i],
-                tier=tiers[i],
-                chance=odds[i] / pool if pool > 0 else 0.0,
+    best_first = sorted(range(count), key=lambda i: (-tiers[i], keys[i]))
+    order = tuple(passed[i].name for i in best_first)
+
+    def explain() -> tuple[Weighed, ...]:
+        in_tier: dict[float, float] = {}
+        for i, weight in enumerate(odds):
+            in_tier[tiers[i]] = in_tier.get(tiers[i], 0.0) + weight
+        index = {id(c): i for i, c in enumerate(passed)}
+        why = {name: (by, reason) for name, by, reason in removed}
+        weighed = []
+        for cell in candidates:
+            found = index.get(id(cell))
+            if found is None:
+                by, reason = why.get(cell.name, (None, None))
+                weighed.append(Weighed(cell.name, by, reason))
+                continue
+            pool = in_tier[tiers[found]]
+            spread_part = spread * normal[SPREAD][found] if spread else 0.0
+            weighed.append(
+                Weighed(
+                    cell.name,
+                    None,
+                    None,
+                    raw={name: raw[name][found] for name in multipliers},
+                    normal={name: normal[name][found] for name in multipliers},
+                    total=tiers[found] + spread_part,
+                    tier=tiers[found],
+                    chance=odds[found] / pool if pool > 0 else 0.0,
+                )
             )
-        )
-    return Decision(tuple(passed[i].name for i in best_first), tuple(weighed))
+        return tuple(weighed)
+
+    return Decision(order, tuple(removed), explain)
 
 
 def _odds(room: float, multiplier: float) -> float:
@@ -361,15 +375,17 @@ def _odds(room: float, multiplier: float) -> float:
     return 1.0
 
 
-def _draw_key(rng: random.Random, weight: float) -> tuple[float, float]:
-    """A key whose order, highest first, is a draw in proportion to `weight`.
+def _draw_key(rng: random.Random, weight: float) -> float:
+    """A key whose order, lowest first, is a draw in proportion to `weight`.
 
-    Sorting by log(u) / weight (u uniform in (0, 1]) draws without replacement
-    with those weights (Efraimidis and Spirakis); a weight of 0 goes after
-    every other, in an even draw of its own.
+    Sorting by -log(u) / weight (u uniform in (0, 1]) draws without
+    replacement with those weights (Efraimidis and Spirakis); a weight of 0
+    goes after every other, in an even draw of its own.
     """
     u = 1.0 - rng.random()
-    second = rng.random()
     if weight <= 0:
-        return -math.inf, second
-    return math.log(u) / weight, second
+        return _LAST + u
+    return -math.log(u) / weight
+
+
+_LAST: Final = 1e300  # past any key of a weight > 0

@@ -132,6 +132,7 @@ class CellTree:
         clients: Mapping[str, tuple[str, str | None]] | None = None,
         compute: Mapping[str, Any] | None = None,
         cell_compute: Mapping[str, Mapping[str, Any]] | None = None,
+        cell_options: Mapping[str, Mapping[str, Any]] | None = None,
         new_session: bool = False,
         hosts: Mapping[str, str] | None = None,
         launcher: Callable[[str], list[str]] | None = None,
@@ -151,10 +152,12 @@ class CellTree:
         `extra_clients` are more admins; `clients` maps more client names to
         their (role, project), say ``{"alice": ("member", "proj-a")}``.
         `compute` is the `[compute]` section of every compute cell, and
-        `cell_compute` overrides it per cell (say, a cell with no hosts).
+        `cell_compute` overrides it per cell (say, a cell with no hosts), as
+        `cell_options` overrides `[cells]` options per cell (its capabilities).
         """
         self.compute = {"fake_hosts": 2, "fake_build_seconds": 0.05, **(compute or {})}
         self.cell_compute = cell_compute or {}
+        self.cell_options = cell_options or {}
         self.root = root
         self.log_level = log_level
         self.idle = idle
@@ -202,7 +205,8 @@ class CellTree:
             self._add(children, name, path)
 
     def _write(self, cell: CellProc) -> None:
-        options = "\n".join(f"{k} = {v}" for k, v in self.options.items())
+        chosen = {**self.options, **self.cell_options.get(cell.name, {})}
+        options = "\n".join(f"{k} = {v}" for k, v in chosen.items())
         compute = {**self.compute, **self.cell_compute.get(cell.name, {})}
         compute_section = "".join(f"{k} = {v}\n" for k, v in compute.items())
         cell.config.write_text(

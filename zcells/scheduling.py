@@ -56,6 +56,7 @@ from zcells.records import Flavor
 log = logs.get_logger("scheduling")
 
 _ALIVE: Final = frozenset({Liveness.ALIVE, Liveness.LATE})
+ALIVE_REFRESH_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,13 @@ class CellScheduling:
         self.own = Capacity()
         self.own_known = False  # whether `own` was read from the hosts yet
         self.own_at: float | None = None
+        # The candidates as last made (see `candidates`).
+        self._alive: frozenset[str] = frozenset()
+        self._alive_at: float | None = None
+        self._made: tuple[object, ...] | None = None
+        self._list: list[CellCandidate] = []
+        self._index: dict[str, int] = {}
+        self._dirty: set[str] = set()
 
     # -- what the cell knows ----------------------------------------------------------------
 
@@ -98,13 +106,17 @@ class CellScheduling:
         self.own = capacity
         self.own_known = True
         self.own_at = now
+        self._dirty.add(HERE)
 
     def take(self, child: str, announcement: Announcement) -> bool:
         """A child's announcement, if it is newer than the one kept; whether it was taken."""
         if child not in self.node.view.children:
             return False
         self.views.keep_only(self.node.view.children)
-        return self.views.take(child, announcement, self.node.clock.now())
+        taken = self.views.take(child, announcement, self.node.clock.now())
+        if taken:
+            self._dirty.add(child)
+        return taken
 
     def placed(self, name: str, flavor: Flavor) -> None:
         """One instance of `flavor` went to `name` (or `HERE`): off the view until it speaks."""
@@ -112,6 +124,7 @@ class CellScheduling:
             self.own = self.own.less(flavor)
         else:
             self.views.placed(name, flavor)
+        self._dirty.add(name)
 
     def counted(self) -> list[str]:
         """The children whose announcements add to this cell's subtree: alive and enabled."""
@@ -130,39 +143,69 @@ class CellScheduling:
     # -- decisions ----------------------------------------------------------------------------
 
     def candidates(self, here: str, has_hosts: bool) -> list[CellCandidate]:
-        """Every child with a path below `here`, and `HERE` when this cell has hosts."""
-        liveness = self.node.liveness()
-        weights = self.node.weights
-        found = []
-        for name in sorted(self.node.view.children):
-            alive = liveness.get(Peer(Role.CHILD, name)) in _ALIVE
-            told = self.views.latest.get(name)
-            offset, scale = weights.get(name, (0.0, 1.0))
-            found.append(
-                CellCandidate(
-                    name=name,
-                    path=child_path(here, name),
-                    enabled=name not in self.node.disabled and (told is None or told.enabled),
-                    alive=alive,
-                    mute=not alive,
-                    capacity=None if told is None else told.capacity,
-                    capabilities={} if told is None else told.capabilities,
-                    weight_offset=offset,
-                    weight_scale=scale,
-                )
+        """Every child with a path below `here`, and `HERE` when this cell has hosts.
+
+        Kept between decisions: a candidate is made again only when what it
+        shows changed (an announcement, a placement, the registry, liveness,
+        which is read again at most every `ALIVE_REFRESH_S`), so a decision
+        over a thousand children does not make a thousand objects.
+        """
+        now = self.node.clock.now()
+        if self._alive_at is None or now - self._alive_at >= ALIVE_REFRESH_S:
+            liveness = self.node.liveness()
+            alive = frozenset(
+                name
+                for name in self.node.view.children
+                if liveness.get(Peer(Role.CHILD, name)) in _ALIVE
             )
-        if has_hosts:
-            found.append(
-                CellCandidate(
-                    name=HERE,
-                    path=here,
-                    enabled=self.settings.enabled,
-                    capacity=self.own if self.own_known else None,
-                    capabilities=self.settings.capabilities,
-                    own=True,
-                )
-            )
-        return found
+            self._alive_at = now
+            if alive != self._alive:
+                self._alive = alive
+                self._made = None
+        key = (here, has_hosts, self.node.view.children, self.node.disabled, self.node.weights)
+        if self._made is None or any(a is not b for a, b in zip(key, self._made, strict=True)):
+            self._made = key
+            self._dirty.clear()
+            self._list = [self._candidate(here, name) for name in sorted(self.node.view.children)]
+            if has_hosts:
+                self._list.append(self._own_candidate(here))
+            self._index = {c.name: i for i, c in enumerate(self._list)}
+        elif self._dirty:
+            for name in self._dirty:
+                i = self._index.get(name)
+                if i is not None:
+                    made = (
+                        self._own_candidate(here) if name == HERE else self._candidate(here, name)
+                    )
+                    self._list[i] = made
+            self._dirty.clear()
+        return self._list
+
+    def _candidate(self, here: str, name: str) -> CellCandidate:
+        told = self.views.latest.get(name)
+        offset, scale = self.node.weights.get(name, (0.0, 1.0))
+        alive = name in self._alive
+        return CellCandidate(
+            name=name,
+            path=child_path(here, name),
+            enabled=name not in self.node.disabled and (told is None or told.enabled),
+            alive=alive,
+            mute=not alive,
+            capacity=None if told is None else told.capacity,
+            capabilities={} if told is None else told.capabilities,
+            weight_offset=offset,
+            weight_scale=scale,
+        )
+
+    def _own_candidate(self, here: str) -> CellCandidate:
+        return CellCandidate(
+            name=HERE,
+            path=here,
+            enabled=self.settings.enabled,
+            capacity=self.own if self.own_known else None,
+            capabilities=self.settings.capabilities,
+            own=True,
+        )
 
     def decide(self, spec: BuildSpec, here: str, has_hosts: bool) -> Decision:
         return schedule(
