@@ -46,8 +46,9 @@ from zcells.db import hosts as hosts_store
 from zcells.db import registry
 from zcells.db.engine import Database
 from zcells.dbrunner import DbRunner
-from zcells.errors import DatabaseError, SchemaError
+from zcells.errors import DatabaseError, SchemaError, WireError
 from zcells.liveness import Liveness
+from zcells.messages import CellResult, Outcome
 from zcells.names import child_path
 from zcells.peer import Peer, Role
 from zcells.port import CellPort
@@ -322,9 +323,12 @@ class Announcer:
         self.version = Version(self.version.started_ms, self.version.counter + 1)
         body = {"announcement": self.scheduling.announcement(self.version).to_wire()}
         for path in parents:
-            result = await self.node.call(
-                "announce", body, target=path, timeout_s=self.call_timeout_s
-            )
+            try:
+                result = await self.node.call(
+                    "announce", body, target=path, timeout_s=self.call_timeout_s
+                )
+            except WireError as exc:  # no link to the parent now: the next link up announces
+                result = CellResult(path, Outcome.ERROR, error=exc)
             if result.error is not None:
                 self.last_error = result.error.code
                 logs.limited(

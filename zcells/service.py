@@ -381,7 +381,7 @@ async def _prepare(config: Config, services: Services) -> None:
 async def _serve_cell(cell: Cell, stop: asyncio.Event) -> None:
     config = cell.config
 
-    def started(watch: RegistryWatch) -> None:
+    def started(watch: RegistryWatch, _services: Services) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _on_sighup, watch)
         logs.event(
             log,
@@ -410,7 +410,7 @@ async def run_cell(
     clock: Clock,
     runner: DbRunner,
     stop: asyncio.Event,
-    started: Callable[[RegistryWatch], None] = lambda _watch: None,
+    started: Callable[[RegistryWatch, Services], None] = lambda _watch, _services: None,
 ) -> None:
     """Serve one cell on `transport` until `stop` is set; everything is closed on the way out.
 
@@ -435,7 +435,7 @@ async def run_cell(
             # refused during a gap would not be redialled by ZeroMQ for a while.
             await watch.load()
             await transport.start()
-            started(watch)
+            started(watch, services)
             async with asyncio.TaskGroup() as loops:
                 running = [
                     loops.create_task(node.run(tasks), name="node"),

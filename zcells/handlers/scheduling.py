@@ -23,7 +23,7 @@ from zcells.cellfilters import BuildSpec, Decision
 from zcells.cellsched import HERE
 from zcells.db import registry
 from zcells.dbrunner import DbRunner
-from zcells.errors import Forbidden, InvalidRequest, NotFoundRemote, SchemaError
+from zcells.errors import Forbidden, InvalidRequest, NotFoundRemote, SchemaError, WireError
 from zcells.messages import Kind
 from zcells.methods import Call, Method, Param
 from zcells.names import child_path
@@ -152,12 +152,16 @@ class SchedulingHandlers:
         if not decision.order or decision.order[0] == HERE:
             return levels
         first = child_path(call.cell, decision.order[0])
-        result = await self.node.call(
-            "schedule_level",
-            {"spec": spec_to_wire(spec)},
-            target=first,
-            timeout_s=time_left_s(self.node, call.deadline),
-        )
+        try:
+            result = await self.node.call(
+                "schedule_level",
+                {"spec": spec_to_wire(spec)},
+                target=first,
+                timeout_s=time_left_s(self.node, call.deadline),
+            )
+        except WireError as exc:  # no link to it now: the explanation says so, and stops
+            levels.append({"cell": first, "error": exc.code})
+            return levels
         below = result.value.get("levels") if isinstance(result.value, dict) else None
         if result.error is not None or type(below) is not list:
             code = result.error.code if result.error is not None else SchemaError.code

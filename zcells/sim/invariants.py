@@ -35,6 +35,7 @@ from zcells.liveness import Liveness
 from zcells.messages import Targeted
 from zcells.names import last_name
 from zcells.peer import Peer, Role
+from zcells.scheduling import own_capacity
 from zcells.sim.tree import TOP, SimTree
 from zcells.sim.workload import Told
 
@@ -210,6 +211,36 @@ def children_seen(tree: SimTree, liveness: dict[str, dict[Peer, Liveness]]) -> l
             state = seen.get(Peer(Role.CHILD, child))
             if state is not Liveness.ALIVE:
                 found.append(f"{name}: sees child {child} as {state and state.value}")
+    return found
+
+
+def announced(tree: SimTree) -> list[str]:
+    """Where a parent's view of a child differs from what the child says of its subtree.
+
+    The child's own capacity is read afresh from its database, and its
+    subtree is that plus its counted children's announcements, as it would
+    announce it now: after settling, each parent must hold exactly that.
+    """
+    found = []
+    for parent, children in tree.shape.children.items():
+        held = tree.scheduling.get(parent)
+        for child in children:
+            own = tree.scheduling.get(child)
+            if held is None or own is None:
+                found.append(f"{parent} or {child}: not running")
+                continue
+            cell = tree.cells[child]
+            if cell.transport is not None and own.own_known:
+                fresh = own_capacity(cell.db, own.settings.reserve_percent)
+                if fresh != own.own:
+                    found.append(f"{child}: its own capacity changed and was not read again")
+                    continue
+            capacity, capabilities = own.subtree()
+            told = held.views.latest.get(child)
+            if told is None:
+                found.append(f"{parent}: has heard nothing from {child}")
+            elif told.capacity != capacity or dict(told.capabilities) != capabilities:
+                found.append(f"{parent}: its view of {child} is not what {child} says now")
     return found
 
 

@@ -353,6 +353,8 @@ async def _settle(
             liveness = {name: node.liveness() for name, node in nodes.items()}
             why = invariants.children_seen(tree, liveness) + _index_unsettled(tree)
             if not why:
+                why = invariants.announced(tree)
+            if not why:
                 return []
         await asyncio.sleep(POLL_S)
     return [f"not settled at t={loop.time():.0f}s: {w}" for w in why[:5]]

@@ -26,7 +26,8 @@ from zcells.db.engine import Database
 from zcells.dbrunner import InlineDbRunner
 from zcells.names import child_path
 from zcells.node import Node
-from zcells.service import run_cell
+from zcells.scheduling import CellScheduling
+from zcells.service import Services, run_cell
 from zcells.sim.network import SimNetwork
 from zcells.transport import Identity, MemoryTransport
 
@@ -136,6 +137,7 @@ class SimTree:
         self.crashes = 0
         # Told of each cell's node as it starts: the run reads liveness and paths from it.
         self.on_node: Callable[[str, Node], None] = lambda _name, _node: None
+        self.scheduling: dict[str, CellScheduling] = {}  # each running cell's, as it started
 
     # -- building -------------------------------------------------------------------------
 
@@ -227,12 +229,16 @@ class SimTree:
                 cell.clock,
                 runner,
                 cell.stop,
-                lambda watch: self.on_node(name, watch.node),
+                lambda watch, services: self._started(name, watch.node, services),
             ),
             name=f"cell-{name}",
         )
         cell.starts += 1
         self.network.attach(name, transport)
+
+    def _started(self, name: str, node: Node, services: Services) -> None:
+        self.scheduling[name] = services.announcer.scheduling
+        self.on_node(name, node)
 
     async def crash(self, name: str) -> bool:
         """Kill cell `name` at once; False if it was down already."""
