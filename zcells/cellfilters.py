@@ -77,9 +77,14 @@ def disabled(cell: CellCandidate, spec: BuildSpec) -> str | None:
 
 
 def target_cell(cell: CellCandidate, spec: BuildSpec) -> str | None:
-    if spec.target_cell is None or _within(cell, spec.target_cell):
+    """The build goes to exactly the target cell's hosts: a child passes when the target is
+    it or below it; this cell's own hosts, when the target is this cell."""
+    target = spec.target_cell
+    if target is None or target == cell.path:
         return None
-    return f"not on the way to the target cell {spec.target_cell}"
+    if not cell.own and target.startswith(cell.path + PATH_SEPARATOR):
+        return None
+    return f"not on the way to the target cell {target}"
 
 
 def different_cell(cell: CellCandidate, spec: BuildSpec) -> str | None:

@@ -41,6 +41,13 @@ FILTER_CASES = [
     ("disabled", cell(), BuildSpec(TINY), None),
     ("target_cell", cell(), BuildSpec(TINY, target_cell="api!c1!g1"), None),  # on the way
     ("target_cell", cell(), BuildSpec(TINY, target_cell="api!c1"), None),
+    ("target_cell", cell(), BuildSpec(TINY, target_cell="api"), "not on the way"),  # not below
+    (
+        "target_cell",
+        CellCandidate("own", "api!c1", own=True),
+        BuildSpec(TINY, target_cell="api!c1!g1"),
+        "not on the way",  # this cell's own hosts are not in its child
+    ),
     ("target_cell", cell("c2"), BuildSpec(TINY, target_cell="api!c1"), "not on the way"),
     ("target_cell", cell("c10"), BuildSpec(TINY, target_cell="api!c1"), "not on the way"),
     ("different_cell", cell(), BuildSpec(TINY, different_cell=frozenset({"api!c1"})), "avoid"),
