@@ -28,13 +28,15 @@ from zcells.cellsched import RandomCellScheduler
 from zcells.clock import SYSTEM_CLOCK, Clock
 from zcells.compute import FakeDriver, fake_hosts
 from zcells.config import Config
+from zcells.db import catalog, migrate, registry
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as instances_store
-from zcells.db import migrate, registry
 from zcells.db.engine import Database
 from zcells.dbrunner import DbRunner
+from zcells.downstream import Downstream
 from zcells.errors import DatabaseError
 from zcells.handlers import build_methods
+from zcells.handlers.catalog import CatalogHandlers
 from zcells.handlers.compute import ComputeHandlers
 from zcells.handlers.diag import DiagHandlers
 from zcells.handlers.servers import PAGE_BYTES, ServerHandlers
@@ -90,6 +92,7 @@ def _open_database(config: Config) -> Database:
             result = migrate.sync(db)
             if config.cells.cell_type == "api":
                 registry.seed_default_flavors(db)
+                catalog.seed_default_images(db)
             if result.changed:
                 logs.event(log, logging.INFO, "db.synced", before=result.before, after=result.after)
         else:
@@ -227,6 +230,7 @@ class Services:
     housekeeping: Housekeeping
     rate: MessageRate
     orphans: Orphans | None
+    downstream: Downstream
 
 
 def build_services(
@@ -287,7 +291,9 @@ def build_services(
     compute = ComputeHandlers(runner, placer, driver, changed)
     rate = MessageRate(lambda: messages_seen(node), clock=node.clock)
     status = StatusHandlers(node, runner, upstream, rate, top=top)
-    methods = build_methods(diag, state, compute, servers, status)
+    downstream = Downstream(node, runner, top=top, tasks=tasks)
+    catalog_handlers = CatalogHandlers(runner, top=top, changed=downstream.wake)
+    methods = build_methods(diag, state, compute, servers, status, catalog_handlers)
     cells = config.cells
     housekeeping = Housekeeping(
         runner,
@@ -308,7 +314,15 @@ def build_services(
 
         node.on_placed = placed
     return Services(
-        runner, upstream, driver, builds if top else None, methods, housekeeping, rate, orphans
+        runner,
+        upstream,
+        driver,
+        builds if top else None,
+        methods,
+        housekeeping,
+        rate,
+        orphans,
+        downstream,
     )
 
 
@@ -409,6 +423,7 @@ async def run_cell(
                     loops.create_task(node.run(tasks), name="node"),
                     loops.create_task(watch.run(), name="registry"),
                     loops.create_task(services.upstream.run(), name="upstream"),
+                    loops.create_task(services.downstream.run(), name="downstream"),
                     loops.create_task(services.housekeeping.run(), name="housekeeping"),
                     loops.create_task(services.rate.run(), name="message-rate"),
                 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from zcells.handlers.catalog import CatalogHandlers
 from zcells.handlers.compute import ComputeHandlers
 from zcells.handlers.diag import DiagHandlers
 from zcells.handlers.servers import ServerHandlers
@@ -16,7 +17,14 @@ from zcells.handlers.state import StateHandlers
 from zcells.handlers.status import StatusHandlers
 from zcells.methods import Method, MethodTable
 
-HANDLER_CLASSES = (DiagHandlers, StateHandlers, ComputeHandlers, ServerHandlers, StatusHandlers)
+HANDLER_CLASSES = (
+    DiagHandlers,
+    StateHandlers,
+    ComputeHandlers,
+    ServerHandlers,
+    StatusHandlers,
+    CatalogHandlers,
+)
 
 
 class Handlers(Protocol):
