@@ -36,7 +36,7 @@ from typing import Any
 from zcells import logs
 from zcells.db import catalog
 from zcells.dbrunner import DbRunner
-from zcells.errors import DatabaseError, SchemaError, WireError
+from zcells.errors import DatabaseError, SchemaError, UnknownCell, WireError
 from zcells.globaldata import MAX_ROWS, MAX_SEQ, Change
 from zcells.names import child_path
 from zcells.port import CellPort
@@ -109,6 +109,10 @@ class Downstream:
         while True:
             try:
                 path = child_path(self.node.view.home_path(), child)
+            except UnknownCell:  # no parent has said hello yet: this cell has no path
+                await self.node.clock.sleep(self.retry_s)
+                continue
+            try:
                 if applied is None:
                     applied = await self._progress(child, path)
                 applied = await self._send_batch(child, path, applied)
@@ -176,13 +180,6 @@ class Downstream:
             self._quiet_s[child] = min(self.idle_max_s, quiet_s * 2)
         else:
             self._quiet_s.pop(child, None)
-
-    def statistics(self) -> dict[str, dict[str, Any]]:
-        """Per child: the seq it has applied as last heard, and the error its stream stopped on."""
-        return {
-            child: {"applied": self.applied.get(child), "blocked": self.blocked.get(child)}
-            for child in sorted(self._streams)
-        }
 
 
 def _wire(rows: list[Change]) -> list[list[Any]]:
