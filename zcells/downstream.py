@@ -11,8 +11,9 @@ Rules kept here (DESIGN.md §5; `zcells.upstream` is the same stream going up):
   child applies a batch and records the seq in one transaction, and ignores
   rows at or below it, so a crash of either side at any point loses nothing
   and applies nothing twice.
-* One batch in flight per child, in seq order, bounded in rows. A child that
-  answers a seq below the batch it was sent is asked again from the start.
+* One batch in flight per child, in seq order, bounded in rows and in bytes
+  so it always fits the child's frame limit. A child that answers a seq
+  below the batch it was sent is asked again from the start.
 * Log rows superseded by a later change of the same flavor or image are
   gone, so a child that was away gets only the newest of each: no gap to
   fill, since the rows it missed were replaced by rows it has not seen.
@@ -34,17 +35,21 @@ import logging
 from typing import Any
 
 from zcells import logs
+from zcells.codec import packb
 from zcells.db import catalog
 from zcells.dbrunner import DbRunner
 from zcells.errors import DatabaseError, SchemaError, UnknownCell, WireError
-from zcells.globaldata import MAX_ROWS, MAX_SEQ, Change
+from zcells.globaldata import MAX_ROWS, MAX_SEQ
 from zcells.names import child_path
 from zcells.port import CellPort
 from zcells.supervisor import Supervisor
 
 log = logs.get_logger("downstream")
 
-BATCH_ROWS = 200  # well inside the child's MAX_ROWS and frame limit: an image is < 10 kB
+BATCH_ROWS = 200  # inside the child's MAX_ROWS
+# Bytes of rows per batch, well inside the child's frame limit (max_message_bytes, 1 MiB by
+# default): an image of 32 long properties takes some 40 kB, a batch of them is cut short.
+BATCH_BYTES = 512 * 1024
 
 
 class Downstream:
@@ -57,6 +62,7 @@ class Downstream:
         *,
         top: bool,
         batch_rows: int = BATCH_ROWS,
+        batch_bytes: int = BATCH_BYTES,
         idle_s: float = 1.0,
         idle_max_s: float = 16.0,
         retry_s: float = 1.0,
@@ -66,6 +72,7 @@ class Downstream:
         self.db = db
         self.top = top  # only the API cell renumbers its log for a child that is ahead
         self.batch_rows = min(batch_rows, MAX_ROWS)
+        self.batch_bytes = batch_bytes
         self.idle_s = idle_s
         self.idle_max_s = max(idle_s, idle_max_s)
         self.retry_s = retry_s
@@ -161,9 +168,9 @@ class Downstream:
             await self._idle(child, bell)
             return applied
         self._quiet_s.pop(child, None)
-        answer = (
-            await self.node.call("global_updates", {"rows": _wire(rows)}, target=path)
-        ).unwrap()
+        wire = within_bytes([row.to_wire() for row in rows], self.batch_bytes)
+        rows = rows[: len(wire)]
+        answer = (await self.node.call("global_updates", {"rows": wire}, target=path)).unwrap()
         new = _sequence(answer)
         if new < rows[-1].seq:
             raise SchemaError(f"{child} applied up to {new} of a batch ending at {rows[-1].seq}")
@@ -182,8 +189,14 @@ class Downstream:
             self._quiet_s.pop(child, None)
 
 
-def _wire(rows: list[Change]) -> list[list[Any]]:
-    return [row.to_wire() for row in rows]
+def within_bytes(rows: list[list[Any]], limit: int) -> list[list[Any]]:
+    """The leading rows that take at most `limit` bytes on the wire; always at least the first."""
+    total = 0
+    for index, row in enumerate(rows):
+        total += len(packb(row))
+        if total > limit and index > 0:
+            return rows[:index]
+    return rows
 
 
 def _sequence(answer: Any) -> int:

@@ -33,6 +33,7 @@ from zcells.db import hosts as hosts_store
 from zcells.db import instances as instances_store
 from zcells.db.engine import Database
 from zcells.dbrunner import DbRunner
+from zcells.downstream import BATCH_BYTES as GLOBAL_BATCH_BYTES
 from zcells.downstream import Downstream
 from zcells.errors import DatabaseError
 from zcells.handlers import build_methods
@@ -291,7 +292,13 @@ def build_services(
     compute = ComputeHandlers(runner, placer, driver, changed)
     rate = MessageRate(lambda: messages_seen(node), clock=node.clock)
     status = StatusHandlers(node, runner, upstream, rate, top=top)
-    downstream = Downstream(node, runner, top=top, tasks=tasks)
+    downstream = Downstream(
+        node,
+        runner,
+        top=top,
+        batch_bytes=min(GLOBAL_BATCH_BYTES, config.transport.max_message_bytes // 2),
+        tasks=tasks,
+    )
     catalog_handlers = CatalogHandlers(runner, top=top, changed=downstream.wake)
     methods = build_methods(diag, state, compute, servers, status, catalog_handlers)
     cells = config.cells

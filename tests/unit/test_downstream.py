@@ -23,7 +23,7 @@ from tests.fakes import run
 from tests.unit.scripted_node import ScriptedNode, ok, parent_call, runner
 from zcells.clock import SYSTEM_CLOCK
 from zcells.dbrunner import DbRunner
-from zcells.downstream import Downstream
+from zcells.downstream import Downstream, within_bytes
 from zcells.errors import CallTimeout
 from zcells.handlers.catalog import CatalogHandlers
 from zcells.records import Flavor, Image
@@ -111,6 +111,18 @@ def test_every_change_goes_down_once_in_order_in_bounded_batches(
     assert child.batches == [[1, 2, 3, 4], [5, 6]]
     agrees(top, child)
     assert down.applied == {"c1": 6}
+
+
+def test_a_batch_is_cut_to_fit_its_bytes(top: DbRunner, child: Child) -> None:
+    """However large the images, a batch fits the child's frame limit; one row always goes."""
+    big = {f"key{n}": "v" * 200 for n in range(20)}
+    catalog.create_image(top.db, Image("big-1", big))
+    catalog.create_image(top.db, Image("big-2", big))
+    down = stream(top, child, batch_bytes=5000)
+    run(run_until(down, lambda: same_as_top(top, child), "the child to catch up"))
+    assert child.batches == [[1, 2, 3, 4, 5, 6, 7], [8]]  # each big image is some 4.5 kB
+    agrees(top, child)
+    assert within_bytes([[1], [2]], 1) == [[1]]  # one row goes even past the limit
 
 
 def test_a_change_made_while_the_stream_runs_goes_down_too(top: DbRunner, child: Child) -> None:
