@@ -13,7 +13,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from zcells.cli import dbcmd, dev, hosts, keys, quota, registry, schedule, servers, sim, status
+from zcells.cli import (
+    dbcmd,
+    dev,
+    hosts,
+    images,
+    keys,
+    quota,
+    registry,
+    schedule,
+    servers,
+    sim,
+    status,
+)
 from zcells.cli.common import State, state, stderr
 
 from zcells import logs, service
@@ -34,6 +46,7 @@ app.add_typer(registry.cell_app, name="cell")
 app.add_typer(registry.client_app, name="client")
 app.add_typer(servers.server_app, name="server")
 app.add_typer(servers.flavor_app, name="flavor")
+app.add_typer(images.image_app, name="image")
 app.add_typer(quota.quota_app, name="quota")
 app.add_typer(hosts.host_app, name="host")
 app.add_typer(dev.dev_app, name="dev")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 from zcells.cli.common import open_database, print_json, state
-from zcells.db import migrate, registry
+from zcells.db import catalog, migrate, registry
 
 app = typer.Typer(help="Manage the cell's database.", no_args_is_help=True)
 
@@ -18,7 +18,9 @@ def sync(
     config = state(ctx).config
     with open_database(ctx, require_current=False) as db:
         result = migrate.sync(db)
-        seeded = registry.seed_default_flavors(db) if config.cells.cell_type == "api" else 0
+        top = config.cells.cell_type == "api"
+        seeded = registry.seed_default_flavors(db) if top else 0
+        images = catalog.seed_default_images(db) if top else 0
         where = db.describe()
     if json_output:
         print_json(
@@ -27,6 +29,7 @@ def sync(
                 "before": result.before,
                 "after": result.after,
                 "flavors_seeded": seeded,
+                "images_seeded": images,
             }
         )
         return
@@ -37,3 +40,5 @@ def sync(
         print(f"{where}: already at revision {result.after}")
     if seeded:
         print(f"created {seeded} default flavors")
+    if images:
+        print(f"created {images} default image{'s' if images > 1 else ''}")

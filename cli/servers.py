@@ -40,7 +40,7 @@ from zcells.errors import Busy, CallTimeout, CellUnreachable, ValidationError
 from zcells.names import check_cell_path
 
 server_app = typer.Typer(help="Create, list, show and act on servers.", no_args_is_help=True)
-flavor_app = typer.Typer(help="Create and list flavors.", no_args_is_help=True)
+flavor_app = typer.Typer(help="Create, list and delete flavors.", no_args_is_help=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print as JSON.")]
 UuidArgument = Annotated[str, typer.Argument(help="The server's uuid.")]
@@ -317,6 +317,26 @@ def flavor_create(
             f"created flavor {flavor['name']}: {flavor['memory_mb']} MB RAM, "
             f"{flavor['disk_gb']} GB disk, {flavor['vcpus']} vCPUs"
         )
+
+
+@flavor_app.command("delete")
+def flavor_delete(
+    name: Annotated[str, typer.Argument(help="The flavor's name.")],
+    json_output: JsonOption = False,
+    endpoint: Endpoint = None,
+    server_key: ServerKey = None,
+    key: ClientKey = None,
+    timeout: Timeout = 30.0,
+) -> None:
+    """Delete a flavor (admin, at the API cell); servers built from it keep their size."""
+    target = resolve(endpoint, server_key, key)
+    flavor: View = asyncio.run(
+        with_client(target, timeout, lambda c: c.request("flavor_delete", {"name": name}))
+    )
+    if json_output:
+        print_json(flavor)
+    else:
+        note(f"deleted flavor {flavor['name']}")
 
 
 @flavor_app.command("list")

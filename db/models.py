@@ -125,6 +125,40 @@ class FlavorRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp)
 
 
+class ImageRow(Base):
+    """An image servers boot from: global data, owned by the API cell and sent down."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), unique=True)
+    properties: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp, onupdate=stamp)
+
+
+class GlobalLogRow(Base):
+    """The newest change of each flavor and image, under the API cell's sequence number.
+
+    Every cell keeps the same seqs: the API cell takes them from its ``global``
+    counter, a cell below copies them from its parent's rows and moves its own
+    ``global`` counter to the highest it applied. One row per (kind, name): a
+    change replaces the row of the one before it, and a delete stays as a
+    tombstone, so the log is as small as the data and a child that missed a
+    change gets the one after it.
+    """
+
+    __tablename__ = "global_log"
+    __table_args__ = (UniqueConstraint("kind", "name"),)
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=stamp)
+
+
 class QuotaRow(Base):
     """A limit an admin set for one project and resource, in place of `[quota]`'s default."""
 

@@ -1,4 +1,4 @@
-"""The neighbour, client and flavor registries of a cell.
+"""The neighbour and client registries of a cell (flavors: `zcells.db.catalog`).
 
 Rules kept here:
 
@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import math
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
+from zcells.db import catalog
 from zcells.db.engine import Database
-from zcells.db.models import CellRow, ClientRow, FlavorRow
+from zcells.db.models import CellRow, ClientRow
 
 from zcells.errors import AlreadyExists, NotFound, ValidationError
 from zcells.names import NEIGHBOUR_KINDS, ROLES, check_choice, check_endpoint, check_name
-from zcells.records import DEFAULT_FLAVORS, Client, Flavor, Neighbour
+from zcells.records import Client, Neighbour
 from zcells.sockets.keys import check_public_key
 
 
@@ -217,43 +218,8 @@ def remove_client(db: Database, name: str) -> None:
 
 # -- flavors ---------------------------------------------------------------------------
 
-
-def _check_flavor(flavor: Flavor) -> None:
-    check_name("flavor name", flavor.name)
-    for field, value in (
-        ("RAM (MB)", flavor.memory_mb),
-        ("disk (GB)", flavor.disk_gb),
-        ("vCPUs", flavor.vcpus),
-    ):
-        if type(value) is not int or value < (0 if field == "disk (GB)" else 1):
-            raise ValidationError(field, value, "a positive whole number")
-
-
-def _flavor_row(flavor: Flavor) -> FlavorRow:
-    return FlavorRow(
-        name=flavor.name, memory_mb=flavor.memory_mb, disk_gb=flavor.disk_gb, vcpus=flavor.vcpus
-    )
-
-
-def create_flavor(db: Database, flavor: Flavor) -> Flavor:
-    _check_flavor(flavor)
-    with db.write() as session:
-        if session.scalar(select(FlavorRow.id).where(FlavorRow.name == flavor.name)):
-            raise AlreadyExists("flavor", "name", flavor.name)
-        session.add(_flavor_row(flavor))
-    return flavor
-
-
-def list_flavors(db: Database) -> list[Flavor]:
-    with db.read() as session:
-        rows = session.scalars(select(FlavorRow).order_by(FlavorRow.memory_mb, FlavorRow.name))
-        return [Flavor(r.name, r.memory_mb, r.disk_gb, r.vcpus) for r in rows]
-
-
-def seed_default_flavors(db: Database) -> int:
-    """Create the classic m1.* flavors unless any flavor exists; return how many were made."""
-    with db.write() as session:
-        if session.scalar(select(func.count()).select_from(FlavorRow)):
-            return 0
-        session.add_all(_flavor_row(flavor) for flavor in DEFAULT_FLAVORS)
-        return len(DEFAULT_FLAVORS)
+# Flavors are global data, kept with images and the log that sends them down
+# (`zcells.db.catalog`); their names stay here for the callers of the registry.
+create_flavor = catalog.create_flavor
+list_flavors = catalog.list_flavors
+seed_default_flavors = catalog.seed_default_flavors

@@ -385,7 +385,7 @@ class TopBuilds:
         retry_delay_s: float,
         orphan_found: Callable[[], None] = lambda: None,
         tasks: Supervisor | None = None,
-        image_properties: Callable[[str], Awaitable[Mapping[str, str]]] | None = None,
+        image_properties: Callable[[str], Awaitable[Mapping[str, str] | None]] | None = None,
     ) -> None:
         self.tasks = tasks or Supervisor()
         self._image_properties = image_properties
@@ -432,8 +432,8 @@ class TopBuilds:
             return held is not None and not held.deleted and held.cell is None
 
         properties: Mapping[str, str] = {}
-        if self._image_properties is not None:
-            properties = await self._image_properties(instance.image)
+        if self._image_properties is not None:  # an image deleted since the create: none
+            properties = await self._image_properties(instance.image) or {}
         try:
             taken = await self.placer.place(
                 instance,

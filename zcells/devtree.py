@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from zcells.client import CellClient
-from zcells.db import migrate, registry
+from zcells.db import catalog, migrate, registry
 from zcells.db.engine import Database
 from zcells.errors import ServiceError, WireError
 from zcells.names import child_path
@@ -221,6 +221,7 @@ class CellTree:
             migrate.sync(db)
             if cell.parent is None:
                 registry.seed_default_flavors(db)
+                catalog.seed_default_images(db)
             else:
                 parent = self.cells[cell.parent]
                 registry.add_cell(

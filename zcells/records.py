@@ -7,7 +7,7 @@ nothing outside ``zcells.db`` depends on SQLAlchemy.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -77,6 +77,21 @@ class Flavor:
 
 
 @dataclass(frozen=True)
+class Image:
+    """A row of the ``images`` table: an image servers boot from, and its properties.
+
+    Properties are free text; the cell scheduler reads `hypervisor_type`,
+    `architecture` and `hypervisor_version_requires` (``zcells.cellfilters``).
+    """
+
+    name: str
+    properties: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "properties": dict(sorted(self.properties.items()))}
+
+
+@dataclass(frozen=True)
 class Host:
     """A compute host of this cell: its size and what instances have claimed of it."""
 
@@ -135,6 +150,10 @@ DEFAULT_FLAVORS: tuple[Flavor, ...] = (
     Flavor("m1.large", 8192, 80, 4),
     Flavor("m1.xlarge", 16384, 160, 8),
 )
+
+
+# The image an API cell starts with: what `zcells dev`, the simulation and the demos boot.
+DEFAULT_IMAGES: tuple[Image, ...] = (Image("cirros"),)
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -42,8 +42,8 @@ from zcells.capacity import (
 )
 from zcells.cellfilters import FILTERS, WEIGHERS, BuildSpec, CellCandidate, Decision, schedule
 from zcells.cellsched import HERE
+from zcells.db import catalog
 from zcells.db import hosts as hosts_store
-from zcells.db import registry
 from zcells.db.engine import Database
 from zcells.dbrunner import DbRunner
 from zcells.errors import DatabaseError, SchemaError, WireError
@@ -247,7 +247,7 @@ class CellScheduling:
 
 def own_capacity(db: Database, reserve_percent: float) -> Capacity:
     """This cell's own capacity, from its hosts and flavors as the database holds them."""
-    return cell_capacity(hosts_store.list_hosts(db), registry.list_flavors(db), reserve_percent)
+    return cell_capacity(hosts_store.list_hosts(db), catalog.list_flavors(db), reserve_percent)
 
 
 class Announcer:

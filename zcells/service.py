@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,13 +26,16 @@ from zcells.builds import Placer, TopBuilds
 from zcells.clock import SYSTEM_CLOCK, Clock
 from zcells.compute import FakeDriver, fake_hosts
 from zcells.config import CellsConfig, Config
+from zcells.db import catalog, migrate, registry
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as instances_store
-from zcells.db import migrate, registry
 from zcells.db.engine import Database
 from zcells.dbrunner import DbRunner
+from zcells.downstream import BATCH_BYTES as GLOBAL_BATCH_BYTES
+from zcells.downstream import Downstream
 from zcells.errors import DatabaseError
 from zcells.handlers import build_methods
+from zcells.handlers.catalog import CatalogHandlers
 from zcells.handlers.compute import ComputeHandlers
 from zcells.handlers.diag import DiagHandlers
 from zcells.handlers.scheduling import SchedulingHandlers
@@ -90,6 +93,7 @@ def _open_database(config: Config) -> Database:
             result = migrate.sync(db)
             if config.cells.cell_type == "api":
                 registry.seed_default_flavors(db)
+                catalog.seed_default_images(db)
             if result.changed:
                 logs.event(log, logging.INFO, "db.synced", before=result.before, after=result.after)
         else:
@@ -228,6 +232,7 @@ class Services:
     rate: MessageRate
     orphans: Orphans | None
     announcer: Announcer
+    downstream: Downstream
 
 
 def build_services(
@@ -272,6 +277,11 @@ def build_services(
         batch_bytes=min(BATCH_BYTES, config.transport.max_message_bytes // 2),
         tasks=tasks,
     )
+
+    async def image_properties(name: str) -> Mapping[str, str] | None:
+        image = await runner.read(catalog.get_image, name)
+        return None if image is None else image.properties
+
     builds = TopBuilds(
         placer,
         runner,
@@ -279,6 +289,7 @@ def build_services(
         retry_delay_s=config.cells.scheduler_retry_delay_s,
         orphan_found=orphan_found,
         tasks=tasks,
+        image_properties=image_properties,
     )
     servers = ServerHandlers(
         node,
@@ -291,8 +302,21 @@ def build_services(
     compute = ComputeHandlers(runner, placer, driver, changed)
     rate = MessageRate(lambda: messages_seen(node), clock=node.clock)
     status = StatusHandlers(node, runner, upstream, rate, top=top, scheduling=scheduling)
-    explain = SchedulingHandlers(node, runner, announcer, placer)
-    methods = build_methods(diag, state, compute, servers, status, explain)
+    downstream = Downstream(
+        node,
+        runner,
+        top=top,
+        batch_bytes=min(GLOBAL_BATCH_BYTES, config.transport.max_message_bytes // 2),
+        tasks=tasks,
+    )
+
+    def catalog_changed() -> None:  # new global rows: for the children, and for capacity
+        downstream.wake()
+        announcer.changed()
+
+    catalog_handlers = CatalogHandlers(runner, top=top, changed=catalog_changed)
+    explain = SchedulingHandlers(node, runner, announcer, placer, image_properties)
+    methods = build_methods(diag, state, compute, servers, status, catalog_handlers, explain)
     cells = config.cells
     housekeeping = Housekeeping(
         runner,
@@ -324,6 +348,7 @@ def build_services(
         rate,
         orphans,
         announcer,
+        downstream,
     )
 
 
@@ -441,6 +466,7 @@ async def run_cell(
                     loops.create_task(node.run(tasks), name="node"),
                     loops.create_task(watch.run(), name="registry"),
                     loops.create_task(services.upstream.run(), name="upstream"),
+                    loops.create_task(services.downstream.run(), name="downstream"),
                     loops.create_task(services.housekeeping.run(), name="housekeeping"),
                     loops.create_task(services.rate.run(), name="message-rate"),
                     loops.create_task(services.announcer.run(), name="announcer"),

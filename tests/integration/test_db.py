@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from zcells.db import migrate, registry
 from zcells.db.engine import Database
-from zcells.db.models import Base
+from zcells.db.models import Base, FlavorRow
 
 from zcells.errors import (
     AlreadyExists,
@@ -300,9 +300,7 @@ def test_sqlite_disk_full_is_database_full(tmp_path: Path, keys: list[str]) -> N
             with db.write() as session:
                 session.execute(sa.text(f"PRAGMA max_page_count = {pages + 2}"))
                 for i in range(50):
-                    session.add(
-                        registry.FlavorRow(name=f"f{i}"[:64], memory_mb=1, disk_gb=1, vcpus=1)
-                    )
+                    session.add(FlavorRow(name=f"f{i}"[:64], memory_mb=1, disk_gb=1, vcpus=1))
                     session.execute(
                         sa.text(
                             "INSERT INTO request_log (request_id, method, "

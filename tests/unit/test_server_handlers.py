@@ -8,8 +8,8 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from zcells.db import catalog, registry
 from zcells.db import instances as store
-from zcells.db import registry
 from zcells.db.engine import Database
 
 from tests.fakes import run
@@ -46,6 +46,7 @@ ELSEWHERE = placed(instance(UUID), "api!c1", "h001", 2.0)
 @pytest.fixture
 def db(synced: Database) -> Iterator[DbRunner]:
     registry.seed_default_flavors(synced)
+    catalog.seed_default_images(synced)
     runs = runner(synced)
     yield runs
     runs.close()

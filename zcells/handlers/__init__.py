@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from zcells.handlers.catalog import CatalogHandlers
 from zcells.handlers.compute import ComputeHandlers
 from zcells.handlers.diag import DiagHandlers
 from zcells.handlers.scheduling import SchedulingHandlers
@@ -24,6 +25,7 @@ HANDLER_CLASSES = (
     ServerHandlers,
     StatusHandlers,
     SchedulingHandlers,
+    CatalogHandlers,
 )
 
 

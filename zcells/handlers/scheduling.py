@@ -21,7 +21,7 @@ from typing import Any, Final
 from zcells.builds import Placer, check_hints, spec_of, time_left_s
 from zcells.cellfilters import BuildSpec, Decision
 from zcells.cellsched import HERE
-from zcells.db import registry
+from zcells.db import catalog
 from zcells.dbrunner import DbRunner
 from zcells.errors import Forbidden, InvalidRequest, NotFoundRemote, SchemaError, WireError
 from zcells.messages import Kind
@@ -170,7 +170,7 @@ class SchedulingHandlers:
         return levels + [item for item in below if isinstance(item, dict)][:64]
 
     async def _flavor(self, name: str, cell: str) -> Flavor:
-        for flavor in await self.db.read(registry.list_flavors):
+        for flavor in await self.db.read(catalog.list_flavors):
             if flavor.name == name:
                 return flavor
         raise NotFoundRemote(f"no flavor {name[:64]!r}", cell)

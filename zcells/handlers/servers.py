@@ -40,13 +40,12 @@ from zcells import entropy
 from zcells.builds import TopBuilds, check_hints, time_left_s
 from zcells.codec import packb
 from zcells.config import QuotaConfig, section_defaults
+from zcells.db import catalog, registry
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
 from zcells.db import quotas as quotas_store
-from zcells.db import registry
 from zcells.dbrunner import DbRunner
 from zcells.errors import (
-    AlreadyExists,
     CallTimeout,
     CellUnreachable,
     Conflict,
@@ -198,6 +197,8 @@ class ServerHandlers:
             raise InvalidRequest(f"count must be 1 to {MAX_COUNT}")
         metadata = self._metadata(args["metadata"] or {}, call.cell)
         flavor = await self._flavor(args["flavor"])
+        if await self.db.read(catalog.get_image, args["image"]) is None:
+            raise NotFoundRemote(f"no image {args['image'][:64]!r}")
         request_id = _request_id(call, args["request_id"])
         now = self.clock.wall()
         try:
@@ -363,22 +364,7 @@ class ServerHandlers:
         stored = await self.db.read(store.get, held.uuid)
         return (stored or gone).view()  # as stored: a repeat answers the same
 
-    # -- flavors, hosts, resync -----------------------------------------------------------
-
-    async def flavor_list(self, call: Call) -> dict[str, Any]:
-        return {"flavors": [f.as_dict() for f in await self.db.read(registry.list_flavors)]}
-
-    async def flavor_create(self, call: Call) -> dict[str, Any]:
-        self._require_top(call)
-        args = call.args
-        flavor = Flavor(args["name"], args["ram"], args["disk"], args["vcpus"])
-        try:
-            await self.db.write(registry.create_flavor, flavor)
-        except AlreadyExists as exc:
-            raise Conflict(str(exc), call.cell) from None
-        except UsageError as exc:
-            raise InvalidRequest(str(exc), call.cell) from None
-        return flavor.as_dict()
+    # -- hosts, resync (flavors and images: zcells.handlers.catalog) ---------------------
 
     async def host_list(self, call: Call) -> dict[str, Any]:
         """Every host of the tree below this cell (or of one subtree), gathered by broadcast."""
@@ -462,7 +448,6 @@ class ServerHandlers:
                 allowed=WRITERS,
                 params={"uuid": Param(str), "action": Param(str), "request_id": optional_str},
             ),
-            Method("flavor_list", self.flavor_list, kinds=targeted, allowed=READERS),
             Method(
                 "quota_show",
                 self.quota_show,
@@ -476,18 +461,6 @@ class ServerHandlers:
                 kinds=targeted,
                 allowed=ADMIN,
                 params={"project": Param(str), "limits": Param(dict)},
-            ),
-            Method(
-                "flavor_create",
-                self.flavor_create,
-                kinds=targeted,
-                allowed=ADMIN,
-                params={
-                    "name": Param(str),
-                    "ram": Param(int),
-                    "disk": Param(int),
-                    "vcpus": Param(int),
-                },
             ),
             Method(
                 "host_list",

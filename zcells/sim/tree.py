@@ -21,7 +21,7 @@ from typing import Final
 
 from zcells.clock import LoopClock
 from zcells.config import Config, load_config
-from zcells.db import migrate, registry
+from zcells.db import catalog, migrate, registry
 from zcells.db.engine import Database
 from zcells.dbrunner import InlineDbRunner
 from zcells.names import child_path
@@ -210,6 +210,7 @@ class SimTree:
             )
         if name == TOP:
             registry.seed_default_flavors(db)
+            catalog.seed_default_images(db)
             for client, key in self.client_keys.items():
                 registry.add_client(db, client, public_key=key, role="admin")
 
