@@ -22,6 +22,7 @@ from zcells.cli.common import parse_pairs, print_json, print_table, stdout
 from zcells.cli.connect import ClientKey, Endpoint, ServerKey, Timeout, resolve, with_client
 
 from zcells.client import CellClient
+from zcells.handlers.scheduling import CANDIDATE_FIELDS
 
 schedule_app = typer.Typer(help="Ask the cell scheduler how it would place a build.")
 
@@ -58,8 +59,8 @@ def print_explanation(answer: dict[str, Any]) -> None:
         if "error" in level:
             stdout.print(f"\nat {cell}: could not ask ({level['error']})", markup=False)
             continue
-        candidates = level.get("candidates", [])
-        weighers = sorted({name for c in candidates for name in c.get("raw", {})})
+        candidates = [_named(row, level) for row in level.get("candidates", [])]
+        weighers = list(level.get("weighers", []))
         columns = ["CANDIDATE", "VERDICT", *(_SHORT.get(w, w.upper()) for w in weighers)]
         columns += ["TOTAL", "TIER", "CHANCE"]
         rows = [_row(c, weighers) for c in candidates]
@@ -69,6 +70,24 @@ def print_explanation(answer: dict[str, Any]) -> None:
             stdout.print(f"... and {level['more']} more candidates", markup=False)
         order = ", ".join(_shown(name) for name in level.get("order", [])) or "nothing fits"
         stdout.print(f"order: {order}", markup=False, highlight=False)
+
+
+def candidates_of(level: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A level's candidates by name: verdict, totals, and each weigher's raw and normal value."""
+    return {c["name"]: c for c in (_named(row, level) for row in level.get("candidates", []))}
+
+
+def _named(row: list[Any], level: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A candidate's flat row as a map (`zcells.handlers.scheduling.level`)."""
+    fields = CANDIDATE_FIELDS
+    candidate = dict(zip(fields, row, strict=False))
+    weighers = (level or {}).get("weighers", [])
+    values = row[len(fields) :]
+    candidate["raw"] = {w: values[2 * i] for i, w in enumerate(weighers) if 2 * i < len(values)}
+    candidate["normal"] = {
+        w: values[2 * i + 1] for i, w in enumerate(weighers) if 2 * i + 1 < len(values)
+    }
+    return candidate
 
 
 def _row(candidate: dict[str, Any], weighers: list[str]) -> list[Any]:

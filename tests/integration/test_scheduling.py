@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from zcells.cli.schedule import candidates_of
 
 from tests.cli_helpers import Result, run_process
 from tests.fakes import run
@@ -63,7 +64,7 @@ async def explained(tree: CellTree, flavor: str, **extra: Any) -> dict[str, Any]
 
 
 def top_level(explanation: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {c["name"]: c for c in explanation["levels"][0]["candidates"]}
+    return candidates_of(explanation["levels"][0])
 
 
 def wait_for_view(tree: CellTree, flavor: str, wanted: dict[str, str | None]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ Rules kept here (DESIGN.md §6):
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 from zcells.builds import Placer, check_hints, spec_of, time_left_s
@@ -38,27 +38,34 @@ _FLAVOR_KEYS: Final = frozenset({"name", "memory_mb", "disk_gb", "vcpus"})
 ImageProperties = Callable[[str], Awaitable[Mapping[str, str] | None]]
 
 
-def level(cell: str, decision: Decision) -> dict[str, Any]:
-    """One level of an explanation, as it goes on the wire and to `--explain`."""
+def level(cell: str, decision: Decision, weighers: Sequence[str]) -> dict[str, Any]:
+    """One level of an explanation, as it goes on the wire and to `--explain`.
+
+    Each candidate is one flat row (answers nest at most five deep):
+    `CANDIDATE_FIELDS`, then each weigher's raw and normalised value in the
+    order `weighers` names them; a candidate a filter removed has no values.
+    """
     shown = decision.weighed[:MAX_SHOWN]
+    rows = []
+    for w in shown:
+        row: list[Any] = [w.name, w.removed_by, w.reason]
+        if w.removed_by is None:
+            row += [round(w.total, 4), round(w.tier, 4), round(w.chance, 4)]
+            for name in weighers:
+                row += [w.raw.get(name, 0.0), round(w.normal.get(name, 0.0), 4)]
+        rows.append(row)
     return {
         "cell": cell,
-        "candidates": [
-            {
-                "name": w.name,
-                "removed_by": w.removed_by,
-                "reason": w.reason,
-                "raw": dict(w.raw),
-                "normal": {k: round(v, 4) for k, v in w.normal.items()},
-                "total": round(w.total, 4),
-                "tier": round(w.tier, 4),
-                "chance": round(w.chance, 4),
-            }
-            for w in shown
-        ],
+        "weighers": list(weighers),
+        "fields": list(CANDIDATE_FIELDS),
+        "candidates": rows,
         "more": len(decision.weighed) - len(shown),
         "order": list(decision.order[:MAX_SHOWN]),
     }
+
+
+# The fields of a candidate's row, before each weigher's (raw, normalised) pair.
+CANDIDATE_FIELDS: Final = ("name", "removed_by", "reason", "total", "tier", "chance")
 
 
 def spec_to_wire(spec: BuildSpec) -> dict[str, Any]:
@@ -148,7 +155,7 @@ class SchedulingHandlers:
 
     async def _levels(self, spec: BuildSpec, call: Call) -> list[dict[str, Any]]:
         decision = self.placer.decide(spec, call.cell)
-        levels = [level(call.cell, decision)]
+        levels = [level(call.cell, decision, tuple(self.placer.scheduling.settings.weighers))]
         if not decision.order or decision.order[0] == HERE:
             return levels
         first = child_path(call.cell, decision.order[0])
