@@ -24,7 +24,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final
 
@@ -44,11 +44,13 @@ from zcells.cli.connect import (
     with_client,
 )
 
+from zcells.capacity import Capacity
 from zcells.client import CellClient
-from zcells.errors import WireError
+from zcells.errors import SchemaError, ValidationError, WireError
 from zcells.instances import STATUSES
 from zcells.messages import CellResult, Outcome
 from zcells.names import PATH_SEPARATOR, last_name
+from zcells.records import Flavor
 from zcells.routing import parent_of
 from zcells.sockets.transport import ZmqClient
 
@@ -83,6 +85,8 @@ class CellStatus:
     backlog: Mapping[str, Any] | None = None  # {"count": int, "oldest_s": float | None}
     msgs_per_s: float | None = None
     problems: tuple[str, ...] = ()  # refused hellos, held rows, a stopped stream
+    scheduling: Mapping[str, Any] | None = None  # what it announces (`CellScheduling.status`)
+    announced: Mapping[str, Any] | None = None  # its parent's view: age, disabled, counted
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class Snapshot:
     taken_at: float  # epoch seconds
     cells: tuple[CellStatus, ...]
     error: str | None = None  # the gather failed as a whole (the connected cell is down)
+    flavor: Mapping[str, Any] | None = None  # the flavor whose free units are shown
 
     def as_dict(self) -> dict[str, Any]:
         raw = asdict(self)
@@ -119,13 +124,10 @@ def snapshot_of(results: Iterable[CellResult], connected: str, taken_at: float) 
             errors[result.cell] = "timed out"
         else:
             errors[result.cell] = f"{result.error.code}: {result.error.message}"
-    links: dict[str, Mapping[str, Any]] = {}
-    for path, answer in answers.items():
-        children = answer.get("children")
-        if isinstance(children, dict):
-            for name, link in children.items():
-                if isinstance(link, dict):
-                    links[f"{path}{PATH_SEPARATOR}{name}"] = link
+    links = _parents_say(answers, lambda answer: answer.get("children"))
+    views_of = _parents_say(  # a child's path -> its parent's view of what it announced
+        answers, lambda answer: (_mapping(answer.get("scheduling")) or {}).get("children")
+    )
     cells = []
     for path in sorted(answers.keys() | errors.keys() | links.keys(), key=_tree_key):
         link = links.get(path, {})
@@ -149,9 +151,26 @@ def snapshot_of(results: Iterable[CellResult], connected: str, taken_at: float) 
                 backlog=_mapping(answer.get("backlog")),
                 msgs_per_s=_number(answer.get("msgs_per_s")),
                 problems=_problems(answer.get("problems")),
+                scheduling=_mapping(answer.get("scheduling")),
+                announced=views_of.get(path),
             )
         )
     return Snapshot(connected=connected, taken_at=taken_at, cells=tuple(cells))
+
+
+def _parents_say(
+    answers: Mapping[str, Mapping[str, Any]],
+    part: Callable[[Mapping[str, Any]], Any],
+) -> dict[str, Mapping[str, Any]]:
+    """What each answering parent says of each child in `part` of its answer, by child path."""
+    said: dict[str, Mapping[str, Any]] = {}
+    for path, answer in answers.items():
+        children = part(answer)
+        if isinstance(children, dict):
+            for name, value in children.items():
+                if isinstance(value, dict):
+                    said[f"{path}{PATH_SEPARATOR}{name}"] = value
+    return said
 
 
 def failed_snapshot(connected: str, error: str, taken_at: float) -> Snapshot:
@@ -191,7 +210,9 @@ def render(snapshot: Snapshot) -> RenderableType:
     for cell in snapshot.cells:
         parent = _nearest_shown(cell.cell, known)
         name = cell.cell if parent is None else last_name(cell.cell)
-        label = _label(cell, name, connected=cell.cell == snapshot.connected)
+        label = _label(
+            cell, name, connected=cell.cell == snapshot.connected, flavor=_as_flavor(snapshot)
+        )
         node = Tree(label, guide_style="dim") if parent is None else nodes[parent].add(label)
         nodes[cell.cell] = node
         if parent is None:
@@ -222,7 +243,51 @@ def _heading(snapshot: Snapshot) -> Text:
     )
 
 
-def _label(cell: CellStatus, name: str, *, connected: bool) -> Text:
+def _as_flavor(snapshot: Snapshot) -> Flavor | None:
+    raw = snapshot.flavor or {}
+    name, memory, disk, vcpus = (raw.get(k) for k in ("name", "memory_mb", "disk_gb", "vcpus"))
+    if not isinstance(name, str) or not all(type(v) is int for v in (memory, disk, vcpus)):
+        return None
+    return Flavor(name, int(memory or 0), int(disk or 0), int(vcpus or 0))
+
+
+def _scheduling(cell: CellStatus, flavor: Flavor | None) -> Text:
+    """What the cell announces: room for `flavor` (its own, its subtree's), capabilities,
+    whether it takes builds, and how old its parent's copy is."""
+    said = cell.scheduling or {}
+    shown = Text("")
+    if flavor is not None and said:
+        subtree, own = _room(said.get("subtree"), flavor), _room(said.get("own"), flavor)
+        shown.append(f"room for {flavor.name}: {subtree}")
+        if own not in ("-", subtree):
+            shown.append(f" (own hosts {own})")
+    capabilities = _mapping(said.get("capabilities")) or {}
+    if capabilities:
+        shown.append(
+            "  " + ", ".join(f"{k}={';'.join(map(str, v))}" for k, v in capabilities.items())
+        )
+    if said.get("enabled") is False:
+        shown.append("  takes no new builds", "yellow")
+    view = cell.announced or {}
+    if view.get("disabled") is True:
+        shown.append("  disabled by its parent", "yellow")
+    age = _number(view.get("age_s"))
+    if age is not None:
+        shown.append(f"  announced {_ago(age)} ago", "dim")
+    elif cell.announced is not None:
+        shown.append("  not announced yet", "yellow")
+    return shown
+
+
+def _room(raw: Any, flavor: Flavor) -> str:
+    try:
+        room = Capacity.from_wire(raw).room_for(flavor)
+    except SchemaError:
+        return "-"
+    return "?" if room is None else f"{room:,}"
+
+
+def _label(cell: CellStatus, name: str, *, connected: bool, flavor: Flavor | None = None) -> Text:
     first = Text.assemble((name, "bold"), "  ")
     if cell.cell_type:
         first.append(f"{cell.cell_type}  ", "dim")
@@ -241,6 +306,9 @@ def _label(cell: CellStatus, name: str, *, connected: bool) -> Text:
         return Text.assemble(first, "\n", (f"error: {cell.error}", "red"))
     parts = [*_hosts(cell.hosts), _servers(cell.servers)]
     shown = Text.assemble(first, "\n", Text("  ").join(p for p in parts if p.plain))
+    scheduling = _scheduling(cell, flavor)
+    if scheduling.plain:
+        shown.append_text(Text.assemble("\n", scheduling))
     for problem in cell.problems:
         shown.append_text(Text.assemble("\n", (f"problem: {problem}", "red")))
     return shown
@@ -330,18 +398,36 @@ def _servers(servers: Mapping[str, Any] | None) -> Text:
 # -- gathering ------------------------------------------------------------------------------
 
 
-async def gather(client: CellClient, timeout_s: float) -> Snapshot:
-    """One `status` broadcast through `client`: the snapshot of the tree below its cell."""
+async def gather(client: CellClient, timeout_s: float, flavor: str | None = None) -> Snapshot:
+    """One `status` broadcast through `client`: the snapshot of the tree below its cell.
+
+    Free room is counted for `flavor`, or the smallest flavor the cell knows.
+    """
     results, _ = await client.broadcast("status", timeout_s=timeout_s)
-    return snapshot_of(results, client.cell_path or "?", time.time())
+    snapshot = snapshot_of(results, client.cell_path or "?", time.time())
+    return replace(snapshot, flavor=await _flavor(client, flavor))
+
+
+async def _flavor(client: CellClient, name: str | None) -> Mapping[str, Any] | None:
+    result = await client.call("flavor_list", {})
+    listed = result.value.get("flavors") if isinstance(result.value, dict) else None
+    flavors = [f for f in listed or [] if isinstance(f, dict) and isinstance(f.get("name"), str)]
+    if name is not None:
+        named = [f for f in flavors if f["name"] == name]
+        if not named:
+            raise ValidationError("--flavor", name, "a flavor the connected cell knows")
+        return named[0]
+    sizes = [(f.get("memory_mb", 0), f.get("disk_gb", 0), f.get("vcpus", 0), f) for f in flavors]
+    return min(sizes, key=lambda s: s[:3])[3] if sizes else None
 
 
 class _Link:
     """One link to the connected cell for a watch, dialled again after any failure."""
 
-    def __init__(self, target: Target, timeout_s: float) -> None:
+    def __init__(self, target: Target, timeout_s: float, flavor: str | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
+        self.flavor = flavor
         self.name = target.endpoint  # until the cell says where it sits
         self._client: CellClient | None = None
 
@@ -353,7 +439,7 @@ class _Link:
                     self._client = self._dial()
                     await self._client.connect()
                     self.name = self._client.cell_path or self.name
-                return await gather(self._client, self.timeout_s)
+                return await gather(self._client, self.timeout_s, self.flavor)
         except (WireError, TimeoutError) as exc:
             await self.close()
             why = str(exc) or f"no answer within {self.timeout_s:g}s"
@@ -380,12 +466,13 @@ async def _refresh(
     stop: asyncio.Event | None,
     duration_s: float | None,
     show: Callable[[Snapshot], None],
+    flavor: str | None = None,
 ) -> None:
     """Show a fresh snapshot every second until `stop` is set or `duration_s` has passed."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     end = None if duration_s is None else loop.time() + duration_s
-    link = _Link(target, min(timeout_s, WATCH_TIMEOUT_S))
+    link = _Link(target, min(timeout_s, WATCH_TIMEOUT_S), flavor)
     try:
         while not stop.is_set():
             started = loop.time()
@@ -409,6 +496,7 @@ async def watch(
     duration_s: float | None = None,
     *,
     console: Console | None = None,
+    flavor: str | None = None,
 ) -> None:
     """The live status view of the tree below `target`'s cell, redrawn every second.
 
@@ -422,7 +510,12 @@ async def watch(
     console = console or (Console() if sys.stdout.isatty() else Console(width=WIDE))
     with Live(console=console, auto_refresh=False) as live:
         await _refresh(
-            target, timeout_s, stop, duration_s, lambda s: live.update(render(s), refresh=True)
+            target,
+            timeout_s,
+            stop,
+            duration_s,
+            lambda s: live.update(render(s), refresh=True),
+            flavor,
         )
 
 
@@ -431,6 +524,7 @@ async def watch_json(
     timeout_s: float = WATCH_TIMEOUT_S,
     stop: asyncio.Event | None = None,
     duration_s: float | None = None,
+    flavor: str | None = None,
 ) -> None:
     """As `watch`, printing each snapshot as one line of JSON on stdout instead."""
 
@@ -438,7 +532,7 @@ async def watch_json(
         sys.stdout.write(json.dumps(snapshot.as_dict()) + "\n")
         sys.stdout.flush()
 
-    await _refresh(target, timeout_s, stop, duration_s, line)
+    await _refresh(target, timeout_s, stop, duration_s, line, flavor)
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -458,12 +552,17 @@ def status(
             help="Print the snapshot as JSON; with --watch, one line of JSON per refresh.",
         ),
     ] = False,
+    flavor: Annotated[
+        str | None,
+        typer.Option("--flavor", help="Count free room for this flavor (default: the smallest)."),
+    ] = None,
     endpoint: Endpoint = None,
     server_key: ServerKey = None,
     key: ClientKey = None,
     timeout: Timeout = 5.0,
 ) -> None:
-    """Health of the tree below the connected cell (admin): state, hosts, servers, backlog.
+    """Health of the tree below the connected cell (admin): state, hosts, servers, backlog,
+    and what each cell announces to its parent (free room, capabilities, age).
 
     A cell is healthy, late or mute as its parent hears it, and unreachable if
     it did not answer. Without --watch, exits with 1 when some cell is
@@ -472,9 +571,13 @@ def status(
     target = resolve(endpoint, server_key, key)
     if watching:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(watch_json(target, timeout) if json_output else watch(target, timeout))
+            asyncio.run(
+                watch_json(target, timeout, flavor=flavor)
+                if json_output
+                else watch(target, timeout, flavor=flavor)
+            )
         return
-    snapshot = asyncio.run(with_client(target, timeout, lambda c: gather(c, timeout)))
+    snapshot = asyncio.run(with_client(target, timeout, lambda c: gather(c, timeout, flavor)))
     if json_output:
         print_json(snapshot.as_dict())
     else:

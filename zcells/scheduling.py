@@ -236,11 +236,13 @@ class CellScheduling:
             # Each child answers `status` with its own figures; here, what this cell heard.
             "children": {
                 name: {
-                    "enabled": told.enabled,
-                    "age_s": round(now - self.views.heard_at.get(name, now), 1),
+                    "disabled": name in self.node.disabled,  # by this cell's operator
+                    "enabled": None if told is None else told.enabled,  # as the child says
+                    "age_s": None if told is None else round(now - self.views.heard_at[name], 1),
                     "counted": name in counted,
                 }
-                for name, told in sorted(self.views.latest.items())
+                for name in sorted(self.node.view.children)
+                for told in [self.views.latest.get(name)]
             },
         }
 

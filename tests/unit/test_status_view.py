@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -19,8 +20,10 @@ from zcells.cli.status import (
     snapshot_of,
 )
 
+from zcells.capacity import cell_capacity
 from zcells.errors import CellUnreachable
 from zcells.messages import CellResult, Outcome
+from zcells.records import Flavor, Host
 
 TAKEN_AT = 1_700_000_000.0  # 22:13:20 UTC
 
@@ -234,7 +237,7 @@ def test_the_snapshot_is_plain_json_in_tree_order() -> None:
         TAKEN_AT,
     )
     raw = json.loads(json.dumps(snapshot.as_dict()))
-    assert set(raw) == {"connected", "taken_at", "cells", "error"}
+    assert set(raw) == {"connected", "taken_at", "cells", "error", "flavor"}
     assert [c["cell"] for c in raw["cells"]] == [
         "api",
         "api!c1",
@@ -286,3 +289,38 @@ def test_a_cells_problems_are_shown_in_red_under_it() -> None:
         assert f"problem: {problem}" in text
     assert "problem: 7" not in text
     assert style_of(render(snapshot), "problem: 3 rows refused by parent api, held aside") == "red"
+
+
+def test_what_each_cell_announces_is_shown_for_the_chosen_flavor() -> None:
+    room = cell_capacity(
+        [Host("h1", True, 8192, 100, 16), Host("h2", True, 8192, 100, 16)], [TINY], 0.0
+    )
+    own = cell_capacity([Host("h1", True, 8192, 100, 16)], [TINY], 0.0)
+    top = answer("api", {"c1": ("alive", 0.2), "c2": ("alive", 0.3)})
+    top.value["scheduling"] = {
+        "enabled": True,
+        "capabilities": {},
+        "own": None,
+        "subtree": room.to_wire(),
+        "children": {
+            "c1": {"disabled": False, "enabled": True, "age_s": 4.0, "counted": True},
+            "c2": {"disabled": True, "enabled": None, "age_s": None, "counted": False},
+        },
+    }
+    c1 = answer("api!c1")
+    c1.value["scheduling"] = {
+        "enabled": False,
+        "capabilities": {"hypervisor": ["kvm"]},
+        "own": own.to_wire(),
+        "subtree": room.to_wire(),
+        "children": {},
+    }
+    snapshot = replace(snapshot_of([top, c1, answer("api!c2")], "api", TAKEN_AT), flavor=TINY_WIRE)
+    text = shown(render(snapshot), width=200)
+    assert "room for m1.tiny: 32 (own hosts 16)  hypervisor=kvm  takes no new builds" in text
+    assert "announced 4.0s ago" in text
+    assert "disabled by its parent  not announced yet" in text  # c2, as the top sees it
+
+
+TINY = Flavor("m1.tiny", 512, 1, 1)
+TINY_WIRE = TINY.as_dict()
