@@ -259,7 +259,7 @@ def _scheduling(cell: CellStatus, flavor: Flavor | None) -> Text:
     if flavor is not None and said:
         subtree, own = _room(said.get("subtree"), flavor), _room(said.get("own"), flavor)
         shown.append(f"room for {flavor.name}: {subtree}")
-        if own not in ("-", subtree):
+        if own not in ("-", subtree) and _int(cell.hosts or {}, "total"):
             shown.append(f" (own hosts {own})")
     capabilities = _mapping(said.get("capabilities")) or {}
     if capabilities:

@@ -75,6 +75,16 @@ class Capacity:
     def fits(self, flavor: Flavor) -> bool:
         return self.units_for(flavor) > 0
 
+    def only(self, sizes: Capacity) -> Capacity:
+        """This capacity counted only for the sizes `sizes` lists (a cell's own flavors):
+        what a child said of sizes no flavor here has is dropped, not kept or passed up."""
+        return replace(
+            self,
+            ram_units={s: n for s, n in self.ram_units.items() if s in sizes.ram_units},
+            disk_units={s: n for s, n in self.disk_units.items() if s in sizes.disk_units},
+            vcpu_units={s: n for s, n in self.vcpu_units.items() if s in sizes.vcpu_units},
+        )
+
     def less(self, flavor: Flavor, count: int = 1) -> Capacity:
         """This capacity once `count` instances of `flavor` were placed in it (a parent's view
         between announcements); never below zero."""
@@ -185,7 +195,12 @@ def cell_capacity(
 
 
 def added(parts: Iterable[Capacity]) -> Capacity:
-    """Capacities added figure by figure: a subtree's, from its cells'."""
+    """Capacities added figure by figure: a subtree's, from its cells'.
+
+    Each figure stops at the largest a capacity may carry on the wire, so
+    children that claim the most they may cannot make the sum one that this
+    cell's parent would refuse.
+    """
     total = Capacity()
     ram: dict[int, int] = {}
     disk: dict[int, int] = {}
@@ -204,7 +219,15 @@ def added(parts: Iterable[Capacity]) -> Capacity:
                 into[size] = into.get(size, 0) + count
     if not (ram or disk or vcpu or ram_free or disk_free or vcpus_free):
         return total
-    return Capacity(ram_free, disk_free, vcpus_free, ram, disk, vcpu)
+    return Capacity(
+        min(ram_free, _MAX_FIGURE),
+        min(disk_free, _MAX_FIGURE),
+        min(vcpus_free, _MAX_FIGURE),
+        *(
+            {size: min(count, _MAX_FIGURE) for size, count in units.items()}
+            for units in (ram, disk, vcpu)
+        ),
+    )
 
 
 @dataclass(frozen=True, order=True)

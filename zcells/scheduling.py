@@ -28,7 +28,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from zcells import entropy, logs
@@ -114,6 +114,8 @@ class CellScheduling:
         if child not in self.node.view.children:
             return False
         self.views.keep_only(self.node.view.children)
+        if self.own_known:  # sizes of no flavor here: a child cannot make this cell hold them
+            announcement = replace(announcement, capacity=announcement.capacity.only(self.own))
         taken = self.views.take(child, announcement, self.node.clock.now())
         if taken:
             self._dirty.add(child)
@@ -139,7 +141,10 @@ class CellScheduling:
         ]
 
     def subtree(self) -> tuple[Capacity, dict[str, frozenset[str]]]:
-        return self.views.subtree(self.own, self.settings.capabilities, self.counted())
+        capacity, capabilities = self.views.subtree(
+            self.own, self.settings.capabilities, self.counted()
+        )
+        return (capacity.only(self.own) if self.own_known else capacity), capabilities
 
     # -- decisions ----------------------------------------------------------------------------
 
@@ -265,13 +270,11 @@ class Announcer:
         db: DbRunner,
         scheduling: CellScheduling,
         *,
-        has_hosts: bool,
         call_timeout_s: float = 10.0,
     ) -> None:
         self.node = node
         self.db = db
         self.scheduling = scheduling
-        self.has_hosts = has_hosts
         self.call_timeout_s = call_timeout_s
         self.version = Version(int(node.clock.wall() * 1000), 0)
         self.sent = 0
@@ -312,13 +315,13 @@ class Announcer:
 
     async def announce(self) -> None:
         """Read the own capacity afresh and send the subtree's to every parent."""
-        if self.has_hosts:
-            try:
-                own = await self.db.read(own_capacity, self.scheduling.settings.reserve_percent)
-            except DatabaseError as exc:
-                logs.limited(log, logging.WARNING, "announce.unreadable", "db", error=exc)
-            else:
-                self.scheduling.set_own(own, self.node.clock.now())
+        # Read in every cell: with no hosts, it still lists the sizes of the flavors here.
+        try:
+            own = await self.db.read(own_capacity, self.scheduling.settings.reserve_percent)
+        except DatabaseError as exc:
+            logs.limited(log, logging.WARNING, "announce.unreadable", "db", error=exc)
+        else:
+            self.scheduling.set_own(own, self.node.clock.now())
         parents = [path for path in self.node.view.parents.values() if path is not None]
         if not parents:
             return

@@ -261,7 +261,6 @@ def build_services(
         node,
         runner,
         scheduling,
-        has_hosts=has_hosts,
         call_timeout_s=min(10.0, config.cells.call_timeout_s),
     )
     placer = Placer(

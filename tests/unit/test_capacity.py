@@ -146,3 +146,15 @@ def test_the_wire_form_round_trips_and_refuses_nonsense() -> None:
 def test_a_reserve_outside_0_to_100_is_refused() -> None:
     with pytest.raises(ValueError, match="reserve_percent"):
         cell_capacity([host("h1")], FLAVORS, 100.0)
+
+
+def test_a_child_cannot_make_its_parent_hold_or_pass_up_more_than_the_wire_allows() -> None:
+    most = 2**53
+    huge = Capacity(most, most, most, {512: most}, {1: most}, {1: most})
+    total = added([huge, huge, huge])
+    assert Capacity.from_wire(total.to_wire()) == total  # the parent's parent takes it
+    assert total.ram_units[512] == most
+    known = cell_capacity([host("h1")], [TINY], 0.0)  # this cell's flavors: one size each
+    strange = Capacity(1, 1, 1, {512: 3, 777: 9}, {1: 3, 999: 9}, {1: 3, 64: 9})
+    kept = strange.only(known)
+    assert (kept.ram_units, kept.disk_units, kept.vcpu_units) == ({512: 3}, {1: 3}, {1: 3})
