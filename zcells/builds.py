@@ -357,7 +357,9 @@ def _nowhere(
             for name, by, reason in removed
         )
         parts.append(f"at {here} the filters removed {shown}")
-    reason = _shortened(f"no cell could take {spec.flavor.name}: " + "; ".join(parts))
+    # After tries, their summary leads (it says what each cell answered); else the filters.
+    lead = "" if attempts.attempts else f"no cell could take {spec.flavor.name}: "
+    reason = _shortened(lead + "; ".join(parts))
     no_room = any(by in _NO_ROOM for _, by, _ in removed)
     if attempts.all_no_valid_host() or (not attempts.attempts and no_room):
         return NoValidHost(reason, here)
