@@ -63,14 +63,15 @@ def cell_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
         return
     print_table(
         "neighbour cells",
-        ("NAME", "KIND", "ENDPOINT", "PUBLIC KEY", "WEIGHT", "STATE"),
+        ("NAME", "KIND", "ENDPOINT", "PUBLIC KEY", "OFFSET", "SCALE", "STATE"),
         [
             (
                 c.name,
                 c.kind,
                 c.endpoint,
                 c.public_key,
-                f"{c.weight_offset:+g} x{c.weight_scale:g}",
+                f"{c.weight_offset:+g}",
+                f"{c.weight_scale:g}",
                 "disabled" if c.disabled else "enabled",
             )
             for c in cells
