@@ -45,6 +45,14 @@ ADMIN = frozenset({"admin"})
 MAX_UNSET = 32
 
 
+async def flavor_named(db: DbRunner, name: str, cell: str | None = None) -> Flavor:
+    """The flavor called `name` in this cell's catalog; `NotFoundRemote` if there is none."""
+    flavor = await db.read(catalog.get_flavor, name)
+    if flavor is None:
+        raise NotFoundRemote(f"no flavor {name[:64]!r}", cell)
+    return flavor
+
+
 class CatalogHandlers:
     """Flavors and images for clients; global data from the parent."""
 

@@ -21,9 +21,9 @@ from typing import Any, Final
 from zcells.builds import Placer, check_hints, spec_of, time_left_s
 from zcells.cellfilters import BuildSpec, Decision
 from zcells.cellsched import HERE
-from zcells.db import catalog
 from zcells.dbrunner import DbRunner
 from zcells.errors import Forbidden, InvalidRequest, NotFoundRemote, SchemaError, WireError
+from zcells.handlers.catalog import flavor_named
 from zcells.messages import Kind
 from zcells.methods import Call, Method, Param
 from zcells.names import child_path
@@ -134,7 +134,7 @@ class SchedulingHandlers:
         hints = check_hints(args["hints"] or {})
         if hints and call.caller != "admin":
             raise Forbidden("only an admin may pass scheduler hints", call.cell)
-        flavor = await self._flavor(args["flavor"], call.cell)
+        flavor = await flavor_named(self.db, args["flavor"], call.cell)
         properties: Mapping[str, str] = {}
         if args["image"] is not None:
             found = (
@@ -175,12 +175,6 @@ class SchedulingHandlers:
             levels.append({"cell": first, "error": code})
             return levels
         return levels + [item for item in below if isinstance(item, dict)][:64]
-
-    async def _flavor(self, name: str, cell: str) -> Flavor:
-        for flavor in await self.db.read(catalog.list_flavors):
-            if flavor.name == name:
-                return flavor
-        raise NotFoundRemote(f"no flavor {name[:64]!r}", cell)
 
     def methods(self) -> list[Method]:
         targeted = frozenset({Kind.TARGETED})

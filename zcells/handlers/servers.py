@@ -40,7 +40,7 @@ from zcells import entropy
 from zcells.builds import TopBuilds, check_hints, time_left_s
 from zcells.codec import packb
 from zcells.config import QuotaConfig, section_defaults
-from zcells.db import catalog, registry
+from zcells.db import catalog
 from zcells.db import hosts as hosts_store
 from zcells.db import instances as store
 from zcells.db import quotas as quotas_store
@@ -57,6 +57,7 @@ from zcells.errors import (
     UsageError,
     WireError,
 )
+from zcells.handlers.catalog import flavor_named
 from zcells.handlers.compute import check_action, check_request_id
 from zcells.handlers.state import resync_subtree
 from zcells.instances import (
@@ -74,7 +75,6 @@ from zcells.methods import Call, Method, Param
 from zcells.names import check_name
 from zcells.port import CellPort
 from zcells.quotas import Quota
-from zcells.records import Flavor
 from zcells.routing import is_below
 
 MAX_COUNT = 1000
@@ -196,7 +196,7 @@ class ServerHandlers:
         if not 0 < count <= MAX_COUNT:
             raise InvalidRequest(f"count must be 1 to {MAX_COUNT}")
         metadata = self._metadata(args["metadata"] or {}, call.cell)
-        flavor = await self._flavor(args["flavor"])
+        flavor = await flavor_named(self.db, args["flavor"])
         if await self.db.read(catalog.get_image, args["image"]) is None:
             raise NotFoundRemote(f"no image {args['image'][:64]!r}")
         request_id = _request_id(call, args["request_id"])
@@ -281,12 +281,6 @@ class ServerHandlers:
         except (ValueError, UsageError) as exc:
             raise InvalidRequest(str(exc), call.cell) from None
         return await self.quota_show(call)
-
-    async def _flavor(self, name: str) -> Flavor:
-        for flavor in await self.db.read(registry.list_flavors):
-            if flavor.name == name:
-                return flavor
-        raise NotFoundRemote(f"no flavor {name[:64]!r}")
 
     # -- actions ------------------------------------------------------------------------
 
