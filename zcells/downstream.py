@@ -42,6 +42,7 @@ from zcells.errors import DatabaseError, SchemaError, UnknownCell, WireError
 from zcells.globaldata import MAX_ROWS, MAX_SEQ
 from zcells.names import child_path
 from zcells.port import CellPort
+from zcells.streams import Streams
 from zcells.supervisor import Supervisor
 
 log = logs.get_logger("downstream")
@@ -77,8 +78,7 @@ class Downstream:
         self.idle_max_s = max(idle_s, idle_max_s)
         self.retry_s = retry_s
         self.tasks = tasks or Supervisor()
-        self._streams: dict[str, asyncio.Task[None]] = {}
-        self._bells: dict[str, asyncio.Event] = {}
+        self._streams = Streams(self.tasks, node.clock, "downstream")
         self._quiet_s: dict[str, float] = {}  # child -> how long the next idle wait lasts
         self.applied: dict[str, int] = {}  # child -> highest seq it has applied, as last heard
         self.blocked: dict[str, str] = {}  # child -> the error its stream last stopped on
@@ -86,30 +86,17 @@ class Downstream:
 
     def wake(self) -> None:
         """New rows are in the global log: stop waiting for them."""
-        for bell in self._bells.values():
-            bell.set()
+        self._streams.wake()
 
     async def run(self) -> None:
         """Keep one stream per registered child; follow registry changes."""
-        try:
-            while True:
-                children = set(self.node.view.children)
-                for name in children - self._streams.keys():
-                    self._bells[name] = asyncio.Event()
-                    self._streams[name] = self.tasks.spawn(
-                        self._stream(name), name=f"downstream-{name}"
-                    )
-                for name in self._streams.keys() - children:
-                    self._streams.pop(name).cancel()
-                    for table in (self._bells, self._quiet_s, self.applied, self.blocked):
-                        table.pop(name, None)
-                await self.node.clock.sleep(self.retry_s)
-        finally:
-            for task in self._streams.values():
-                task.cancel()
-            await asyncio.gather(*self._streams.values(), return_exceptions=True)
-            self._streams.clear()
-            self._bells.clear()
+        await self._streams.follow(
+            lambda: self.node.view.children, self._stream, self._forget, self.retry_s
+        )
+
+    def _forget(self, child: str) -> None:
+        for table in (self._quiet_s, self.applied, self.blocked):
+            table.pop(child, None)
 
     async def _stream(self, child: str) -> None:
         applied: int | None = None
@@ -161,7 +148,7 @@ class Downstream:
 
     async def _send_batch(self, child: str, path: str, applied: int) -> int:
         """Send the rows after `applied`, or wait for some; the child's applied seq after."""
-        bell = self._bells[child]
+        bell = self._streams.bells[child]
         bell.clear()
         rows = await self.db.read(catalog.read_log, applied, self.batch_rows)
         if not rows:

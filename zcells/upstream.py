@@ -45,6 +45,7 @@ from zcells.db import outbox as outbox_store
 from zcells.dbrunner import DbRunner
 from zcells.errors import DatabaseError, SchemaError, WireError
 from zcells.port import CellPort
+from zcells.streams import Streams
 from zcells.supervisor import Supervisor
 
 log = logs.get_logger("upstream")
@@ -83,8 +84,7 @@ class Upstream:
         self._quiet_s: dict[str, float] = {}  # parent -> how long the next idle wait lasts
         self.retry_s = retry_s
         self._resync_children = resync_children
-        self._streams: dict[str, asyncio.Task[None]] = {}
-        self._bells: dict[str, asyncio.Event] = {}
+        self._streams = Streams(self.tasks, node.clock, "upstream")
         self.acked: dict[str, int] = {}  # parent -> highest sequence it applied
         self.sent = 0
         self.held = 0  # rows a parent refused, kept aside since start
@@ -92,30 +92,17 @@ class Upstream:
 
     def wake(self) -> None:
         """New rows are in the outbox: stop waiting for them."""
-        for bell in self._bells.values():
-            bell.set()
+        self._streams.wake()
 
     async def run(self) -> None:
         """Keep one stream per parent that has said hello; follow registry changes."""
-        try:
-            while True:
-                parents = set(self.node.view.parents)
-                for name in parents - self._streams.keys():
-                    self._bells[name] = asyncio.Event()
-                    self._streams[name] = self.tasks.spawn(
-                        self._stream(name), name=f"upstream-{name}"
-                    )
-                for name in self._streams.keys() - parents:
-                    self._streams.pop(name).cancel()
-                    self._bells.pop(name, None)
-                    self._quiet_s.pop(name, None)
-                    self.acked.pop(name, None)
-                    self.blocked.pop(name, None)
-                await self.node.clock.sleep(self.retry_s)
-        finally:
-            for task in self._streams.values():
-                task.cancel()
-            await asyncio.gather(*self._streams.values(), return_exceptions=True)
+        await self._streams.follow(
+            lambda: self.node.view.parents, self._stream, self._forget, self.retry_s
+        )
+
+    def _forget(self, parent: str) -> None:
+        for table in (self._quiet_s, self.acked, self.blocked):
+            table.pop(parent, None)
 
     async def _stream(self, parent: str) -> None:
         applied: int | None = None
@@ -161,7 +148,7 @@ class Upstream:
         The parent's new sequence, and the rows after it if they were read
         while the batch was in flight.
         """
-        bell = self._bells[parent]
+        bell = self._streams.bells[parent]
         bell.clear()
         rows = ahead or await self.db.read(outbox_store.read_outbox, applied, self.batch_rows)
         if not rows:
