@@ -215,10 +215,13 @@ class Placer:
                 try:
                     if name == HERE:
                         return await self._place_here(instance, request_id, here, valid_until)
-                    self.scheduling.placed(name, spec.flavor)
-                    return await self._place_below_once(
+                    taken = await self._place_below_once(
                         instance, hints, request_id, here, name, deadline, valid_until, properties
                     )
+                    # Off the view until the child speaks again; a try that failed takes
+                    # nothing off (a refused build of a huge flavor would zero a child).
+                    self.scheduling.placed(name, spec.flavor)
+                    return taken
                 except WireError as exc:
                     attempts.tried(name, exc.code, exc.message)
                     logs.event(

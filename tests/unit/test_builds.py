@@ -124,8 +124,12 @@ def test_a_child_that_announced_room_and_had_none_is_retried_by_the_plan(db: DbR
         run(here.place(instance(UUID), {}, "build-1", "api", plan=[0.0, 0.0, 0.0]))
     assert [sent.target for sent in node.sent] == ["api!c1"] * 3
     assert "after 3 attempts" in info.value.message
-    # each try came off the view, as a burst would: 9 - 3 left
-    assert here.scheduling.views.latest["c1"].capacity.ram_units[512] == 6
+    # a refused try takes nothing off the view; a placement does, until c1 speaks again
+    assert here.scheduling.views.latest["c1"].capacity.ram_units[512] == 9
+    taken = placed(instance(UUID), "api!c1", "h001", 2.0)
+    node.calls[("build", "api!c1")] = ok("api!c1", {"instance": taken.to_wire()})
+    run(here.place(instance(UUID), {}, "build-2", "api", plan=[0.0]))
+    assert here.scheduling.views.latest["c1"].capacity.ram_units[512] == 8
 
 
 def test_every_child_without_a_host_makes_no_valid_host_naming_each(db: DbRunner) -> None:
