@@ -1,9 +1,11 @@
 """Cell scheduler benchmark: one decision, builds through it, and how builds spread.
 
 1. One placement decision over 10, 100 and 1,000 candidate children, each
-   with an announced capacity, through the default filters and weighers
-   (µs per decision). Baseline in the same run: the random order this
-   scheduler replaced (a seeded shuffle of the children's names).
+   with an announced capacity, through a cell's `CellScheduling.decide` with
+   the default filters and weighers, up to the first candidate to try, a
+   build of a fresh flavor object each time as `Placer` makes them (µs per
+   decision). Baseline in the same run: the random order this scheduler
+   replaced (a seeded shuffle of the children's names).
 2. `bench-builds` twice in the same run, on the same tree: once through the
    default cell scheduler, once with no filters and no weighers (an even
    random draw, as the random scheduler did); the ratio of builds per
@@ -32,9 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.builds import build_tree, run_builds
 from bench.common import Report, median
-from zcells.capacity import Capacity
+from zcells.capacity import Announcement, Capacity, Version
 from zcells.cellfilters import BuildSpec, CellCandidate, schedule
+from zcells.clock import SYSTEM_CLOCK
+from zcells.liveness import Liveness
+from zcells.peer import Peer, Role
 from zcells.records import Flavor
+from zcells.routing import View
+from zcells.scheduling import CellScheduling, SchedulerSettings
 
 TINY = Flavor("m1.tiny", 512, 1, 1)
 SMALL = Flavor("m1.small", 2048, 20, 1)
@@ -66,6 +73,32 @@ def children(count: int, rng: random.Random) -> list[CellCandidate]:
     ]
 
 
+class Cell:
+    """What `CellScheduling` reads of its cell: an API cell with `count` live children."""
+
+    def __init__(self, count: int) -> None:
+        self.clock = SYSTEM_CLOCK
+        self.view = View("api", children=frozenset(f"c{i:04d}" for i in range(count)))
+        self.cell_type = "api"
+        self.disabled: frozenset[str] = frozenset()
+        self.weights: dict[str, tuple[float, float]] = {}
+        self.problems: dict[str, str] = {}
+        self._alive = {Peer(Role.CHILD, name): Liveness.ALIVE for name in self.view.children}
+
+    def liveness(self) -> dict[Peer, Liveness]:
+        return self._alive
+
+
+def scheduling_of(count: int, rng: random.Random) -> CellScheduling:
+    """A cell's scheduling state after each of its `count` children announced."""
+    cell = Cell(count)
+    scheduling = CellScheduling(cell, SchedulerSettings(), random.Random(3))  # type: ignore[arg-type]
+    for child in children(count, rng):
+        assert child.capacity is not None
+        scheduling.take(child.name, Announcement(Version(1, 1), child.capacity))
+    return scheduling
+
+
 def time_per_call(call: object, repeat: int) -> float:
     """The median over five runs of `repeat` calls, in µs per call."""
     assert callable(call)
@@ -80,19 +113,20 @@ def time_per_call(call: object, repeat: int) -> float:
 
 def decisions(report: Report) -> float:
     rng = random.Random(1)
-    spec = BuildSpec(TINY)
     worst = 0.0
     for size in SIZES:
-        cells = children(size, rng)
-        names = [c.name for c in cells]
+        scheduling = scheduling_of(size, rng)
+        names = sorted(scheduling.node.view.children)
         repeat = max(20, 20_000 // size)
 
         def shuffled(names: list[str] = names) -> None:
             order = sorted(names)
             rng.shuffle(order)
 
-        def decided(cells: list[CellCandidate] = cells) -> None:
-            schedule(cells, spec, rng)
+        def decided(scheduling: CellScheduling = scheduling) -> None:
+            flavor = Flavor(TINY.name, TINY.memory_mb, TINY.disk_gb, TINY.vcpus)
+            first = scheduling.decide(BuildSpec(flavor), "api", has_hosts=False).first
+            assert first is not None
 
         baseline = time_per_call(shuffled, repeat)
         us = time_per_call(decided, repeat)
@@ -115,7 +149,8 @@ def spread(report: Report) -> float:
         if n % 100 == 0:
             view = {name: units(count) for name, count in left.items()}  # announcements
         cells = [CellCandidate(name, f"api!{name}", capacity=view[name]) for name in SHARES]
-        first = schedule(cells, BuildSpec(TINY), rng).order[0]
+        first = schedule(cells, BuildSpec(TINY), rng).first
+        assert first is not None
         taken[first] += 1
         left[first] -= 1
         view[first] = view[first].less(TINY)

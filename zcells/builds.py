@@ -209,9 +209,9 @@ class Placer:
             if round_ > 0 and wanted is not None and not await wanted():
                 raise InvalidRequest(f"instance {instance.uuid} was deleted while scheduling")
             decision = self.decide(spec, here)
-            if not decision.order:
+            if not decision:
                 break
-            for name in decision.order:
+            for name in decision:  # drawn one at a time: the next only if this one failed
                 try:
                     if name == HERE:
                         return await self._place_here(instance, request_id, here, valid_until)
@@ -351,7 +351,7 @@ def _nowhere(
     tried at all (disabled, or not where the hints allow).
     """
     removed = decision.removed if decision is not None else ()
-    if not attempts.attempts and not removed and (decision is None or not decision.order):
+    if not attempts.attempts and not removed and not decision:
         return NoValidHost(f"no valid host in {here}: it has no hosts and no cells below it", here)
     parts = [attempts.summary()] if attempts.attempts else []
     if removed:

@@ -49,9 +49,9 @@ class Capacity:
         Asked by a filter and a weigher for every candidate of every decision:
         the last answer is kept (a capacity never changes; a flavor is a value).
         """
-        memo = self.__dict__
-        if memo.get("_room_of") is flavor:
-            known: int | None = memo["_room"]
+        last = self.__dict__.get("_room")
+        if last is not None and last[0] is flavor:
+            known: int | None = last[1]
             return known
         memory, disk, vcpus = flavor.memory_mb, flavor.disk_gb, flavor.vcpus
         room: int | None = _MAX_FIGURE
@@ -65,7 +65,7 @@ class Capacity:
             room = count if count < room else room
         if room is not None and room < 0:
             room = None
-        memo["_room_of"], memo["_room"] = flavor, room  # not fields: neither compared nor sent
+        self.__dict__["_room"] = (flavor, room)  # not a field: neither compared nor sent
         return room
 
     def units_for(self, flavor: Flavor) -> int:

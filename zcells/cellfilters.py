@@ -1,28 +1,30 @@
-"""The cell scheduler's filters and weighers: pure functions of a candidate and a build.
+"""The cell scheduler's filters and weighers: pure functions of the candidates and a build.
 
 Rules kept here (STYLE.md §11):
 
-1. A filter takes one candidate cell and the build, and returns None when the
-   candidate passes or the reason it does not; it has no side effects. A
-   weigher returns a number. Both are registered by name in one table each
-   (`FILTERS`, `WEIGHERS`); nova's class names are accepted where they mean
-   the same thing (`NOVA_NAMES`).
+1. A filter takes the candidate cells still in and the build, and returns
+   the cells it keeps with the reason each other one went (`Sieved`); a
+   weigher returns one number per cell. Neither has side effects. Both are
+   registered by name in one table each (`FILTERS`, `WEIGHERS`); nova's
+   class names are accepted where they mean the same thing (`NOVA_NAMES`).
 2. Each weigher's values are normalised to [0, 1] across the candidates
    (the lowest 0, the highest 1; all equal, all 0), multiplied by the
-   weigher's multiplier and added. The highest total goes first.
-3. Candidates of equal total are ordered by a draw from the generator the
-   caller passes, so a burst of builds does not pile onto one cell, and a
-   seed replays the order.
+   weigher's multiplier and added (nova's weight, shown as the total).
+3. The weighers but the RAM one rank the candidates in tiers; within a tier
+   the order is drawn from the generator the caller passes, each cell's
+   chance in proportion to its room for the flavor, so a burst of builds
+   does not pile onto one cell, and a seed replays the order.
 4. `schedule` keeps, for every candidate, each filter's verdict and each
    weigher's raw and normalised value: `--explain` shows them as they are.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
-import math
+import itertools
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -60,8 +62,36 @@ class CellCandidate:
     own: bool = False  # this cell's own hosts (`HERE`), not a child
 
 
-Filter = Callable[[CellCandidate, BuildSpec], str | None]
-Weigher = Callable[[CellCandidate, BuildSpec], float]
+@dataclass(frozen=True)
+class Sieved:
+    """What a filter made of the cells it was given: those kept, and why each other went."""
+
+    kept: list[CellCandidate]
+    removed: list[tuple[CellCandidate, str]]
+
+
+Filter = Callable[[Sequence[CellCandidate], BuildSpec], Sieved]
+Weigher = Callable[[Sequence[CellCandidate], BuildSpec], list[float]]
+Reason = Callable[[CellCandidate, BuildSpec], str | None]  # why one cell goes, if it does
+
+
+def sieved(cells: Sequence[CellCandidate], reasons: Sequence[str | None]) -> Sieved:
+    """The cells whose reason is None kept, the others removed with theirs."""
+    if not any(reasons):
+        return Sieved(list(cells), [])
+    kept = [cell for cell, reason in zip(cells, reasons, strict=True) if reason is None]
+    removed = [(c, r) for c, r in zip(cells, reasons, strict=True) if r is not None]
+    return Sieved(kept, removed)
+
+
+def each(reason: Reason) -> Filter:
+    """A filter from a function that says why one cell goes (or None if it stays)."""
+
+    def sieve(cells: Sequence[CellCandidate], spec: BuildSpec) -> Sieved:
+        return sieved(cells, [reason(cell, spec) for cell in cells])
+
+    sieve.__doc__ = reason.__doc__
+    return sieve
 
 
 def _within(cell: CellCandidate, root: str) -> bool:
@@ -72,11 +102,41 @@ def _within(cell: CellCandidate, root: str) -> bool:
     return not cell.own and root.startswith(path + PATH_SEPARATOR)
 
 
-def disabled(cell: CellCandidate, spec: BuildSpec) -> str | None:
-    return None if cell.enabled else "disabled: takes no new builds"
+# -- filters: each is given the cells still in and the build, and says which stay -------------
+# Every decision runs them over every child, so the two that always run are written as one
+# pass each; the others run only when the build asks for them (`_APPLIES`).
 
 
-def target_cell(cell: CellCandidate, spec: BuildSpec) -> str | None:
+def disabled(cells: Sequence[CellCandidate], spec: BuildSpec) -> Sieved:
+    """A cell its operator disabled, or that announced it takes no new builds."""
+    return sieved(cells, [None if c.enabled else "disabled: takes no new builds" for c in cells])
+
+
+def capacity(cells: Sequence[CellCandidate], spec: BuildSpec) -> Sieved:
+    """Room for the flavor's RAM, disk and vCPUs on one host, as last announced.
+
+    A cell that has announced nothing yet (it has just come up), or whose
+    announcement does not count the flavor's sizes (the flavor has not
+    reached it yet), passes: it is drawn after every cell known to have
+    room, and says so itself if it has none.
+    """
+    flavor = spec.flavor
+    rooms = [None if c.capacity is None else c.capacity.room_for(flavor) for c in cells]
+    return sieved(
+        cells,
+        [_no_room(c, flavor) if r == 0 else None for c, r in zip(cells, rooms, strict=True)],
+    )
+
+
+def _no_room(cell: CellCandidate, flavor: Flavor) -> str:
+    free = cell.capacity or Capacity()
+    return (
+        f"no room for {flavor.name}: {free.ram_free_mb} MB, {free.disk_free_gb} GB and "
+        f"{free.vcpus_free} vCPUs free, not on one host"
+    )
+
+
+def _target_cell(cell: CellCandidate, spec: BuildSpec) -> str | None:
     """The build goes to exactly the target cell's hosts: a child passes when the target is
     it or below it; this cell's own hosts, when the target is this cell."""
     target = spec.target_cell
@@ -87,39 +147,22 @@ def target_cell(cell: CellCandidate, spec: BuildSpec) -> str | None:
     return f"not on the way to the target cell {target}"
 
 
-def different_cell(cell: CellCandidate, spec: BuildSpec) -> str | None:
+def _different_cell(cell: CellCandidate, spec: BuildSpec) -> str | None:
+    """A cell the `different_cell` hint names, or one below it."""
     for avoided in sorted(spec.different_cell):
         if cell.path == avoided or cell.path.startswith(avoided + PATH_SEPARATOR):
             return f"the build must avoid {avoided}"
     return None
 
 
-def same_cell(cell: CellCandidate, spec: BuildSpec) -> str | None:
+def _same_cell(cell: CellCandidate, spec: BuildSpec) -> str | None:
+    """A cell outside every cell the `same_cell` hint names."""
     if not spec.same_cell or any(_within(cell, kept) for kept in spec.same_cell):
         return None
     return f"the build must stay in {', '.join(sorted(spec.same_cell))}"
 
 
-def capacity(cell: CellCandidate, spec: BuildSpec) -> str | None:
-    """Room for the flavor's RAM, disk and vCPUs on one host, as last announced.
-
-    A cell that has announced nothing yet (it has just come up), or whose
-    announcement does not count the flavor's sizes (the flavor has not
-    reached it yet), passes: it is drawn after every cell known to have
-    room, and says so itself if it has none.
-    """
-    free = cell.capacity
-    room = None if free is None else free.room_for(spec.flavor)
-    if free is None or room is None or room > 0:
-        return None
-    flavor = spec.flavor
-    return (
-        f"no room for {flavor.name}: {free.ram_free_mb} MB, {free.disk_free_gb} GB and "
-        f"{free.vcpus_free} vCPUs free, not on one host"
-    )
-
-
-def image_properties(cell: CellCandidate, spec: BuildSpec) -> str | None:
+def _image_properties(cell: CellCandidate, spec: BuildSpec) -> str | None:
     """The image's hypervisor type, architecture and required version against capabilities."""
     for key in IMAGE_PROPERTIES:
         wanted = spec.image_properties.get(key)
@@ -135,6 +178,12 @@ def image_properties(cell: CellCandidate, spec: BuildSpec) -> str | None:
             shown = ", ".join(sorted(offered)) or "none"
             return f"image wants {key}={wanted}; cell offers {shown}"
     return None
+
+
+target_cell = each(_target_cell)
+different_cell = each(_different_cell)
+same_cell = each(_same_cell)
+image_properties = each(_image_properties)
 
 
 _CAPABILITY_OF: Final = {
@@ -171,19 +220,24 @@ def _parts(version: str) -> tuple[int, ...] | None:
     return tuple(int(p) for p in pieces)
 
 
-def ram_units(cell: CellCandidate, spec: BuildSpec) -> float:
-    """How many instances of the flavor the cell still has room for."""
-    room = None if cell.capacity is None else cell.capacity.room_for(spec.flavor)
-    return 0.0 if room is None else float(room)  # not known: drawn after every known cell
+# -- weighers: one number per cell ----------------------------------------------------------
 
 
-def weight_offset(cell: CellCandidate, spec: BuildSpec) -> float:
-    """The operator's preference for the cell (`zcells cell update --weight-offset`), scaled."""
-    return cell.weight_offset * cell.weight_scale
+def ram_units(cells: Sequence[CellCandidate], spec: BuildSpec) -> list[float]:
+    """How many instances of the flavor each cell still has room for (0: not known)."""
+    flavor = spec.flavor
+    rooms = [None if c.capacity is None else c.capacity.room_for(flavor) for c in cells]
+    return [0.0 if room is None else float(room) for room in rooms]
 
 
-def mute_child(cell: CellCandidate, spec: BuildSpec) -> float:
-    return 1.0 if cell.mute or not cell.alive else 0.0
+def weight_offset(cells: Sequence[CellCandidate], spec: BuildSpec) -> list[float]:
+    """The operator's preference for each cell (`zcells cell update --weight-offset`), scaled."""
+    return [c.weight_offset * c.weight_scale for c in cells]
+
+
+def mute_child(cells: Sequence[CellCandidate], spec: BuildSpec) -> list[float]:
+    """1 for a child not heard from for `mute_child_interval`, else 0."""
+    return [1.0 if c.mute or not c.alive else 0.0 for c in cells]
 
 
 FILTERS: Final[dict[str, Filter]] = {
@@ -271,22 +325,83 @@ class Weighed:
 
 
 class Decision:
-    """The order to try, what the filters removed, and (made when asked) every candidate's part."""
+    """The candidates to try, drawn one at a time; what the filters removed; the explanation.
+
+    Iterating draws the candidates in order, each only when the one before it
+    has been tried: the first try, almost always the only one, costs one
+    weighted pick, not a sort of every candidate. `order` draws them all.
+    """
 
     def __init__(
         self,
-        order: tuple[str, ...],
+        names: list[str],
+        tiers: list[float],
+        odds: list[float],
+        rng: random.Random,
         removed: tuple[tuple[str, str, str], ...],
-        explain: Callable[[], tuple[Weighed, ...]],
+        explain: Callable[[Decision], tuple[Weighed, ...]],
     ) -> None:
-        self.order = order  # the candidates to try, best first
         self.removed = removed  # (candidate, filter, reason) for each candidate removed
+        self._names = names
+        self._tiers = tiers
+        self._odds = odds
+        self._rng = rng
+        self._left = list(range(len(names)))
+        self._one_tier = len(set(tiers)) <= 1
+        self._drawn: list[str] = []
         self._explain = explain
+
+    def __iter__(self) -> Iterator[str]:
+        i = 0
+        while True:
+            if i == len(self._drawn) and not self._draw():
+                return
+            yield self._drawn[i]
+            i += 1
+
+    def __bool__(self) -> bool:
+        """Whether any candidate passed the filters."""
+        return bool(self._names)
+
+    @property
+    def first(self) -> str | None:
+        return next(iter(self), None)
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        """Every candidate that passed, in the order they would be tried."""
+        while self._draw():
+            pass
+        return tuple(self._drawn)
 
     @functools.cached_property
     def weighed(self) -> tuple[Weighed, ...]:
         """Every candidate, in the order given, with its verdict or its weights."""
-        return self._explain()
+        return self._explain(self)
+
+    def _draw(self) -> bool:
+        """Draw the next candidate: from the highest tier left, in proportion to its odds."""
+        left = self._left
+        if not left:
+            return False
+        tiers, odds = self._tiers, self._odds
+        if self._one_tier:
+            tier = left
+        else:
+            best = max(tiers[i] for i in left)
+            tier = [i for i in left if tiers[i] == best]
+        weights = odds if len(tier) == len(odds) else [odds[i] for i in tier]
+        total = sum(weights)
+        if total > 0:
+            at = bisect.bisect_right(
+                list(itertools.accumulate(weights)), self._rng.random() * total
+            )
+            pick = tier[min(at, len(tier) - 1)]
+        else:  # no candidate of the tier has known room: an even draw
+            pick = tier[int(self._rng.random() * len(tier))]
+        left.remove(pick)
+        self._drawn.append(self._names[pick])
+        return True
 
 
 def multipliers_of(names: Sequence[str], overrides: Mapping[str, float]) -> dict[str, float]:
@@ -317,32 +432,28 @@ def schedule(
     checks = [(name, FILTERS[name]) for name in filters if _APPLIES[name](spec)]
     passed = list(candidates)
     removed: list[tuple[str, str, str]] = []
-    for name, check in checks:  # filter by filter: the common case removes no one
-        kept = [cell for cell in passed if check(cell, spec) is None]
-        if len(kept) < len(passed):
-            removed += [(c.name, name, why) for c in passed if (why := check(c, spec)) is not None]
-        passed = kept
-    raw = {}
-    for name in multipliers:
-        weigh = WEIGHERS[name][0]
-        raw[name] = [weigh(cell, spec) for cell in passed]
-    normal = {name: normalised(values) for name, values in raw.items()}
+    for name, sieve in checks:
+        result = sieve(passed, spec)
+        removed += [(cell.name, name, why) for cell, why in result.removed]
+        passed = result.kept
+    raw = {name: WEIGHERS[name][0](passed, spec) for name in multipliers}
     count = len(passed)
     tiers = [0.0] * count
-    for name, values in normal.items():
+    for name, values in raw.items():
         multiplier = multipliers[name]
-        if name != SPREAD and multiplier and any(values):
-            tiers = [t + multiplier * v for t, v in zip(tiers, values, strict=True)]
+        if name != SPREAD and multiplier and min(values, default=0.0) != max(values, default=0.0):
+            normal = normalised(values)
+            tiers = [t + multiplier * v for t, v in zip(tiers, normal, strict=True)]
     spread = multipliers.get(SPREAD, 0.0)
-    odds = [_odds(room, spread) for room in raw[SPREAD]] if spread else [1.0] * count
-    keys = [_draw_key(rng, weight) for weight in odds]
-    best_first = sorted(range(count), key=lambda i: (-tiers[i], keys[i]))
-    order = tuple(passed[i].name for i in best_first)
+    odds = _odds(raw[SPREAD], spread) if spread else [1.0] * count
 
-    def explain() -> tuple[Weighed, ...]:
+    def explain(decision: Decision) -> tuple[Weighed, ...]:
+        normal = {name: normalised(values) for name, values in raw.items()}
         in_tier: dict[float, float] = {}
+        many: dict[float, int] = {}
         for i, weight in enumerate(odds):
             in_tier[tiers[i]] = in_tier.get(tiers[i], 0.0) + weight
+            many[tiers[i]] = many.get(tiers[i], 0) + 1
         index = {id(c): i for i, c in enumerate(passed)}
         why = {name: (by, reason) for name, by, reason in removed}
         weighed = []
@@ -363,34 +474,17 @@ def schedule(
                     normal={name: normal[name][found] for name in multipliers},
                     total=tiers[found] + spread_part,
                     tier=tiers[found],
-                    chance=odds[found] / pool if pool > 0 else 0.0,
+                    chance=odds[found] / pool if pool > 0 else 1.0 / many[tiers[found]],
                 )
             )
         return tuple(weighed)
 
-    return Decision(order, tuple(removed), explain)
+    names = [cell.name for cell in passed]
+    return Decision(names, tiers, odds, rng, tuple(removed), explain)
 
 
-def _odds(room: float, multiplier: float) -> float:
-    """A candidate's weight in the draw of its tier, from its room for the flavor."""
+def _odds(rooms: list[float], multiplier: float) -> list[float]:
+    """Each candidate's weight in the draw of its tier, from its room for the flavor."""
     if multiplier > 0:
-        return room
-    if multiplier < 0:
-        return 1.0 / (1.0 + room)
-    return 1.0
-
-
-def _draw_key(rng: random.Random, weight: float) -> float:
-    """A key whose order, lowest first, is a draw in proportion to `weight`.
-
-    Sorting by -log(u) / weight (u uniform in (0, 1]) draws without
-    replacement with those weights (Efraimidis and Spirakis); a weight of 0
-    goes after every other, in an even draw of its own.
-    """
-    u = 1.0 - rng.random()
-    if weight <= 0:
-        return _LAST + u
-    return -math.log(u) / weight
-
-
-_LAST: Final = 1e300  # past any key of a weight > 0
+        return rooms
+    return [1.0 / (1.0 + room) for room in rooms]

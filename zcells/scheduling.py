@@ -58,6 +58,7 @@ log = logs.get_logger("scheduling")
 
 _ALIVE: Final = frozenset({Liveness.ALIVE, Liveness.LATE})
 ALIVE_REFRESH_S: Final = 1.0
+MAX_FLAVORS_KEPT: Final = 1000
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class CellScheduling:
         self._list: list[CellCandidate] = []
         self._index: dict[str, int] = {}
         self._dirty: set[str] = set()
+        self._flavors: dict[Flavor, Flavor] = {}
 
     # -- what the cell knows ----------------------------------------------------------------
 
@@ -214,6 +216,14 @@ class CellScheduling:
         )
 
     def decide(self, spec: BuildSpec, here: str, has_hosts: bool) -> Decision:
+        # One object per flavor: a capacity keeps its room for the last flavor it was asked
+        # about, so the next build of that flavor finds it there instead of counting again.
+        flavor = spec.flavor
+        kept = self._flavors.setdefault(flavor, flavor)
+        if kept is not flavor:
+            spec = replace(spec, flavor=kept)
+        if len(self._flavors) > MAX_FLAVORS_KEPT:
+            self._flavors.clear()
         return schedule(
             self.candidates(here, has_hosts),
             spec,

@@ -86,11 +86,12 @@ FILTER_CASES = [
 def test_each_filter_passes_or_says_why(
     name: str, candidate: CellCandidate, spec: BuildSpec, expected: str | None
 ) -> None:
-    reason = FILTERS[name](candidate, spec)
+    result = FILTERS[name]([candidate], spec)
     if expected is None:
-        assert reason is None
+        assert result.kept == [candidate] and result.removed == []
     else:
-        assert reason is not None and expected in reason
+        [(removed, reason)] = result.removed
+        assert result.kept == [] and removed is candidate and expected in reason
 
 
 @pytest.mark.parametrize(
@@ -106,7 +107,7 @@ def test_each_filter_passes_or_says_why(
     ],
 )
 def test_each_weigher_s_raw_value(name: str, candidate: CellCandidate, value: float) -> None:
-    assert WEIGHERS[name][0](candidate, BuildSpec(TINY)) == value
+    assert WEIGHERS[name][0]([candidate], BuildSpec(TINY)) == [value]
 
 
 def test_normalising_maps_the_lowest_to_0_and_the_highest_to_1() -> None:

@@ -156,9 +156,9 @@ class SchedulingHandlers:
     async def _levels(self, spec: BuildSpec, call: Call) -> list[dict[str, Any]]:
         decision = self.placer.decide(spec, call.cell)
         levels = [level(call.cell, decision, tuple(self.placer.scheduling.settings.weighers))]
-        if not decision.order or decision.order[0] == HERE:
+        if decision.first is None or decision.first == HERE:
             return levels
-        first = child_path(call.cell, decision.order[0])
+        first = child_path(call.cell, decision.first)
         try:
             result = await self.node.call(
                 "schedule_level",
