@@ -138,9 +138,10 @@ def test_the_tour_runs_as_written(make_run: subprocess.Popen[str]) -> None:
         pings = outputs[2]
         for path in ("api", "api!c1", "api!c1!g1", "api!c2"):
             assert re.search(rf"^{re.escape(path)}\s+ok", pings, re.M), pings
-        made = [line for line in outputs[3].splitlines() if " ACTIVE " in line]
-        assert len(made) == 20, outputs[3]
-        assert "h00" in outputs[5]
+        assert "at api:" in outputs[3] and "order: " in outputs[3], outputs[3]  # explain
+        made = [line for line in outputs[4].splitlines() if " ACTIVE " in line]
+        assert len(made) == 20, outputs[4]
+        assert "h00" in outputs[6]
 
         freeze, create, thaw = tour[1]
         shell.run(freeze)
