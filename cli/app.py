@@ -28,7 +28,7 @@ from zcells.cli import (
 )
 from zcells.cli.common import State, state, stderr
 
-from zcells import logs, service
+from zcells import logs
 from zcells.config import CONFIG_ENV
 from zcells.errors import ZcellsError
 
@@ -76,6 +76,8 @@ def root(
 @app.command()
 def serve(ctx: typer.Context) -> None:
     """Run this cell in the foreground until SIGTERM or Ctrl-C."""
+    from zcells import service  # noqa: PLC0415 - a client command must not load the database libraries
+
     config = state(ctx).config
     logs.configure(config.service.log_level)
     asyncio.run(service.serve(config))

@@ -1,4 +1,12 @@
-"""What every command shares: the loaded config, the database, and how results print."""
+"""What every command shares: the loaded config, the database, and how results print.
+
+Rules kept here:
+
+* The client commands (`server`, `cell ping`, `status`, `host`, `flavor`,
+  `image`, `schedule`) never import the database or migration libraries:
+  `zcells` starts at once. What needs a database imports it where it opens
+  one (`open_database`); a test fails when a client command pulls them in.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +16,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
-from zcells.db import migrate
-from zcells.db.engine import Database
 
 from zcells.config import Config, load_config
 from zcells.errors import ValidationError
+
+if TYPE_CHECKING:
+    from zcells.db.engine import Database
 
 stdout = Console(soft_wrap=True)
 # Piped output is for scripts and logs: never wrap it to an imagined 80 columns.
@@ -54,6 +63,9 @@ def state(ctx: typer.Context) -> State:
 @contextmanager
 def open_database(ctx: typer.Context, *, require_current: bool = True) -> Iterator[Database]:
     """The cell's database from its config; refuses a schema that `db sync` has not brought up."""
+    from zcells.db import migrate  # noqa: PLC0415 - only the commands that open one pay for it
+    from zcells.db.engine import Database  # noqa: PLC0415
+
     config = state(ctx).config
     with Database(
         config.database.connection,

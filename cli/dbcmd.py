@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 from zcells.cli.common import open_database, print_json, state
-from zcells.db import catalog, migrate, registry
 
 app = typer.Typer(help="Manage the cell's database.", no_args_is_help=True)
 
@@ -15,6 +14,8 @@ def sync(
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Create or upgrade the schema to the newest revision (safe to repeat)."""
+    from zcells.db import catalog, migrate, registry  # noqa: PLC0415 - a client command must not load the database libraries
+
     config = state(ctx).config
     with open_database(ctx, require_current=False) as db:
         result = migrate.sync(db)

@@ -1,4 +1,9 @@
-"""`zcells cell ...` and `zcells client ...`: the neighbour and client registries."""
+"""`zcells cell ...` and `zcells client ...`: the neighbour and client registries.
+
+The registry commands import the database where they open it, not at the
+top: `zcells` loads every command module at start, and a client command must
+not load the database libraries (`zcells.cli.common`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ import typer
 from zcells.cli.common import note, open_database, print_json, print_table
 from zcells.cli.hosts import cell_sync
 from zcells.cli.ping import ping
-from zcells.db import registry
 
 from zcells.names import NEIGHBOUR_KINDS, ROLES
 
@@ -39,6 +43,8 @@ def cell_add(
     disabled: Annotated[bool, typer.Option("--disabled", help="Add it disabled.")] = False,
 ) -> None:
     """Register a parent or child cell."""
+    from zcells.db import registry  # noqa: PLC0415 - see the module's docstring
+
     with open_database(ctx) as db:
         cell = registry.add_cell(
             db,
@@ -56,6 +62,8 @@ def cell_add(
 @cell_app.command("list")
 def cell_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
     """List this cell's neighbours."""
+    from zcells.db import registry  # noqa: PLC0415 - see the module's docstring
+
     with open_database(ctx) as db:
         cells = registry.list_cells(db)
     if json_output:
@@ -92,6 +100,8 @@ def cell_update(
     ] = None,
 ) -> None:
     """Change a neighbour's endpoint, key, weights or enabled state."""
+    from zcells.db import registry  # noqa: PLC0415 - see the module's docstring
+
     with open_database(ctx) as db:
         cell = registry.update_cell(
             db,
@@ -110,6 +120,8 @@ def cell_remove(
     ctx: typer.Context, name: Annotated[str, typer.Argument(help="The neighbour to remove.")]
 ) -> None:
     """Forget a neighbour; its key is refused from then on."""
+    from zcells.db import registry  # noqa: PLC0415 - see the module's docstring
+
     with open_database(ctx) as db:
         registry.remove_cell(db, name)
     note(f"removed cell {name}")
@@ -126,6 +138,8 @@ def client_add(
     ] = None,
 ) -> None:
     """Allow a client key on the api endpoint with a role."""
+    from zcells.db import registry  # noqa: PLC0415 - see the module's docstring
+
     with open_database(ctx) as db:
         client = registry.add_client(db, name, public_key=public_key, role=role, project=project)
     scope = f" of project {client.project}" if client.project else ""
@@ -135,6 +149,8 @@ def client_add(
 @client_app.command("list")
 def client_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
     """List the clients allowed on this cell."""
+    from zcells.db import registry  # noqa: PLC0415 - see the module's docstring
+
     with open_database(ctx) as db:
         clients = registry.list_clients(db)
     if json_output:
@@ -152,6 +168,8 @@ def client_remove(
     ctx: typer.Context, name: Annotated[str, typer.Argument(help="The client to remove.")]
 ) -> None:
     """Revoke a client; its key is refused from then on."""
+    from zcells.db import registry  # noqa: PLC0415 - see the module's docstring
+
     with open_database(ctx) as db:
         registry.remove_client(db, name)
     note(f"removed client {name}")

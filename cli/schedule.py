@@ -21,8 +21,8 @@ import typer
 from zcells.cli.common import parse_pairs, print_json, print_table, stdout
 from zcells.cli.connect import ClientKey, Endpoint, ServerKey, Timeout, resolve, with_client
 
+from zcells.cellfilters import CANDIDATE_FIELDS
 from zcells.client import CellClient
-from zcells.handlers.scheduling import CANDIDATE_FIELDS
 
 schedule_app = typer.Typer(help="Ask the cell scheduler how it would place a build.")
 

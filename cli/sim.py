@@ -12,14 +12,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from zcells.cli.common import stderr
 
 from zcells.errors import InvalidRequest
 from zcells.sim.faults import KINDS, parse_faults
-from zcells.sim.run import Report, SimOptions, hash_seed_fixed, run
+
+if TYPE_CHECKING:
+    from zcells.sim.run import Report
 
 HASH_SEED = "0"
 
@@ -51,6 +53,9 @@ def sim(
     ] = None,
 ) -> None:
     """Run a simulated tree on the real cell code, check its invariants, print a report."""
+    # The whole cell code, database included: loaded for this command only.
+    from zcells.sim.run import SimOptions, hash_seed_fixed, run  # noqa: PLC0415
+
     try:
         parse_faults(faults, cells)
     except InvalidRequest as exc:

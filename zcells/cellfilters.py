@@ -310,6 +310,10 @@ def normalised(values: Sequence[float]) -> list[float]:
     return [(v - low) / (high - low) for v in values]
 
 
+# An explanation's row of a candidate, before each weigher's (raw, normalised) pair.
+CANDIDATE_FIELDS: Final = ("name", "removed_by", "reason", "total", "tier", "chance")
+
+
 @dataclass(frozen=True)
 class Weighed:
     """One candidate's part in a decision, as `--explain` shows it."""

@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from zcells.client import CellClient
-from zcells.db import catalog, migrate, registry
-from zcells.db.engine import Database
 from zcells.errors import ServiceError, WireError
 from zcells.names import child_path
 from zcells.sockets.keys import KeyPair, generate_keypair
@@ -217,6 +215,9 @@ class CellTree:
             f"[service]\nstate_dir = state\nlog_level = {self.log_level}\n"
             + (f"[compute]\n{compute_section}" if cell.parent is not None else "")
         )
+        from zcells.db import catalog, migrate, registry  # noqa: PLC0415 - a client command must not load the database libraries
+        from zcells.db.engine import Database  # noqa: PLC0415
+
         with Database(f"sqlite:///{cell.directory / 'state' / cell.name}.db") as db:
             migrate.sync(db)
             if cell.parent is None:

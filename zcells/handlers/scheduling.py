@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 from zcells.builds import Placer, check_hints, spec_of, time_left_s
-from zcells.cellfilters import BuildSpec, Decision
+from zcells.cellfilters import CANDIDATE_FIELDS, BuildSpec, Decision
 from zcells.cellsched import HERE
 from zcells.dbrunner import DbRunner
 from zcells.errors import Forbidden, InvalidRequest, NotFoundRemote, SchemaError, WireError
@@ -62,10 +62,6 @@ def level(cell: str, decision: Decision, weighers: Sequence[str]) -> dict[str, A
         "more": len(decision.weighed) - len(shown),
         "order": list(decision.order[:MAX_SHOWN]),
     }
-
-
-# The fields of a candidate's row, before each weigher's (raw, normalised) pair.
-CANDIDATE_FIELDS: Final = ("name", "removed_by", "reason", "total", "tier", "chance")
 
 
 def spec_to_wire(spec: BuildSpec) -> dict[str, Any]:
