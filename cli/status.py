@@ -49,9 +49,9 @@ from zcells.client import CellClient
 from zcells.errors import SchemaError, ValidationError, WireError
 from zcells.instances import STATUSES
 from zcells.messages import CellResult, Outcome
-from zcells.names import PATH_SEPARATOR, last_name
+from zcells.names import PATH_SEPARATOR, check_cell_path, last_name
 from zcells.records import Flavor
-from zcells.routing import parent_of
+from zcells.routing import is_below, parent_of
 from zcells.sockets.transport import ZmqClient
 
 HEALTHY: Final = "healthy"
@@ -202,22 +202,90 @@ def _mapping(value: Any) -> Mapping[str, Any] | None:
 # -- drawing (pure) -------------------------------------------------------------------------
 
 
-def render(snapshot: Snapshot) -> RenderableType:
-    """The status view of a snapshot: a heading, then the tree of cells, two lines each."""
-    known = {cell.cell for cell in snapshot.cells}
+def render(snapshot: Snapshot, *, fold: bool | None = None) -> RenderableType:
+    """The status view of a snapshot: a heading, then the tree of cells, two lines each.
+
+    A large tree (more than `FOLD_ABOVE` cells, or `fold`) is folded. The top
+    and every cell that needs a look (late, mute, unreachable, disabled, not
+    taking builds, with a backlog or a problem), with every cell on its way
+    from the top, are unfolded: their middle children show, each as a
+    summary, and their healthy leaves are counted, not shown. A middle cell
+    whose whole subtree is healthy shows as its summary with how many cells
+    it holds.
+    """
+    folding = len(snapshot.cells) > FOLD_ABOVE if fold is None else fold
+    cells = snapshot.cells
+    below = _subtrees(cells)
+    troubled = _troubled(cells)
+    known = {cell.cell for cell in cells}
     nodes: dict[str, Tree] = {}
     roots: list[Tree] = []
-    for cell in snapshot.cells:
+    hidden: dict[str, int] = {}  # a shown cell -> its children left out
+    unfolded = troubled | {c.cell for c in cells if _nearest_shown(c.cell, known) is None}
+    for cell in cells:
         parent = _nearest_shown(cell.cell, known)
+        if folding and parent is not None and not _shows(cell.cell, parent, nodes, unfolded, below):
+            if parent in nodes and parent in unfolded:
+                hidden[parent] = hidden.get(parent, 0) + 1
+            continue
         name = cell.cell if parent is None else last_name(cell.cell)
         label = _label(
             cell, name, connected=cell.cell == snapshot.connected, flavor=_as_flavor(snapshot)
         )
+        if folding and below.get(cell.cell) and cell.cell not in unfolded:
+            count = below[cell.cell]
+            label.append(f"\n{count} cell{'' if count == 1 else 's'} below, all healthy", "dim")
         node = Tree(label, guide_style="dim") if parent is None else nodes[parent].add(label)
         nodes[cell.cell] = node
         if parent is None:
             roots.append(node)
+    for path, count in hidden.items():
+        nodes[path].add(Text(f"{count} healthy cell{'' if count == 1 else 's'} not shown", "dim"))
     return Group(_heading(snapshot), *roots)
+
+
+FOLD_ABOVE: Final = 30  # cells in a view before healthy subtrees fold
+
+
+def _subtrees(cells: Iterable[CellStatus]) -> dict[str, int]:
+    """How many cells each cell has below it, in the snapshot."""
+    counts: dict[str, int] = {}
+    for cell in cells:
+        parent = parent_of(cell.cell)
+        while parent is not None:
+            counts[parent] = counts.get(parent, 0) + 1
+            parent = parent_of(parent)
+    return counts
+
+
+def _troubled(cells: Iterable[CellStatus]) -> set[str]:
+    """The cells that need a look, and every cell above each: these never fold."""
+    found: set[str] = set()
+    for cell in cells:
+        backlog = _int(cell.backlog or {}, "count")
+        announced = cell.announced or {}
+        if (
+            cell.state != HEALTHY
+            or cell.problems
+            or backlog
+            or announced.get("disabled") is True
+            or (cell.scheduling or {}).get("enabled") is False
+        ):
+            path: str | None = cell.cell
+            while path is not None and path not in found:
+                found.add(path)
+                path = parent_of(path)
+    return found
+
+
+def _shows(
+    path: str, parent: str, nodes: Mapping[str, Tree], unfolded: set[str], below: dict[str, int]
+) -> bool:
+    """Whether a folded view shows `path`: under a shown, unfolded parent, a cell that needs
+    a look or a middle cell (as its summary); a healthy leaf, never."""
+    if parent not in nodes or parent not in unfolded:
+        return False
+    return path in unfolded or bool(below.get(path))
 
 
 def _nearest_shown(path: str, known: set[str]) -> str | None:
@@ -398,13 +466,19 @@ def _servers(servers: Mapping[str, Any] | None) -> Text:
 # -- gathering ------------------------------------------------------------------------------
 
 
-async def gather(client: CellClient, timeout_s: float, flavor: str | None = None) -> Snapshot:
+async def gather(
+    client: CellClient, timeout_s: float, flavor: str | None = None, focus: str | None = None
+) -> Snapshot:
     """One `status` broadcast through `client`: the snapshot of the tree below its cell.
 
-    Free room is counted for `flavor`, or the smallest flavor the cell knows.
+    Free room is counted for `flavor`, or the smallest flavor the cell knows;
+    with `focus`, only that cell and the cells below it are kept.
     """
     results, _ = await client.broadcast("status", timeout_s=timeout_s)
     snapshot = snapshot_of(results, client.cell_path or "?", time.time())
+    if focus is not None:
+        kept = tuple(cell for cell in snapshot.cells if is_below(cell.cell, focus))
+        snapshot = replace(snapshot, cells=kept)
     return replace(snapshot, flavor=await _flavor(client, flavor))
 
 
@@ -424,10 +498,17 @@ async def _flavor(client: CellClient, name: str | None) -> Mapping[str, Any] | N
 class _Link:
     """One link to the connected cell for a watch, dialled again after any failure."""
 
-    def __init__(self, target: Target, timeout_s: float, flavor: str | None = None) -> None:
+    def __init__(
+        self,
+        target: Target,
+        timeout_s: float,
+        flavor: str | None = None,
+        focus: str | None = None,
+    ) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self.flavor = flavor
+        self.focus = focus
         self.name = target.endpoint  # until the cell says where it sits
         self._client: CellClient | None = None
 
@@ -439,7 +520,7 @@ class _Link:
                     self._client = self._dial()
                     await self._client.connect()
                     self.name = self._client.cell_path or self.name
-                return await gather(self._client, self.timeout_s, self.flavor)
+                return await gather(self._client, self.timeout_s, self.flavor, self.focus)
         except (WireError, TimeoutError) as exc:
             await self.close()
             why = str(exc) or f"no answer within {self.timeout_s:g}s"
@@ -467,12 +548,13 @@ async def _refresh(
     duration_s: float | None,
     show: Callable[[Snapshot], None],
     flavor: str | None = None,
+    focus: str | None = None,
 ) -> None:
     """Show a fresh snapshot every second until `stop` is set or `duration_s` has passed."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     end = None if duration_s is None else loop.time() + duration_s
-    link = _Link(target, min(timeout_s, WATCH_TIMEOUT_S), flavor)
+    link = _Link(target, min(timeout_s, WATCH_TIMEOUT_S), flavor, focus)
     try:
         while not stop.is_set():
             started = loop.time()
@@ -497,6 +579,8 @@ async def watch(
     *,
     console: Console | None = None,
     flavor: str | None = None,
+    focus: str | None = None,
+    fold: bool | None = None,
 ) -> None:
     """The live status view of the tree below `target`'s cell, redrawn every second.
 
@@ -514,8 +598,9 @@ async def watch(
             timeout_s,
             stop,
             duration_s,
-            lambda s: live.update(render(s), refresh=True),
+            lambda s: live.update(render(s, fold=fold), refresh=True),
             flavor,
+            focus,
         )
 
 
@@ -525,6 +610,7 @@ async def watch_json(
     stop: asyncio.Event | None = None,
     duration_s: float | None = None,
     flavor: str | None = None,
+    focus: str | None = None,
 ) -> None:
     """As `watch`, printing each snapshot as one line of JSON on stdout instead."""
 
@@ -532,7 +618,7 @@ async def watch_json(
         sys.stdout.write(json.dumps(snapshot.as_dict()) + "\n")
         sys.stdout.flush()
 
-    await _refresh(target, timeout_s, stop, duration_s, line, flavor)
+    await _refresh(target, timeout_s, stop, duration_s, line, flavor, focus)
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -556,6 +642,13 @@ def status(
         str | None,
         typer.Option("--flavor", help="Count free room for this flavor (default: the smallest)."),
     ] = None,
+    cell: Annotated[
+        str | None, typer.Option("--cell", help="Only this cell and the cells below it.")
+    ] = None,
+    show_all: Annotated[
+        bool,
+        typer.Option("--all", help="Show every cell; a tree of over 30 cells folds otherwise."),
+    ] = False,
     endpoint: Endpoint = None,
     server_key: ServerKey = None,
     key: ClientKey = None,
@@ -568,20 +661,23 @@ def status(
     it did not answer. Without --watch, exits with 1 when some cell is
     unreachable. With --watch, each refresh waits at most min(--timeout, 1.5) s.
     """
+    if cell is not None:
+        check_cell_path(cell)
+    fold = False if show_all else None
     target = resolve(endpoint, server_key, key)
     if watching:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(
-                watch_json(target, timeout, flavor=flavor)
+                watch_json(target, timeout, flavor=flavor, focus=cell)
                 if json_output
-                else watch(target, timeout, flavor=flavor)
+                else watch(target, timeout, flavor=flavor, focus=cell, fold=fold)
             )
         return
-    snapshot = asyncio.run(with_client(target, timeout, lambda c: gather(c, timeout, flavor)))
+    snapshot = asyncio.run(with_client(target, timeout, lambda c: gather(c, timeout, flavor, cell)))
     if json_output:
         print_json(snapshot.as_dict())
     else:
         out = Console() if sys.stdout.isatty() else Console(width=WIDE, file=sys.stdout)
-        out.print(render(snapshot))
+        out.print(render(snapshot, fold=fold))
     if snapshot.count(UNREACHABLE):
         sys.exit(1)

@@ -116,8 +116,8 @@ class CellScheduling:
         if child not in self.node.view.children:
             return False
         self.views.keep_only(self.node.view.children)
-        if self.own_known:  # sizes of no flavor here: a child cannot make this cell hold them
-            announcement = replace(announcement, capacity=announcement.capacity.only(self.own))
+        # Kept whole (the wire bounds it): a flavor a child counts may reach this cell a moment
+        # after the child's announcement; what this cell announces keeps only its own sizes.
         taken = self.views.take(child, announcement, self.node.clock.now())
         if taken:
             self._dirty.add(child)

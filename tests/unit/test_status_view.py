@@ -324,3 +324,56 @@ def test_what_each_cell_announces_is_shown_for_the_chosen_flavor() -> None:
 
 TINY = Flavor("m1.tiny", 512, 1, 1)
 TINY_WIRE = TINY.as_dict()
+
+
+def hundred_cells(**trouble: dict[str, Any]) -> Snapshot:
+    """api -> m0..m8 -> 10 compute cells each: 100 cells, every one answering."""
+    middles = {f"m{i}": ("alive", 0.1) for i in range(9)}
+    results = [answer("api", middles)]
+    for m in middles:
+        leaves = {f"c{j}": ("alive", 0.1) for j in range(10)}
+        results.append(answer(f"api!{m}", leaves, **trouble.get(m, {})))
+        for leaf in leaves:
+            path = f"api!{m}!{leaf}"
+            results.append(answer(path, **trouble.get(path, {})))
+    return snapshot_of(results, "api", TAKEN_AT)
+
+
+def test_a_large_healthy_tree_folds_to_a_summary_line_per_middle_cell() -> None:
+    snapshot = hundred_cells()
+    assert len(snapshot.cells) == 100
+    text = shown(render(snapshot), width=200)
+    for i in range(9):
+        assert f"m{i}  compute  healthy" in text
+    assert text.count("10 cells below, all healthy") == 9
+    assert " c0 " not in text and "c9  compute" not in text  # the leaves are folded away
+    assert len(text.splitlines()) < 50
+    everything = shown(render(snapshot, fold=False), width=200)
+    assert everything.count("c9  compute  healthy") == 9  # unfolded on request
+
+
+def test_trouble_unfolds_the_way_to_it_and_nothing_else() -> None:
+    problems = ["stream to parent api stopped: E_TIMEOUT"]
+    snapshot = hundred_cells(
+        **{"api!m3!c5": {"problems": problems}, "m7": {"backlog": {"count": 12, "oldest_s": 4.0}}}
+    )
+    text = shown(render(snapshot), width=200)
+    assert "c5  compute  healthy" in text and f"problem: {problems[0]}" in text
+    assert "9 healthy cells not shown" in text  # c5's siblings, counted under m3
+    assert text.count("10 cells below, all healthy") == 7  # every middle cell but m3 and m7
+    assert "backlog 12" in text  # m7 unfolded: its leaves counted, not shown
+    assert text.count("10 healthy cells not shown") == 1
+
+
+def test_a_small_tree_is_never_folded() -> None:
+    snapshot = snapshot_of(
+        [
+            answer("api", {"c1": ("alive", 0.2)}),
+            answer("api!c1", {"g1": ("alive", 0.1)}),
+            answer("api!c1!g1"),
+        ],
+        "api",
+        TAKEN_AT,
+    )
+    text = shown(render(snapshot), width=200)
+    assert "g1  compute  healthy" in text and "not shown" not in text
