@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 from zcells.cli.connect import Target
-from zcells.cli.status import HEALTHY, UNREACHABLE, Snapshot, gather, watch
+from zcells.cli.status import gather, watch
+from zcells.cli.status_view import HEALTHY, UNREACHABLE, Snapshot
 
 from tests.cli_helpers import ZCELLS, run_process
 from tests.integration.trees import answer, servers

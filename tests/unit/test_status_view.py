@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from rich.console import Console, RenderableType
-from zcells.cli.status import (
+from zcells.cli.status_view import (
     HEALTHY,
     LATE,
     MUTE,
