@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -94,3 +95,10 @@ async def with_client(
 ) -> T:
     async with client_for(target, timeout_s) as client:
         return await work(client)
+
+
+def ask(
+    target: Target, timeout_s: float, method: str, body: Mapping[str, Any] | None = None
+) -> Any:
+    """One request from a command to the connected cell: the value it answered."""
+    return asyncio.run(with_client(target, timeout_s, lambda c: c.request(method, body)))

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from zcells.cli.common import note, print_json, print_table, stderr
-from zcells.cli.connect import ClientKey, Endpoint, ServerKey, Timeout, resolve, with_client
+from zcells.cli.connect import ClientKey, Endpoint, ServerKey, Timeout, ask, resolve, with_client
 from zcells.cli.status import gather
 
 from zcells.client import CellClient
@@ -43,9 +43,7 @@ def host_list(
         check_cell_path(cell)
     body = {} if cell is None else {"cell": cell}
     target = resolve(endpoint, server_key, key)
-    answer: dict[str, Any] = asyncio.run(
-        with_client(target, timeout, lambda c: c.request("host_list", body))
-    )
+    answer: dict[str, Any] = ask(target, timeout, "host_list", body)
     hosts, errors = list(answer["hosts"]), list(answer["errors"])
     if json_output:
         print_json(answer)

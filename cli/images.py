@@ -13,13 +13,12 @@ Rules kept here:
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from zcells.cli.common import note, parse_pairs, print_json, print_table, stdout
-from zcells.cli.connect import ClientKey, Endpoint, ServerKey, Timeout, resolve, with_client
+from zcells.cli.connect import ClientKey, Endpoint, ServerKey, Timeout, ask, resolve
 
 from zcells.cellfilters import IMAGE_PROPERTIES
 
@@ -45,8 +44,7 @@ def _ask(
     key: Path | None,
     timeout: float,
 ) -> View:
-    target = resolve(endpoint, server_key, key)
-    answer: View = asyncio.run(with_client(target, timeout, lambda c: c.request(method, body)))
+    answer: View = ask(resolve(endpoint, server_key, key), timeout, method, body)
     return answer
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 import typer
 from zcells.cli.common import print_json, print_table
-from zcells.cli.connect import ClientKey, Endpoint, ServerKey, Timeout, resolve, with_client
+from zcells.cli.connect import ClientKey, Endpoint, ServerKey, Timeout, ask, resolve
 
 quota_app = typer.Typer(help="Show and set a project's quotas.", no_args_is_help=True)
 
@@ -49,7 +48,7 @@ def quota_show(
     """Show a project's limits and what it holds (a member: its own project only)."""
     target = resolve(endpoint, server_key, key)
     body = {} if project is None else {"project": project}
-    answer = asyncio.run(with_client(target, timeout, lambda c: c.request("quota_show", body)))
+    answer = ask(target, timeout, "quota_show", body)
     _show(answer, json_output)
 
 
@@ -76,5 +75,5 @@ def quota_set(
         raise typer.BadParameter("give at least one of --servers, --vcpus, --ram-mb, --default")
     target = resolve(endpoint, server_key, key)
     body = {"project": project, "limits": limits}
-    answer = asyncio.run(with_client(target, timeout, lambda c: c.request("quota_set", body)))
+    answer = ask(target, timeout, "quota_set", body)
     _show(answer, json_output)

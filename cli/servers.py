@@ -30,6 +30,7 @@ from zcells.cli.connect import (
     ServerKey,
     Target,
     Timeout,
+    ask,
     resolve,
     with_client,
 )
@@ -210,7 +211,7 @@ def server_show(
     """Show one server, with its fault if it is in ERROR."""
     body = {"uuid": check_uuid(uuid)}
     target = resolve(endpoint, server_key, key)
-    view: View = asyncio.run(with_client(target, timeout, lambda c: c.request("server_show", body)))
+    view: View = ask(target, timeout, "server_show", body)
     if json_output:
         print_json(view)
         return
@@ -307,9 +308,7 @@ def flavor_create(
     """Create a flavor (admin)."""
     body = {"name": name, "ram": ram, "disk": disk, "vcpus": vcpus}
     target = resolve(endpoint, server_key, key)
-    flavor: View = asyncio.run(
-        with_client(target, timeout, lambda c: c.request("flavor_create", body))
-    )
+    flavor: View = ask(target, timeout, "flavor_create", body)
     if json_output:
         print_json(flavor)
     else:
@@ -330,9 +329,7 @@ def flavor_delete(
 ) -> None:
     """Delete a flavor (admin, at the API cell); servers built from it keep their size."""
     target = resolve(endpoint, server_key, key)
-    flavor: View = asyncio.run(
-        with_client(target, timeout, lambda c: c.request("flavor_delete", {"name": name}))
-    )
+    flavor: View = ask(target, timeout, "flavor_delete", {"name": name})
     if json_output:
         print_json(flavor)
     else:
@@ -349,7 +346,7 @@ def flavor_list(
 ) -> None:
     """List the flavors servers can be built from."""
     target = resolve(endpoint, server_key, key)
-    answer: View = asyncio.run(with_client(target, timeout, lambda c: c.request("flavor_list")))
+    answer: View = ask(target, timeout, "flavor_list")
     flavors = list(answer["flavors"])
     if json_output:
         print_json(flavors)
