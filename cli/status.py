@@ -55,19 +55,24 @@ WATCH_TIMEOUT_S: Final = 1.5
 
 
 async def gather(
-    client: CellClient, timeout_s: float, flavor: str | None = None, focus: str | None = None
+    client: CellClient,
+    timeout_s: float,
+    flavor: str | Mapping[str, Any] | None = None,
+    focus: str | None = None,
 ) -> Snapshot:
     """One `status` broadcast through `client`: the snapshot of the tree below its cell.
 
-    Free room is counted for `flavor`, or the smallest flavor the cell knows;
-    with `focus`, only that cell and the cells below it are kept.
+    Free room is counted for `flavor` (a name, or the flavor as an earlier
+    snapshot chose it), or the smallest flavor the cell knows; with `focus`,
+    only that cell and the cells below it are kept.
     """
     results, _ = await client.broadcast("status", timeout_s=timeout_s)
     snapshot = snapshot_of(results, client.cell_path or "?", time.time())
     if focus is not None:
         kept = tuple(cell for cell in snapshot.cells if is_below(cell.cell, focus))
         snapshot = replace(snapshot, cells=kept)
-    return replace(snapshot, flavor=await _flavor(client, flavor))
+    chosen = flavor if isinstance(flavor, Mapping) else await _flavor(client, flavor)
+    return replace(snapshot, flavor=chosen)
 
 
 async def _flavor(client: CellClient, name: str | None) -> Mapping[str, Any] | None:
@@ -97,6 +102,7 @@ class _Link:
         self.timeout_s = timeout_s
         self.flavor = flavor
         self.focus = focus
+        self._chosen: Mapping[str, Any] | None = None
         self.name = target.endpoint  # until the cell says where it sits
         self._client: CellClient | None = None
 
@@ -108,7 +114,12 @@ class _Link:
                     self._client = self._dial()
                     await self._client.connect()
                     self.name = self._client.cell_path or self.name
-                return await gather(self._client, self.timeout_s, self.flavor, self.focus)
+                    self._chosen = None  # a new link asks which flavor again
+                snapshot = await gather(
+                    self._client, self.timeout_s, self._chosen or self.flavor, self.focus
+                )
+                self._chosen = snapshot.flavor  # not asked again at every refresh
+                return snapshot
         except (WireError, TimeoutError) as exc:
             await self.close()
             why = str(exc) or f"no answer within {self.timeout_s:g}s"

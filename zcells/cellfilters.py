@@ -266,6 +266,7 @@ _APPLIES: Final[dict[str, Callable[[BuildSpec], bool]]] = {
     "capacity": lambda spec: True,
     "image_properties": lambda spec: any(k in spec.image_properties for k in IMAGE_PROPERTIES),
 }
+DEFAULT_MULTIPLIERS: Final = {name: multiplier for name, (_, multiplier) in WEIGHERS.items()}
 NOVA_NAMES: Final = {
     "TargetCellFilter": "target_cell",
     "DifferentCellFilter": "different_cell",
@@ -408,11 +409,6 @@ class Decision:
         return True
 
 
-def multipliers_of(names: Sequence[str], overrides: Mapping[str, float]) -> dict[str, float]:
-    """The multiplier of each weigher named, nova's default unless overridden."""
-    return {name: overrides.get(name, WEIGHERS[name][1]) for name in names}
-
-
 def schedule(
     candidates: Sequence[CellCandidate],
     spec: BuildSpec,
@@ -432,7 +428,7 @@ def schedule(
     1:2:4 take builds in that proportion, and a burst between two
     announcements does not pile onto one cell.
     """
-    multipliers = multipliers_of(tuple(WEIGHERS), {}) if weighers is None else dict(weighers)
+    multipliers = dict(DEFAULT_MULTIPLIERS if weighers is None else weighers)
     checks = [(name, FILTERS[name]) for name in filters if _APPLIES[name](spec)]
     passed = list(candidates)
     removed: list[tuple[str, str, str]] = []

@@ -40,7 +40,14 @@ from zcells.capacity import (
     Version,
     cell_capacity,
 )
-from zcells.cellfilters import FILTERS, WEIGHERS, BuildSpec, CellCandidate, Decision, schedule
+from zcells.cellfilters import (
+    DEFAULT_MULTIPLIERS,
+    FILTERS,
+    BuildSpec,
+    CellCandidate,
+    Decision,
+    schedule,
+)
 from zcells.cellsched import HERE
 from zcells.db import catalog
 from zcells.db import hosts as hosts_store
@@ -66,9 +73,7 @@ class SchedulerSettings:
     """`[cells]` options of the cell scheduler, in zcells' names."""
 
     filters: tuple[str, ...] = tuple(FILTERS)
-    weighers: Mapping[str, float] = field(
-        default_factory=lambda: {name: m for name, (_, m) in WEIGHERS.items()}
-    )
+    weighers: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_MULTIPLIERS))
     reserve_percent: float = DEFAULT_RESERVE_PERCENT
     capabilities: Mapping[str, frozenset[str]] = field(default_factory=dict)
     enabled: bool = True
@@ -93,7 +98,6 @@ class CellScheduling:
         self.views = ChildViews(stale_after_s=3 * settings.interval_s)
         self.own = Capacity()
         self.own_known = False  # whether `own` was read from the hosts yet
-        self.own_at: float | None = None
         # The candidates as last made (see `candidates`).
         self._alive: frozenset[str] = frozenset()
         self._alive_at: float | None = None
@@ -105,17 +109,15 @@ class CellScheduling:
 
     # -- what the cell knows ----------------------------------------------------------------
 
-    def set_own(self, capacity: Capacity, now: float) -> None:
+    def set_own(self, capacity: Capacity) -> None:
         self.own = capacity
         self.own_known = True
-        self.own_at = now
         self._dirty.add(HERE)
 
     def take(self, child: str, announcement: Announcement) -> bool:
         """A child's announcement, if it is newer than the one kept; whether it was taken."""
         if child not in self.node.view.children:
             return False
-        self.views.keep_only(self.node.view.children)
         # Kept whole (the wire bounds it): a flavor a child counts may reach this cell a moment
         # after the child's announcement; what this cell announces keeps only its own sizes.
         taken = self.views.take(child, announcement, self.node.clock.now())
@@ -174,6 +176,7 @@ class CellScheduling:
         if self._made is None or any(a is not b for a, b in zip(key, self._made, strict=True)):
             self._made = key
             self._dirty.clear()
+            self.views.keep_only(self.node.view.children)  # the registry may have changed
             self._list = [self._candidate(here, name) for name in sorted(self.node.view.children)]
             if has_hosts:
                 self._list.append(self._own_candidate(here))
@@ -287,8 +290,6 @@ class Announcer:
         self.scheduling = scheduling
         self.call_timeout_s = call_timeout_s
         self.version = Version(int(node.clock.wall() * 1000), 0)
-        self.sent = 0
-        self.last_error: str | None = None
         self._bell = asyncio.Event()
         self._bell.set()  # the first announcement goes at once
 
@@ -331,7 +332,7 @@ class Announcer:
         except DatabaseError as exc:
             logs.limited(log, logging.WARNING, "announce.unreadable", "db", error=exc)
         else:
-            self.scheduling.set_own(own, self.node.clock.now())
+            self.scheduling.set_own(own)
         parents = [path for path in self.node.view.parents.values() if path is not None]
         if not parents:
             return
@@ -345,7 +346,6 @@ class Announcer:
             except WireError as exc:  # no link to the parent now: the next link up announces
                 result = CellResult(path, Outcome.ERROR, error=exc)
             if result.error is not None:
-                self.last_error = result.error.code
                 logs.limited(
                     log,
                     logging.WARNING,
@@ -355,9 +355,6 @@ class Announcer:
                     code=result.error.code,
                     error=result.error.message,
                 )
-            else:
-                self.sent += 1
-                self.last_error = None
 
 
 def check_image_properties(raw: Any) -> dict[str, str]:

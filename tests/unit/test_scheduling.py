@@ -41,7 +41,7 @@ def cell(**settings: object) -> tuple[Node, CellScheduling]:
 
 def test_a_middle_cell_announces_its_own_hosts_plus_its_live_children() -> None:
     node, scheduling = cell(capabilities={"hypervisor": frozenset({"kvm"})})
-    scheduling.set_own(room(1), now=0.0)
+    scheduling.set_own(room(1))
     xen = {"hypervisor": frozenset({"xen"})}
     for name, hosts in (("g1", 1), ("g2", 2), ("g3", 4)):
         assert scheduling.take(name, Announcement(Version(1, 1), room(hosts), xen))
@@ -78,7 +78,7 @@ def test_a_mute_child_is_weighed_last_and_a_child_that_takes_no_builds_is_remove
 
 def test_this_cell_s_own_hosts_are_a_candidate_only_where_the_target_allows() -> None:
     _, scheduling = cell()
-    scheduling.set_own(room(1), now=0.0)
+    scheduling.set_own(room(1))
     to_g1 = BuildSpec(TINY, target_cell="api!m!g1")
     assert scheduling.decide(to_g1, "api!m", has_hosts=True).order == ("g1",)
     here = scheduling.decide(BuildSpec(TINY, target_cell="api!m"), "api!m", has_hosts=True)
